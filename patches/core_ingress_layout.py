@@ -1,0 +1,55 @@
+"""Ray Serve LLM layout with ``ray/llm/_internal/serve/core/ingress/`` (Ray 2.51 onwards).
+
+Supported Ray versions: the row of :data:`rayllm_auth.support.LAYOUTS` naming this module.
+
+What is patched, and why:
+
+1. ``core.ingress.ingress.init`` creates the FastAPI app of every ``OpenAiIngress``:
+   ``build_openai_app``, ``build_dp_openai_app``, ``build_pd_openai_app``, DevIngress and
+   custom ``ingress_cls_config.ingress_cls`` all reach it through ``make_fastapi_ingress``,
+   which hands the app to ``serve.ingress(app)``; that deep-copies (pickles) it at once.
+   Wrapping ``init`` is the last moment to add middleware that travels with the app.
+2. ``make_fastapi_ingress(cls, app=...)`` freezes a caller-supplied app: protect that one too.
+3. ``ray.serve._private.http_util.ASGIAppReplicaWrapper._set_asgi_app`` is where every Serve
+   replica receives its ASGI app: the frozen one (OpenAiIngress) and the one built late in
+   the replica by ``__serve_build_asgi_app__`` (direct streaming: ``LLMServer`` and its
+   DP / prefill-decode subclasses serve vLLM's own app; ``SGLangServer`` serves SGLang's).
+   Guarding it protects apps built by a process without rayllm-auth. The direct-streaming
+   ``LLMRouter`` (HAProxy calls ``/internal/route`` without client headers) is not a
+   client-facing class and is left alone.
+"""
+
+from rayllm_auth.patching import (
+    protect_app_argument,
+    protect_returned_app,
+    replica_app_guard,
+    require,
+    wrap_once,
+)
+
+INGRESS_MODULE = "ray.llm._internal.serve.core.ingress.ingress"
+REPLICA_WRAPPER_MODULE = "ray.serve._private.http_util"
+
+#: Deployment classes whose replicas answer clients directly.
+CLIENT_FACING_CLASSES = (
+    (INGRESS_MODULE, "OpenAiIngress"),
+    ("ray.llm._internal.serve.core.server.llm_server", "LLMServer"),
+    ("ray.llm._internal.serve.engines.sglang.sglang_engine", "SGLangServer"),
+)
+
+BUILDER_HOOKS = {INGRESS_MODULE: "patch_ingress_builder"}
+REPLICA_HOOKS = {REPLICA_WRAPPER_MODULE: "patch_replica_wrapper"}
+
+_guard_replica_app = replica_app_guard(CLIENT_FACING_CLASSES)
+
+
+def patch_ingress_builder(ingress) -> None:
+    require(ingress, "init", "make_fastapi_ingress", "OpenAiIngress")
+    wrap_once(ingress, "init", protect_returned_app)
+    wrap_once(ingress, "make_fastapi_ingress", protect_app_argument)
+
+
+def patch_replica_wrapper(http_util) -> None:
+    require(http_util, "ASGIAppReplicaWrapper")
+    require(http_util.ASGIAppReplicaWrapper, "_set_asgi_app")
+    wrap_once(http_util.ASGIAppReplicaWrapper, "_set_asgi_app", _guard_replica_app)

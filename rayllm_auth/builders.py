@@ -1,0 +1,33 @@
+"""Explicit entry point: ``import_path: rayllm_auth:build_openai_app`` in a Serve config."""
+
+from __future__ import annotations
+
+from rayllm_auth._bootstrap import autopatch_disabled
+from rayllm_auth.activation import install
+from rayllm_auth.errors import ConfigError
+from rayllm_auth.keys import load_key_set
+
+__all__ = ["build_openai_app"]
+
+
+def build_openai_app(builder_config: dict):
+    """``ray.serve.llm.build_openai_app`` with API keys: same argument, same Application.
+
+    Patches Serve LLM in this process (:func:`rayllm_auth.install`), then calls Ray's own
+    builder unchanged, so the ingress app carries the middleware and its replicas need keys.
+
+    Raises ConfigError if a key variable is set but unusable, or if direct streaming is on
+    while auto-activation is switched off: that app is built inside the replicas, where only
+    the activated plugin can protect it. Raises AuthUnavailableError on an unsupported Ray.
+    """
+    load_key_set()
+    install()
+    from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
+    from ray.serve.llm import build_openai_app as ray_build_openai_app
+
+    if RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING and autopatch_disabled():
+        raise ConfigError(
+            "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING builds the app inside each replica; "
+            "unset RAY_LLM_AUTH_DISABLE_AUTOPATCH so rayllm-auth can protect it there"
+        )
+    return ray_build_openai_app(builder_config)

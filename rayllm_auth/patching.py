@@ -1,0 +1,113 @@
+"""What every patch module is made of: exact target checks, wrap-once, and the two wrappers.
+
+* :func:`protect_returned_app` / :func:`protect_app_argument` run where Serve LLM builds its
+  FastAPI app, before ``serve.ingress`` freezes (pickles) it: the middleware then travels
+  inside the deployment to every replica.
+* :func:`replica_app_guard` runs where a Serve replica receives its ASGI app, so a replica
+  with keys protects an app that was built by a process without rayllm-auth.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from typing import Any, Iterable
+
+import wrapt
+
+from rayllm_auth.keys import KEY_SOURCES, load_key_set
+from rayllm_auth.middleware import require_key_set
+from rayllm_auth.protect import is_protected, protect_app
+
+__all__ = [
+    "LayoutMismatch",
+    "require",
+    "wrap_once",
+    "protect_returned_app",
+    "protect_app_argument",
+    "replica_app_guard",
+]
+
+logger = logging.getLogger("rayllm_auth")
+
+
+class LayoutMismatch(AttributeError):
+    """A patch target is not where the patch module expects it (Ray changed its code)."""
+
+
+def require(owner: Any, *names: str) -> None:
+    """Raise LayoutMismatch naming every attribute of ``owner`` that is missing."""
+    missing = [n for n in names if not hasattr(owner, n)]
+    if missing:
+        raise LayoutMismatch(f"{getattr(owner, '__name__', owner)} has no {', '.join(missing)}")
+
+
+def wrap_once(owner: Any, name: str, wrapper) -> None:
+    """``wrapt.wrap_function_wrapper(owner, name, wrapper)`` unless already done."""
+    current = inspect.getattr_static(owner, name)
+    if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is wrapper:
+        return
+    wrapt.wrap_function_wrapper(owner, name, wrapper)
+
+
+def protect_returned_app(wrapped, instance, args, kwargs):
+    """For a function that creates the ingress app (Ray 2.60: ``ingress.init``).
+
+    A key variable that is set but unusable fails the build here, with its message, instead
+    of later in every replica. No keys in this process is fine: replicas read their own.
+    """
+    load_key_set()
+    return protect_app(wrapped(*args, **kwargs))
+
+
+def protect_app_argument(wrapped, instance, args, kwargs):
+    """For a function that freezes a caller's app (``make_fastapi_ingress(cls, app=...)``)."""
+    app = kwargs.get("app")
+    if app is not None:
+        load_key_set()
+        protect_app(app)
+    return wrapped(*args, **kwargs)
+
+
+def replica_app_guard(client_facing: Iterable[tuple[str, str]]):
+    """Wrapper for the method that hands a Serve replica its ASGI app (``self``, ``app``).
+
+    Only replicas whose deployment class derives from one of ``client_facing``
+    (``(module, class name)``) are touched, so internal ingresses such as the direct-streaming
+    ``LLMRouter`` stay as Ray made them. For those replicas:
+
+    * keys configured here: the app is protected (no-op if the builder already did it);
+    * a key variable set but unusable: ConfigError, the replica refuses to start;
+    * no keys, but the app carries the middleware: ConfigError (it was meant to be protected);
+    * no keys and no middleware: stock behaviour, with one log line saying auth is off.
+    """
+    client_facing = tuple(client_facing)
+
+    def guard(wrapped, instance, args, kwargs):
+        if instance is None or not _derives_from_any(instance, client_facing):
+            return wrapped(*args, **kwargs)
+        app, *rest = args
+        if load_key_set() is not None:
+            app = protect_app(app)
+        elif is_protected(app):
+            require_key_set()  # raises, naming the variables to set
+        else:
+            logger.warning(
+                "rayllm-auth: API key auth is OFF for %s: none of %s is set in this replica",
+                type(instance).__name__,
+                ", ".join(KEY_SOURCES),
+            )
+        return wrapped(app, *rest, **kwargs)
+
+    return guard
+
+
+def _derives_from_any(instance: Any, classes: tuple[tuple[str, str], ...]) -> bool:
+    # Look classes up in sys.modules instead of importing them: a class that is not
+    # imported cannot be a base of this instance, and importing it could pull in vLLM.
+    for module_name, class_name in classes:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(cls, type) and isinstance(instance, cls):
+            return True
+    return False

@@ -1,0 +1,48 @@
+"""Which Ray releases rayllm-auth supports, and which patch module serves each.
+
+One row per Ray code layout. A Ray version outside every row is refused when keys are
+configured (see :mod:`rayllm_auth.activation`). The same range is published as the
+``ray`` extra in the package metadata (``pip install 'rayllm-auth[ray]'``), so tools can
+read it without importing anything; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+__all__ = ["Layout", "LAYOUTS", "SUPPORTED_RAY", "layout_for"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    ray: str  #: PEP 440 specifier of the Ray releases this row covers
+    patch_module: str  #: module with BUILDER_HOOKS / REPLICA_HOOKS for that layout
+    verified: str  #: what was run end to end, and when
+
+
+LAYOUTS = (
+    Layout(
+        ray=">=2.60,<2.61",
+        patch_module="rayllm_auth.patches.core_ingress_layout",
+        verified="Ray 2.60.0 with vLLM 0.29.0, full suite, 2026-11-26",
+    ),
+)
+
+#: Human-readable union of every row, for messages and docs.
+SUPPORTED_RAY = " or ".join(layout.ray for layout in LAYOUTS)
+
+
+def layout_for(ray_version: str) -> Optional[Layout]:
+    """The row covering ``ray_version``, or None (also for an unparsable version)."""
+    try:
+        version = Version(ray_version)
+    except InvalidVersion:
+        return None
+    for layout in LAYOUTS:
+        if SpecifierSet(layout.ray).contains(version, prereleases=True):
+            return layout
+    return None

@@ -1,0 +1,29 @@
+"""Shared fixtures. Keys are random per run, so a leak audit can search for them."""
+
+import secrets
+
+import pytest
+
+from rayllm_auth.keys import KEY_SOURCES
+
+
+def new_key() -> str:
+    return "sk-test-" + secrets.token_urlsafe(32)
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    """Three keys: two in RAY_LLM_API_KEYS (one named), one in VLLM_API_KEY."""
+    keys = {"team-a": new_key(), "unnamed": new_key(), "vllm": new_key()}
+    for name in KEY_SOURCES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_LLM_API_KEYS", f"team-a:{keys['team-a']}, {keys['unnamed']}")
+    monkeypatch.setenv("VLLM_API_KEY", keys["vllm"])
+    monkeypatch.delenv("RAY_LLM_AUTH_EXEMPT_PATHS", raising=False)
+    return keys
+
+
+@pytest.fixture
+def no_key_env(monkeypatch):
+    for name in KEY_SOURCES:
+        monkeypatch.delenv(name, raising=False)

@@ -1,0 +1,312 @@
+"""The check, on the real app Ray's ingress.init() builds (no cluster): who gets in, what the
+others receive, and that refused requests never reach a handler."""
+
+import logging
+
+import cloudpickle
+import pytest
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from rayllm_auth.errors import ConfigError
+from rayllm_auth.middleware import ApiKeyMiddleware
+from rayllm_auth.protect import protect_app
+from tests.ray_app import build_ray_app, call, ray_route_table
+
+pytestmark = pytest.mark.usefixtures("key_env")
+
+
+@pytest.fixture
+def reached():
+    return []
+
+
+@pytest.fixture
+def app(key_env, reached):
+    return build_ray_app(reached)
+
+
+def bearer(key):
+    return [("authorization", f"Bearer {key}")]
+
+
+def assert_refused(reply, reached, code="invalid_api_key"):
+    assert reply.status == 401, reply
+    error = reply.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] is None
+    assert reply.headers["www-authenticate"].startswith("Bearer")
+    assert reached == [], "a refused request reached a handler"
+
+
+# -- who gets in ------------------------------------------------------------------------
+
+
+async def test_each_configured_key_is_accepted_and_tags_user_id(app, key_env, reached):
+    expected_ids = {"team-a": "team-a", "vllm": None, "unnamed": None}
+    for name, key in key_env.items():
+        reply = await call(app, headers=bearer(key))
+        assert reply.status == 200, name
+        user_id = reply.json()["user_id"]
+        assert user_id == (expected_ids[name] or user_id) and user_id.startswith(("team-a", "key-"))
+        assert key not in user_id
+    assert reached == ["models"] * 3
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+async def test_bearer_scheme_is_case_insensitive(app, key_env, scheme):
+    reply = await call(app, headers=[("authorization", f"{scheme} {key_env['team-a']}")])
+    assert reply.status == 200
+
+
+async def test_x_api_key_header_is_accepted(app, key_env):
+    assert (await call(app, headers=[("x-api-key", key_env["vllm"])])).status == 200
+
+
+async def test_same_key_in_both_headers_is_accepted(app, key_env):
+    key = key_env["unnamed"]
+    headers = [("authorization", f"Bearer {key}"), ("x-api-key", key), ("x-api-key", key)]
+    assert (await call(app, headers=headers)).status == 200
+
+
+# -- who does not, and what they receive ---------------------------------------------
+
+
+async def test_missing_key_says_how_to_send_one(app, reached):
+    reply = await call(app)
+    assert_refused(reply, reached)
+    assert "Authorization: Bearer" in reply.json()["error"]["message"]
+    assert reply.headers["www-authenticate"] == "Bearer"
+
+
+async def test_wrong_key_is_refused_and_never_echoed(app, key_env, reached):
+    wrong = key_env["team-a"][:-1] + "X"
+    reply = await call(app, headers=bearer(wrong))
+    assert_refused(reply, reached)
+    assert wrong.encode() not in reply.body and wrong[-12:].encode() not in reply.body
+    assert reply.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("authorization", "Basic dXNlcjpwYXNz")],
+        [("authorization", "Bearer")],
+        [("authorization", "Bearer ")],
+        [("authorization", "Bearer a b")],
+        [("authorization", "Token abc")],
+        [("authorization", "")],
+        [("x-api-key", "")],
+        [("authorization", b"Bearer \xff\xfe\x00key")],
+        [("x-api-key", b"caf\xc3\xa9-key")],
+        [("authorization", "Bearer " + "k" * 10_000)],
+        [("x-api-key", "a\x01b")],
+    ],
+    ids=lambda h: repr(h)[:40],
+)
+async def test_malformed_credentials_get_401_never_500(app, reached, headers):
+    reply = await call(app, headers=headers)
+    assert_refused(reply, reached)
+
+
+async def test_conflicting_keys_are_refused_even_if_one_is_valid(app, key_env, reached):
+    headers = [("authorization", f"Bearer {key_env['team-a']}"), ("x-api-key", key_env["vllm"])]
+    reply = await call(app, headers=headers)
+    assert_refused(reply, reached)
+    assert "more than one" in reply.json()["error"]["message"]
+
+
+async def test_valid_key_beside_a_malformed_header_is_refused(app, key_env, reached):
+    headers = [("authorization", "Basic abc"), ("x-api-key", key_env["vllm"])]
+    assert_refused(await call(app, headers=headers), reached)
+
+
+async def test_key_in_cookie_or_query_is_ignored(app, key_env, reached):
+    key = key_env["team-a"]
+    assert_refused(await call(app, headers=[("cookie", f"api_key={key}")]), reached)
+    assert_refused(await call(app, path=f"/v1/models?api_key={key}"), reached)
+
+
+# -- deny by default, whatever the path ---------------------------------------------------
+
+
+def every_route_and_method():
+    from fastapi import FastAPI
+
+    probe = FastAPI()
+    for route in ray_route_table().values():
+        route(probe)(lambda: None)
+    cases = [(m, r.path.replace("{model:path}", "some/model")) for r in probe.routes
+             for m in sorted(r.methods)]
+    cases += [("GET", p) for p in ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")]
+    cases += [(m, "/v1/models") for m in ("POST", "PUT", "DELETE", "PATCH", "TRACE", "HEAD")]
+    cases += [("GET", "/"), ("GET", "/no/such/route"), ("POST", "/internal/route")]
+    return cases
+
+
+@pytest.mark.parametrize("method, path", every_route_and_method())
+async def test_every_route_and_method_needs_a_key(app, reached, method, path):
+    assert_refused(await call(app, method, path), reached)
+
+
+@pytest.mark.parametrize(
+    "path, root_path",
+    [
+        ("//v1/models", ""), ("/v1/models/", ""), ("/v1//models", ""), ("/V1/MODELS", ""),
+        ("/v1/./models", ""), ("/v1/x/../models", ""), ("/v1%2Fmodels", ""),
+        ("/llm/v1/models", "/llm"), ("/v1/models", "/llm"), ("/llm", "/llm"), ("", ""),
+    ],
+)
+async def test_path_spelling_and_root_path_never_skip_the_check(app, reached, path, root_path):
+    assert_refused(await call(app, "GET", path, root_path=root_path), reached)
+
+
+async def test_host_header_does_not_matter(app, reached):
+    for host in ("localhost", "internal", "127.0.0.1:8000", "evil.example/health"):
+        assert_refused(await call(app, headers=[("host", host)]), reached)
+
+
+# -- exemptions: exact route paths only --------------------------------------------------
+
+
+@pytest.fixture
+def exempt_app(monkeypatch, key_env, reached):
+    monkeypatch.setenv("RAY_LLM_AUTH_EXEMPT_PATHS", " /v1/models , /tokenize")
+    return build_ray_app(reached)
+
+
+async def test_exempt_path_is_open_and_only_exactly(exempt_app, reached):
+    assert (await call(exempt_app, "GET", "/v1/models")).status == 200
+    assert (await call(exempt_app, "POST", "/tokenize", body=b"{}")).status != 401
+    for path in ("/v1/models/", "/v1/models/some-model", "//v1/models", "/v1/modelsx"):
+        reached.clear()
+        assert_refused(await call(exempt_app, "GET", path), reached)
+
+
+async def test_exemption_follows_the_router_under_a_root_path(exempt_app, reached):
+    # Under route prefix /llm the router serves /llm/v1/models as /v1/models: exempt too.
+    reply = await call(exempt_app, "GET", "/llm/v1/models", root_path="/llm")
+    assert reply.status == 200 and reached == ["models"]
+    reached.clear()
+    assert_refused(await call(exempt_app, "GET", "/llm/v1/models/x", root_path="/llm"), reached)
+
+
+def test_exemption_list_rejects_patterns(monkeypatch, key_env, reached):
+    monkeypatch.setenv("RAY_LLM_AUTH_EXEMPT_PATHS", "/health*")
+    with pytest.raises(ConfigError, match="RAY_LLM_AUTH_EXEMPT_PATHS"):
+        ApiKeyMiddleware(build_ray_app(reached, protect=False))
+
+
+# -- browsers -----------------------------------------------------------------------------
+
+
+async def test_cors_preflight_passes_without_key_and_reaches_no_handler(app, reached):
+    reply = await call(app, "OPTIONS", "/v1/chat/completions", headers=[
+        ("origin", "https://chat.example"), ("access-control-request-method", "POST"),
+        ("access-control-request-headers", "authorization, content-type"),
+    ])
+    assert reply.status == 200 and reached == []
+    assert reply.headers["access-control-allow-origin"] in ("*", "https://chat.example")
+    assert "authorization" in reply.headers["access-control-allow-headers"].lower()
+
+
+async def test_401_carries_the_same_cors_headers_as_a_success(app, key_env, reached):
+    origin = [("origin", "https://chat.example")]
+    refused = await call(app, headers=origin)
+    accepted = await call(app, headers=origin + bearer(key_env["vllm"]))
+    cors = {k: v for k, v in accepted.headers.items() if k.startswith("access-control-")}
+    assert accepted.status == 200 and cors
+    assert refused.status == 401
+    assert {k: refused.headers.get(k) for k in cors} == cors
+
+
+async def test_options_without_preflight_headers_still_needs_a_key(app, reached):
+    assert_refused(await call(app, "OPTIONS", "/v1/models"), reached)
+
+
+# -- websockets -----------------------------------------------------------------------------
+
+
+def test_websocket_without_key_is_closed_before_accept(app, reached):
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as closed:
+            with client.websocket_connect("/v1/realtime"):
+                pass
+    assert closed.value.code == 1008 and reached == []
+
+
+def test_websocket_with_wrong_key_is_closed(app, key_env, reached):
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("/v1/realtime", headers={"x-api-key": "nope" * 8}):
+                pass
+    assert reached == []
+
+
+def test_websocket_with_key_is_accepted(app, key_env, reached):
+    with TestClient(app) as client:
+        with client.websocket_connect(
+            "/v1/realtime", headers={"authorization": f"Bearer {key_env['team-a']}"}
+        ) as ws:
+            assert ws.receive_json() == {"user_id": "team-a"}
+    assert reached == ["websocket"]
+
+
+def test_lifespan_passes_through(app):
+    with TestClient(app) as client:  # runs Ray's metrics_lifespan startup and shutdown
+        assert client.get("/v1/models").status_code == 401
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_no_keys_in_the_replica_refuses_to_build(no_key_env, monkeypatch, reached):
+    monkeypatch.delenv("RAY_LLM_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="none of RAY_LLM_API_KEYS, VLLM_API_KEY is set"):
+        ApiKeyMiddleware(build_ray_app(reached, protect=False))
+
+
+def test_empty_key_variable_refuses_to_build(monkeypatch, reached):
+    monkeypatch.setenv("RAY_LLM_API_KEYS", " , ")
+    with pytest.raises(ConfigError, match="RAY_LLM_API_KEYS is set but holds no key"):
+        ApiKeyMiddleware(build_ray_app(reached, protect=False))
+
+
+def test_start_up_log_names_ids_and_sources_but_no_key(app, key_env, caplog):
+    with caplog.at_level(logging.INFO, logger="rayllm_auth"):
+        with TestClient(app):
+            pass
+    assert "API key required on every route" in caplog.text and "team-a" in caplog.text
+    assert "RAY_LLM_API_KEYS, VLLM_API_KEY" in caplog.text
+    assert not any(key in caplog.text for key in key_env.values())
+
+
+# -- what travels with the app -------------------------------------------------------------
+
+
+def test_protecting_twice_gives_one_layer(app):
+    assert protect_app(protect_app(app)) is app
+    assert sum(m.cls is ApiKeyMiddleware for m in app.user_middleware) == 1
+    assert app.user_middleware[0].cls is ApiKeyMiddleware  # outermost
+
+
+def test_pickled_app_holds_no_key_material(app, key_env):
+    from ray._common.serialization import pickle_dumps
+    from ray.serve._private.utils import ensure_serialization_context
+
+    ensure_serialization_context()  # exactly what serve.ingress(app) does to freeze the app
+    blob = pickle_dumps(app, error_msg="cannot pickle")
+    assert not any(k.encode() in blob for k in key_env.values())
+    entry = app.user_middleware[0]
+    assert set(entry.kwargs) == {"cors"} and entry.args == ()
+    assert cloudpickle.loads(blob).user_middleware[0].cls is ApiKeyMiddleware
+
+
+def test_vllm_own_auth_middleware_is_replaced(key_env):
+    from fastapi import FastAPI
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    vllm_like = FastAPI()
+    vllm_like.add_middleware(AuthenticationMiddleware, tokens=[key_env["vllm"]])
+    protect_app(vllm_like)
+    assert [m.cls for m in vllm_like.user_middleware] == [ApiKeyMiddleware]
