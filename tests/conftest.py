@@ -27,3 +27,17 @@ def key_env(monkeypatch):
 def no_key_env(monkeypatch):
     for name in KEY_SOURCES:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def reached():
+    """Names of the handlers a request reached, filled by tests.ray_app's handlers."""
+    return []
+
+
+@pytest.fixture
+def app(key_env, reached):
+    """Ray's own ingress app (ingress.init() and its routes), protected, keys from key_env."""
+    from tests.ray_app import build_ray_app
+
+    return build_ray_app(reached)

@@ -42,6 +42,10 @@ def build_ray_app(reached: list, *, protect: bool = True):
     return protect_app(app) if protect else app
 
 
+def bearer(key: str) -> list:
+    return [("authorization", f"Bearer {key}")]
+
+
 def _handler(name, reached):
     async def handler(request: Request):
         reached.append(name)

@@ -11,23 +11,11 @@ from starlette.websockets import WebSocketDisconnect
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.middleware import ApiKeyMiddleware
 from rayllm_auth.protect import protect_app
-from tests.ray_app import build_ray_app, call, ray_route_table
+from tests.ray_app import bearer, build_ray_app, call, ray_route_table
 
 pytestmark = pytest.mark.usefixtures("key_env")
 
 
-@pytest.fixture
-def reached():
-    return []
-
-
-@pytest.fixture
-def app(key_env, reached):
-    return build_ray_app(reached)
-
-
-def bearer(key):
-    return [("authorization", f"Bearer {key}")]
 
 
 def assert_refused(reply, reached, code="invalid_api_key"):

@@ -9,6 +9,8 @@ for its own engine.
 
 from __future__ import annotations
 
+import types
+
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -30,6 +32,10 @@ def build_vllm_app(engine):
 
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", engine.model_id])
     app = build_app(args, supported_tasks=("generate",))
+    # State vLLM's init_app_state would set for a real engine: its lifespan reads log_stats,
+    # its error handler reads server (Ray's VLLMEngine.build_asgi_app sets the same).
+    app.state.log_stats = False
+    app.state.server = types.SimpleNamespace()
     app.router.routes[:] = [
         r for r in app.router.routes if getattr(r, "path", None) not in _ENGINE_ROUTES
     ]

@@ -1,0 +1,162 @@
+"""A real local Ray cluster for the demo, end-to-end tests and benchmarks, driven the way
+KubeRay drives a RayService.
+
+``ray start --head`` with a given environment (what a RayService pod's env would hold),
+``serve deploy`` of a Serve config through the dashboard's REST API (the path KubeRay's
+operator uses), status read from ``/api/serve/applications/``. The Serve proxy listens on
+127.0.0.1:8000. The only stand-in is the engine, through Ray's own ``RAYLLM_VLLM_ENGINE_CLS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+BIN = Path(sys.executable).parent
+DASHBOARD = "http://127.0.0.1:8265"
+SERVE_URL = "http://127.0.0.1:8000"
+MODEL = "stand-in-model"
+STANDIN_ENGINE = "rayllm_auth.testing.engine:StandInEngine"
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def build_wheel(out_dir: Path) -> Path:
+    """The rayllm-auth wheel, built from the source checkout this module belongs to."""
+    if not (CHECKOUT / "pyproject.toml").exists():
+        raise RuntimeError(f"build_wheel needs a rayllm-auth source checkout, not {CHECKOUT}")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         str(CHECKOUT), "-w", str(out_dir)],
+        check=True,
+    )
+    (wheel,) = out_dir.glob("rayllm_auth-*.whl")
+    return wheel
+
+
+def llm_config(model_id: str = MODEL, **extra) -> dict:
+    """A CPU-only LLMConfig: one LLMServer replica with a quarter CPU, no accelerator."""
+    return {
+        "model_loading_config": {"model_id": model_id},
+        "placement_group_config": {"bundles": [{"CPU": 0.25}]},
+        "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+        **extra,
+    }
+
+
+def application(name, route_prefix, *, import_path="ray.serve.llm:build_openai_app",
+                 runtime_env=None, **args) -> dict:
+    args.setdefault("llm_configs", [llm_config()])
+    app = {"name": name, "route_prefix": route_prefix, "import_path": import_path, "args": args}
+    if runtime_env:
+        app["runtime_env"] = runtime_env
+    return app
+
+
+class LocalCluster:
+    """One head node in a private temp dir; ``stop()`` ends every process it started."""
+
+    def __init__(self, env: dict[str, str], *, num_cpus: int = 16):
+        self.root = Path(tempfile.mkdtemp(prefix="rlt-", dir="/tmp"))
+        self.calls_file = self.root / "engine-calls.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))},
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "RAY_AUTH_MODE": "disabled",  # Ray's cluster token auth; Serve HTTP is ours to guard
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAYLLM_VLLM_ENGINE_CLS": STANDIN_ENGINE,
+            "RAYLLM_AUTH_STANDIN_CALLS_FILE": str(self.calls_file),
+            "VLLM_TARGET_DEVICE": "cpu",
+            **env,
+        }
+        self.num_cpus = num_cpus
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> "LocalCluster":
+        self._run("ray", "start", "--head", f"--num-cpus={self.num_cpus}",
+                  f"--temp-dir={self.root / 'ray'}", "--dashboard-host=127.0.0.1",
+                  "--disable-usage-stats")
+        return self
+
+    def stop(self) -> None:
+        """Stop the cluster, then delete its directory: it holds the runtime_env virtualenv,
+        a 6 GB clone of this one. RAYLLM_AUTH_KEEP_CLUSTER_DIR=1 keeps it for debugging."""
+        # Serve first: it stops the HAProxy it started (direct streaming), which `ray stop`
+        # would leave behind, still holding port 8000.
+        self._run("serve", "shutdown", "-y", "-a", DASHBOARD, check=False, timeout=120)
+        self._run("ray", "stop", "--force", check=False)
+        if os.environ.get("RAYLLM_AUTH_KEEP_CLUSTER_DIR") != "1":
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _run(self, *cmd, check=True, env=None, timeout=600):
+        # cwd: Ray puts the starting directory on every worker's sys.path; a checkout of
+        # this repository there would let workers import rayllm_auth without the wheel.
+        result = subprocess.run(
+            [str(BIN / cmd[0]), *cmd[1:]], env={**self.env, **(env or {})},
+            capture_output=True, text=True, timeout=timeout, cwd=self.root,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n"
+                               f"{result.stderr[-4000:]}")
+        return result
+
+    @property
+    def session_dir(self) -> Path:
+        return (self.root / "ray" / "session_latest").resolve()
+
+    # -- Serve -------------------------------------------------------------------------------
+
+    def deploy(self, applications: list[dict]) -> None:
+        """``serve deploy`` of one config holding ``applications`` (replaces earlier ones)."""
+        config = {"http_options": {"host": "127.0.0.1", "port": 8000},
+                  "applications": applications}
+        path = self.root / "serve-config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self._run("serve", "deploy", str(path), "-a", DASHBOARD)
+
+    def run_python(self, code: str, env: dict | None = None, timeout=600):
+        """A Python driver connected to this cluster (e.g. one calling serve.run)."""
+        return subprocess.run([sys.executable, "-c", code], env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout, cwd=self.root)
+
+    def applications(self) -> dict:
+        reply = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=30)
+        reply.raise_for_status()
+        return reply.json().get("applications", {})
+
+    def wait_for(self, expected: dict[str, set[str]], timeout: float = 420) -> dict:
+        """Wait until each app's status is in its expected set; return all applications.
+        Fails at once when an app settles in a final status it was not expected to reach."""
+        deadline = time.monotonic() + timeout
+        while True:
+            apps = self.applications()
+            status = {name: apps.get(name, {}).get("status") for name in expected}
+            if all(status[name] in ok for name, ok in expected.items()):
+                return apps
+            stuck = [n for n, s in status.items()
+                     if s == "DEPLOY_FAILED" and s not in expected[n]]
+            if stuck or time.monotonic() > deadline:
+                summary = {n: (a.get("status"), a.get("message", "")[-1500:])
+                           for n, a in apps.items() if n in stuck or not stuck}
+                raise RuntimeError(f"applications not ready: {json.dumps(summary, indent=1)}")
+            time.sleep(3)
+
+    def engine_calls(self) -> list[str]:
+        return self.calls_file.read_text().splitlines() if self.calls_file.exists() else []
+
+    def metrics(self) -> str:
+        (port_file,) = self.session_dir.glob("metrics_export_port_*")
+        return httpx.get(f"http://127.0.0.1:{port_file.read_text().strip()}/metrics",
+                         timeout=30).text
+
+    def log_files(self):
+        return [p for p in (self.session_dir / "logs").rglob("*") if p.is_file()]

@@ -1,0 +1,114 @@
+"""Direct streaming (RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1) on a real cluster behind HAProxy:
+the LLMServer replica serves vLLM's own app, built inside the replica, so only the
+replica-side patch can protect it. Also: a replica with the plugin but no keys stays stock
+and says so."""
+
+import hashlib
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import new_key
+from rayllm_auth.testing.local_cluster import MODEL, SERVE_URL, LocalCluster, application
+
+pytestmark = pytest.mark.e2e
+
+HASHED_KEY = new_key()  # configured only as its SHA-256 digest
+VLLM_KEY = new_key()  # configured in plain text, in runtime_env.env_vars (a channel Ray logs)
+
+# Every route of vLLM 0.29's app, most of them outside vLLM's own /v1 guard.
+VLLM_ROUTES = [
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+    ("GET", f"/v1/models/{MODEL}"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+    ("POST", "/invocations"), ("GET", "/ping"), ("POST", "/ping"), ("GET", "/health"),
+    ("GET", "/load"), ("GET", "/version"), ("GET", "/metrics"), ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/responses"),
+    ("POST", "/v1/chat/completions/batch"), ("POST", "/v1/chat/completions/render"),
+    ("POST", "/generative_scoring"), ("POST", "/scale_elastic_ep"),
+    ("POST", "/is_scaling_elastic_ep"), ("POST", "/inference/v1/generate"),
+    ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(wheel):
+    # HAProxy must be enabled in the Ray processes themselves (the Serve controller).
+    cluster = LocalCluster({"RAY_SERVE_ENABLE_HA_PROXY": "1"}).start()
+    try:
+        pip = [str(wheel)]
+        digest = hashlib.sha256(HASHED_KEY.encode()).hexdigest()
+        cluster.deploy([
+            application("ds", "/", runtime_env={"pip": pip, "env_vars": {
+                "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+                "RAY_LLM_API_KEYS": f"ds-client:sha256:{digest}",
+                "VLLM_API_KEY": VLLM_KEY,
+            }}),
+            application("off", "/off", runtime_env={"pip": pip}),
+        ])
+        cluster.apps = cluster.wait_for({"ds": {"RUNNING"}, "off": {"RUNNING"}})
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def request(method, path, headers=None):
+    return httpx.request(method, f"{SERVE_URL}{path}", headers=headers, timeout=60, json={})
+
+
+def test_direct_streaming_really_serves_vllms_app(cluster):
+    deployments = cluster.apps["ds"]["deployments"]
+    assert "OpenAiIngress" not in deployments  # the LLMServer replica is the ingress
+    reply = request("GET", "/version", {"x-api-key": VLLM_KEY})
+    assert reply.status_code == 200 and "version" in reply.json()
+
+
+@pytest.mark.parametrize("method, path", VLLM_ROUTES)
+def test_every_vllm_route_needs_a_key(cluster, method, path):
+    reply = request(method, path)
+    assert reply.status_code == 401, reply.text[:300]
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_hashed_key_and_x_api_key_work_where_vllms_own_check_would_refuse(cluster):
+    # vLLM's middleware accepts only `Authorization: Bearer <VLLM_API_KEY>`: these two
+    # succeed only because rayllm-auth replaced it.
+    sdk = openai.OpenAI(base_url=f"{SERVE_URL}/v1", api_key=HASHED_KEY, max_retries=0)
+    reply = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert reply.choices[0].message.content.startswith("hello")
+    stream = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "hello from the "
+    assert request("GET", "/v1/models", {"x-api-key": VLLM_KEY}).status_code == 200
+
+
+def test_sdk_with_a_wrong_key_gets_authentication_error(cluster):
+    sdk = openai.OpenAI(base_url=f"{SERVE_URL}/v1", api_key=HASHED_KEY[:-2], max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        sdk.completions.create(model=MODEL, prompt="x", max_tokens=2)
+
+
+def test_refused_requests_never_reach_the_engine(cluster):
+    before = len(cluster.engine_calls())
+    for headers in ({}, {"authorization": "Bearer " + "z" * 40}, {"x-api-key": HASHED_KEY[:-1]}):
+        for path in ("/v1/chat/completions", "/v1/completions", "/invocations"):
+            assert httpx.post(f"{SERVE_URL}{path}", headers=headers, timeout=60, json={
+                "model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "x"}],
+            }).status_code == 401
+    assert len(cluster.engine_calls()) == before
+
+
+def test_replica_with_plugin_but_no_keys_is_stock_and_says_so(cluster):
+    assert request("GET", "/off/v1/models").status_code == 200
+    logs = "".join(p.read_text(errors="replace") for p in cluster.log_files()
+                   if p.name.startswith("worker-") or "replica" in p.name)
+    assert "API key auth is OFF for OpenAiIngress" in logs
+
+
+def test_zz_hashed_key_never_appears_but_ray_logs_env_vars(cluster):
+    """A hashed entry keeps the plaintext out of everything; a key in runtime_env.env_vars
+    is written to Ray's logs by Ray itself, which is why the README advises against it."""
+    texts = [p.read_bytes() for p in cluster.log_files()]
+    assert not any(HASHED_KEY.encode() in t for t in texts)
+    assert any(VLLM_KEY.encode() in t for t in texts), "Ray no longer logs env_vars: update README"

@@ -1,0 +1,299 @@
+"""End to end on a real local Ray cluster: Ray's unchanged build_openai_app behind the real
+Serve proxy on 127.0.0.1:8000, the real openai SDK, rayllm-auth only in runtime_env.pip,
+keys only in the cluster's environment. The only stand-in is the engine, which records
+every call it receives."""
+
+import http.client
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from rayllm_auth.testing.local_cluster import MODEL, SERVE_URL, LocalCluster, application, llm_config
+
+pytestmark = pytest.mark.e2e
+
+EXTRAS = Path(__file__).parent / "rlt_extras"  # a user's own ingress class
+
+DRIVER = """
+import inspect, json, sys
+import ray
+from ray import serve
+from ray.serve.llm import build_openai_app
+try:
+    import rayllm_auth
+    importable = True
+except ImportError:
+    importable = False
+ray.init(address="auto", runtime_env={"pip": [WHEEL]})
+app = build_openai_app({"llm_configs": [LLM_CONFIG]})
+frozen = inspect.getclosurevars(app._bound_deployment.func_or_class.__init__).nonlocals[
+    "frozen_app_or_func"]
+print("DRIVER", json.dumps({"plugin_importable": importable,
+                            "middleware": [m.cls.__name__ for m in frozen.user_middleware]}))
+serve.run(app, name="driver", route_prefix="/driver", blocking=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(wheel, cluster_key_env):
+    # rlt_extras on PYTHONPATH: the user's own code baked into the image, as Serve's docs advise.
+    cluster = LocalCluster({**cluster_key_env, "PYTHONPATH": str(EXTRAS.parent)}).start()
+    try:
+        pip = {"pip": [str(wheel)]}
+        cluster.deploy([
+            # What a RayService's serveConfigV2 holds: Ray's import path, the plugin in pip.
+            application("main", "/", runtime_env={
+                **pip, "env_vars": {"RAYLLM_ENABLE_VERBOSE_TELEMETRY": "1"}}),
+            application("dev", "/dev", runtime_env=pip, import_path=(
+                "ray.llm._internal.serve.core.ingress.dev_ingress:build_dev_openai_app")),
+            application("custom", "/custom", runtime_env=pip,
+                        ingress_cls_config={"ingress_cls": "rlt_extras.custom_ingress:MarkedIngress"}),
+            # The control: plugin installed (it carries the stand-in engine) but switched off.
+            application("stock", "/stock", runtime_env={
+                **pip, "env_vars": {"RAY_LLM_AUTH_DISABLE_AUTOPATCH": "1"}}),
+            application("badkeys", "/badkeys", runtime_env={
+                **pip, "env_vars": {"RAY_LLM_API_KEYS": " , "}}),
+            # A runtime_env given to the ingress deployment in code replaces the app's pip:
+            # list the plugin there too. First with a key variable broken for that replica...
+            application("badreplica", "/badreplica", runtime_env=pip, ingress_deployment_config={
+                "max_constructor_retry_count": 1, "ray_actor_options": {"runtime_env": {
+                    **pip, "env_vars": {"VLLM_API_KEY": ""}}}}),
+            # ...then forgetting it: the app was built protected, the replica cannot load the
+            # middleware, so it must not start.
+            application("noplugin", "/noplugin", runtime_env=pip, ingress_deployment_config={
+                "max_constructor_retry_count": 1, "ray_actor_options": {"runtime_env": {
+                    "env_vars": {"SOME_SETTING": "1"}}}}),
+        ])
+        driver = cluster.run_python(
+            DRIVER.replace("WHEEL", repr(str(wheel))).replace("LLM_CONFIG", repr(llm_config())))
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        cluster.driver_report = json.loads(re.search(r"^DRIVER (.*)$", driver.stdout, re.M)[1])
+        running = {"RUNNING"}
+        cluster.apps = cluster.wait_for({
+            "main": running, "dev": running, "custom": running, "stock": running,
+            "driver": running, "badkeys": {"DEPLOY_FAILED"}, "badreplica": {"DEPLOY_FAILED"},
+            "noplugin": {"DEPLOY_FAILED"},
+        })
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def keys(cluster_keys):
+    return cluster_keys
+
+
+def client(api_key, prefix=""):
+    return openai.OpenAI(base_url=f"{SERVE_URL}{prefix}/v1", api_key=api_key, max_retries=0)
+
+
+def get(path, headers=None, method="GET"):
+    return httpx.request(method, f"{SERVE_URL}{path}", headers=headers, timeout=60)
+
+
+def chat_body(stream=False):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "stream": stream}
+
+
+# -- the openai SDK ------------------------------------------------------------------------
+
+
+def test_sdk_without_a_valid_key_gets_authentication_error(cluster, keys):
+    for api_key in ("sk-wrong-" + "x" * 30, keys["team-a"].upper(), keys["vllm"][:-1]):
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client(api_key).chat.completions.create(**chat_body())
+        assert refused.value.code == "invalid_api_key"
+        assert api_key not in str(refused.value.body)
+
+
+def test_sdk_with_each_key_chats_streams_and_lists_models(cluster, keys):
+    for api_key in keys.values():
+        sdk = client(api_key)
+        reply = sdk.chat.completions.create(**chat_body())
+        assert reply.choices[0].message.content.startswith("hello from")
+        chunks = [c.choices[0].delta.content for c in sdk.chat.completions.create(**chat_body(True))]
+        assert "".join(filter(None, chunks)) == "hello from the stand-in "
+        assert [m.id for m in sdk.models.list()] == [MODEL]
+        assert sdk.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text
+
+
+def test_x_api_key_header_works_through_the_proxy(cluster, keys):
+    reply = httpx.post(f"{SERVE_URL}/v1/chat/completions", json=chat_body(),
+                       headers={"x-api-key": keys["unnamed"]}, timeout=60)
+    assert reply.status_code == 200
+
+
+# -- refused requests never reach the engine -------------------------------------------------
+
+
+def test_refused_requests_never_reach_the_engine(cluster, keys):
+    before = len(cluster.engine_calls())
+    refused = [
+        {}, {"authorization": "Bearer nope-" + "y" * 30}, {"authorization": "Basic abc"},
+        {"x-api-key": keys["vllm"], "authorization": f"Bearer {keys['team-a']}"},
+        {"authorization": f"Bearer {keys['vllm']} extra"}, {"x-api-key": ""},
+    ]
+    for headers in refused * 5:
+        for path in ("/v1/chat/completions", "/v1/completions", "/driver/v1/chat/completions",
+                     "/custom/v1/chat/completions", "/dev/v1/chat/completions"):
+            reply = httpx.post(f"{SERVE_URL}{path}", json=chat_body(), headers=headers, timeout=60)
+            assert reply.status_code == 401, (path, headers, reply.text)
+    assert len(cluster.engine_calls()) == before
+    for path in ("/v1", "/driver/v1", "/custom/v1", "/dev/v1"):
+        client(keys["team-a"], path.removesuffix("/v1")).chat.completions.create(**chat_body())
+    assert len(cluster.engine_calls()) == before + 4
+
+
+# -- every route, every spelling ------------------------------------------------------------
+
+ROUTES = [
+    ("GET", "/v1/models"), ("GET", "/v1/models/stand-in-model"), ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"),
+    ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/score"), ("POST", "/tokenize"),
+    ("POST", "/detokenize"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/"), ("GET", "/health"),
+    ("GET", "/metrics"), ("DELETE", "/v1/models"), ("PUT", "/v1/chat/completions"),
+]
+DEV_ADMIN = [("POST", "/sleep"), ("POST", "/wakeup"), ("GET", "/is_sleeping"),
+             ("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused"),
+             ("POST", "/reset_prefix_cache"), ("POST", "/collective_rpc")]
+
+
+@pytest.mark.parametrize("prefix", ["", "/driver", "/custom", "/dev"])
+def test_every_route_needs_a_key(cluster, prefix):
+    routes = ROUTES + (DEV_ADMIN if prefix == "/dev" else [])
+    statuses = {(m, p): get(prefix + p, method=m).status_code for m, p in routes}
+    assert set(statuses.values()) == {401}, statuses
+
+
+def test_admin_routes_work_with_a_key(cluster, keys):
+    reply = get(f"/dev/is_sleeping?model={MODEL}", headers={"authorization": f"Bearer {keys['team-a']}"})
+    assert reply.status_code == 200
+
+
+def raw_request(path, headers=()):
+    conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=60)
+    conn.putrequest("GET", path, skip_accept_encoding=True)
+    for name, value in headers:
+        conn.putheader(name, value)
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body
+
+
+@pytest.mark.parametrize("path", [
+    "//v1/models", "/v1//models", "/v1/models/", "/v1%2Fmodels", "/./v1/models",
+    "/v1/../v1/models", "/V1/MODELS", "/dev/../v1/models", "/driver//v1/models",
+    "/driver/./v1/models", "/v1/models?x=/health", "/v1/models#frag", "/%2e/v1/models",
+])
+def test_path_spellings_never_bypass_the_check(cluster, path):
+    status, body = raw_request(path)
+    assert status == 401, (path, status, body[:200])
+
+
+@pytest.mark.parametrize("headers", [
+    [("Authorization", b"Bearer \xc3\xa9\xff")], [("X-Api-Key", b"\xe2\x82\xac" * 10)],
+    [("Authorization", "Bearer " + "k" * 8000)], [("Authorization", "bearer")],
+    [("Authorization", "Bearer a\tb")], [("Host", "evil.example")],
+])
+def test_hostile_headers_get_a_4xx_never_a_5xx_or_a_pass(cluster, headers):
+    status, _ = raw_request("/v1/models", headers)
+    assert 400 <= status < 500 and status != 404, status
+
+
+# -- browsers --------------------------------------------------------------------------------
+
+
+def test_preflight_passes_and_401_is_readable_by_a_browser(cluster):
+    preflight = get("/v1/chat/completions", method="OPTIONS", headers={
+        "origin": "https://chat.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type"})
+    assert preflight.status_code == 200
+    refused = get("/v1/models", headers={"origin": "https://chat.example"})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] in ("*", "https://chat.example")
+
+
+# -- who protected what ------------------------------------------------------------------------
+
+
+def test_driver_without_plugin_built_an_open_app_that_replicas_protect(cluster, keys):
+    assert cluster.driver_report["plugin_importable"] is False
+    assert "ApiKeyMiddleware" not in cluster.driver_report["middleware"]
+    assert get("/driver/v1/models").status_code == 401
+    assert get("/driver/v1/models", {"x-api-key": keys["vllm"]}).status_code == 200
+
+
+def test_custom_ingress_class_is_served_and_protected(cluster, keys):
+    reply = get("/custom/v1/models", {"authorization": f"Bearer {keys['unnamed']}"})
+    assert reply.status_code == 200 and reply.json()["served_by"] == "MarkedIngress"
+
+
+def test_kill_switch_gives_stock_ray_an_open_app(cluster):
+    # The control for every 401 above: the same app with the plugin switched off is open.
+    assert get("/stock/v1/models").status_code == 200
+
+
+# -- misconfiguration: refuse to start, never serve open ------------------------------------
+
+
+def test_bad_key_variable_fails_the_deploy_naming_it(cluster):
+    app = cluster.apps["badkeys"]
+    assert app["status"] == "DEPLOY_FAILED"
+    assert "RAY_LLM_API_KEYS is set but holds no key" in app["message"]
+    assert get("/badkeys/v1/models").status_code == 401  # falls through to "/", which refuses
+
+
+def test_replica_with_bad_keys_refuses_to_start_naming_it(cluster):
+    app = cluster.apps["badreplica"]
+    assert app["status"] == "DEPLOY_FAILED"
+    message = app["deployments"]["OpenAiIngress"]["message"]
+    assert "ConfigError: VLLM_API_KEY is set but empty" in message
+    assert get("/badreplica/v1/models").status_code == 503  # the route exists, no replica
+
+
+def test_replica_without_the_plugin_cannot_serve_a_protected_app(cluster):
+    app = cluster.apps["noplugin"]
+    assert app["status"] == "DEPLOY_FAILED"
+    assert "No module named 'rayllm_auth'" in app["deployments"]["OpenAiIngress"]["message"]
+
+
+# -- observability -----------------------------------------------------------------------------
+
+
+def models_requests_by(user_id: str, metrics: str) -> float:
+    """Ray's ray_http_requests_total for GET /v1/models tagged with ``user_id``."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+        if line.startswith("ray_http_requests_total{") and f'user_id="{user_id}"' in line
+        and 'handler="/v1/models"' in line and 'code="200"' in line
+    )
+
+
+def test_key_id_reaches_ray_http_metrics_as_user_id(cluster, keys):
+    before = models_requests_by("team-a", cluster.metrics())
+    for _ in range(3):
+        assert get("/v1/models", {"authorization": f"Bearer {keys['team-a']}"}).status_code == 200
+    deadline = time.monotonic() + 60
+    while models_requests_by("team-a", cluster.metrics()) < before + 3:
+        assert time.monotonic() < deadline, "user_id=team-a not counted in ray_http_requests_total"
+        time.sleep(3)
+
+
+def test_zz_no_key_appears_in_ray_logs_status_or_metrics(cluster, keys):
+    """Last in the module: after all the traffic above, search everything Ray wrote."""
+    secrets = [k.encode() for k in keys.values()]
+    leaks = [str(p) for p in cluster.log_files() if any(s in p.read_bytes() for s in secrets)]
+    assert leaks == []
+    exposed = json.dumps(cluster.applications()) + cluster.metrics()
+    exposed += cluster._run("serve", "config", "-a", "http://127.0.0.1:8265").stdout
+    assert not any(s.decode() in exposed for s in secrets)
