@@ -87,7 +87,7 @@ def replica_app_guard(client_facing: Iterable[tuple[str, str]]):
     def guard(wrapped, instance, args, kwargs):
         if instance is None or not _derives_from_any(instance, client_facing):
             return wrapped(*args, **kwargs)
-        app, *rest = args
+        app = args[0] if args else kwargs.pop("app")
         if load_key_set() is not None:
             app = protect_app(app)
         elif is_protected(app):
@@ -98,7 +98,7 @@ def replica_app_guard(client_facing: Iterable[tuple[str, str]]):
                 type(instance).__name__,
                 ", ".join(KEY_SOURCES),
             )
-        return wrapped(app, *rest, **kwargs)
+        return wrapped(app, *args[1:], **kwargs)
 
     return guard
 

@@ -74,6 +74,13 @@ def test_no_keys_anywhere_is_stock_with_one_log_line(no_key_env, ray_classes, ca
     assert "API key auth is OFF for OpenAiIngress" in caplog.text
 
 
+def test_app_passed_by_keyword_is_protected_too(key_env, ray_classes):
+    received = []
+    layout._guard_replica_app(lambda app: received.append(app), instance_of(ray_classes[0][0]),
+                              (), {"app": FastAPI()})
+    assert is_protected(received[0])
+
+
 def test_any_asgi_callable_is_wrapped(key_env, ray_classes):
     async def bare_app(scope, receive, send):
         pass
