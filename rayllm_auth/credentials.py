@@ -1,4 +1,4 @@
-"""Find the one API key a request presents, from its raw ASGI headers.
+"""Take the one API key a request presents out of its raw ASGI headers.
 
 Accepted: ``Authorization: Bearer <key>`` (scheme in any case) and ``x-api-key: <key>``.
 Several such headers are fine if they all carry the same key. Anything else is a
@@ -14,7 +14,7 @@ from typing import Iterable, Union
 
 from rayllm_auth.keys import is_sendable_key
 
-__all__ = ["Denial", "presented_key"]
+__all__ = ["Denial", "take_key"]
 
 
 class Denial(enum.Enum):
@@ -31,26 +31,31 @@ _X_API_KEY = b"x-api-key"
 _OWS = b" \t"
 
 
-def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> Union[bytes, Denial]:
-    """The key carried by ``headers`` (ASGI: lower-case names, raw bytes), or why there is none.
+def take_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Union[bytes, Denial], list]:
+    """The key ``headers`` carry (ASGI: lower-case names, raw bytes), or why there is none;
+    and the other headers, i.e. ``headers`` without the credential headers.
 
-    Never raises on hostile bytes: anything that is not a clean single key is a Denial.
+    One pass, as this runs for every request. Never raises on hostile bytes: anything that is
+    not a clean single key is a Denial.
     """
     found = None
-    for name, value in headers:
+    others = []
+    for header in headers:
+        name = header[0]
         if name == _AUTHORIZATION:
-            key = _bearer_token(value)
+            key = _bearer_token(header[1])
         elif name == _X_API_KEY:
-            key = value.strip(_OWS)
+            key = header[1].strip(_OWS)
         else:
+            others.append(header)
             continue
         if key is None or not is_sendable_key(key):
-            return Denial.MALFORMED
+            return Denial.MALFORMED, others
         if found is None:
             found = key
         elif key != found:  # both values come from the client: nothing secret is compared
-            return Denial.CONFLICTING
-    return Denial.MISSING if found is None else found
+            return Denial.CONFLICTING, others
+    return (Denial.MISSING if found is None else found), others
 
 
 def _bearer_token(value: bytes):

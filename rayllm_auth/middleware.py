@@ -6,8 +6,9 @@ paths, empty by default). Lifespan events pass through untouched. Keys are read 
 process's environment when the middleware is built, i.e. inside the replica, never from
 arguments: the app, with this middleware in its stack, is pickled into the deployment.
 
-On success the key's non-secret id is stored as ``request.state.user_id``, which Ray Serve
-LLM's HTTP metrics use as their ``user_id`` tag. A valid request costs one scan of the
+On success the credential headers are removed from the request (the key goes no further than
+this middleware) and the key's non-secret id is stored as ``request.state.user_id``, which
+Ray Serve LLM's HTTP metrics use as their ``user_id`` tag. A valid request costs one scan of the
 headers, one SHA-256 and one dict lookup; responses are never touched, so streaming costs
 nothing per chunk.
 """
@@ -20,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 from starlette._utils import get_route_path  # the router's own path logic, see _is_exempt
 
-from rayllm_auth.credentials import Denial, presented_key
+from rayllm_auth.credentials import Denial, take_key
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.keys import KEY_SOURCES, KeySet, load_key_set
 from rayllm_auth.rejections import build_rejectors
@@ -90,10 +91,13 @@ class ApiKeyMiddleware:
             if kind == "lifespan":
                 return await self.app(scope, receive, send)
             raise ValueError(f"rayllm-auth: refusing unknown ASGI scope type {kind!r}")
-        key = presented_key(scope["headers"])
+        key, other_headers = take_key(scope["headers"])
         if key.__class__ is bytes:
             key_id = self._keys.lookup(key)
             if key_id is not None:
+                # The key stops here: Ray copies every request header into the RawRequestInfo
+                # it pickles to the LLMServer replica, and engines see them too.
+                scope["headers"] = other_headers
                 state = scope.get("state")
                 if state is None:
                     scope["state"] = state = {}

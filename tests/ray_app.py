@@ -50,7 +50,10 @@ def _handler(name, reached):
     async def handler(request: Request):
         reached.append(name)
         # A Response, so Ray's response_model (e.g. ModelList) does not validate it.
-        return JSONResponse({"reached": name, "user_id": getattr(request.state, "user_id", None)})
+        return JSONResponse({
+            "reached": name, "user_id": getattr(request.state, "user_id", None),
+            "credential_headers": [h for h in request.headers if h in ("authorization", "x-api-key")],
+        })
 
     return handler
 

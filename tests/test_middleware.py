@@ -41,6 +41,13 @@ async def test_each_configured_key_is_accepted_and_tags_user_id(app, key_env, re
     assert reached == ["models"] * 3
 
 
+async def test_the_key_goes_no_further_than_the_middleware(app, key_env):
+    headers = [("authorization", f"Bearer {key_env['team-a']}"),
+               ("x-api-key", key_env["team-a"]), ("x-request-id", "abc")]
+    reply = await call(app, headers=headers)
+    assert reply.status == 200 and reply.json()["credential_headers"] == []
+
+
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
 async def test_bearer_scheme_is_case_insensitive(app, key_env, scheme):
     reply = await call(app, headers=[("authorization", f"{scheme} {key_env['team-a']}")])

@@ -8,7 +8,9 @@ It answers chat and completions (streaming or not) in OpenAI's shape, and record
 call it receives, so tests can prove that refused requests never reach the engine:
 
 ``RAYLLM_AUTH_STANDIN_CALLS_FILE``
-    if set, each call appends one line ``<method> <model>`` to this file.
+    if set, each call appends one line ``<method> <model> credentials=<forwarded|none>`` to
+    this file; ``forwarded`` when the request that reached the engine still carried an
+    ``Authorization`` or ``x-api-key`` header.
 ``RAYLLM_AUTH_STANDIN_TOKEN_DELAY_S``
     seconds per generated token (default 0): a GPU-like decode time for benchmarks.
 ``RAYLLM_AUTH_STANDIN_MAX_BATCH``
@@ -68,31 +70,34 @@ class StandInEngine(LLMEngine):
         pass
 
     async def chat(self, request, raw_request_info=None) -> AsyncGenerator[Any, None]:
-        async for item in self._generate("chat", request):
+        async for item in self._generate("chat", request, raw_request_info):
             yield item
 
     async def completions(self, request, raw_request_info=None) -> AsyncGenerator[Any, None]:
-        async for item in self._generate("completions", request):
+        async for item in self._generate("completions", request, raw_request_info):
             yield item
 
     async def embeddings(self, request, raw_request_info=None):
-        self._record("embeddings", request.model)
+        self._record("embeddings", request.model, raw_request_info)
         yield _error("the stand-in engine does not compute embeddings", 400)
 
     async def transcriptions(self, request, raw_request_info=None):
-        self._record("transcriptions", request.model)
+        self._record("transcriptions", request.model, raw_request_info)
         yield _error("the stand-in engine does not transcribe", 400)
 
-    def _record(self, method: str, model: Optional[str]) -> None:
-        if self._calls_file:
-            fd = os.open(self._calls_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, f"{method} {model}\n".encode())
-            finally:
-                os.close(fd)
+    def _record(self, method: str, model: Optional[str], raw_request_info) -> None:
+        if not self._calls_file:
+            return
+        headers = {h.lower() for h in getattr(raw_request_info, "headers", None) or {}}
+        forwarded = "forwarded" if headers & {"authorization", "x-api-key"} else "none"
+        fd = os.open(self._calls_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{method} {model} credentials={forwarded}\n".encode())
+        finally:
+            os.close(fd)
 
-    async def _generate(self, method: str, request) -> AsyncGenerator[Any, None]:
-        self._record(method, request.model)
+    async def _generate(self, method: str, request, raw_request_info) -> AsyncGenerator[Any, None]:
+        self._record(method, request.model, raw_request_info)
         n_tokens = request.max_tokens or _DEFAULT_MAX_TOKENS
         tokens = [WORDS[i % len(WORDS)] + " " for i in range(n_tokens)]
         chat = method == "chat"

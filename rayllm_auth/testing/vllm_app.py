@@ -19,6 +19,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     CompletionRequest,
     ErrorResponse,
 )
+from ray.llm._internal.serve.core.protocol import RawRequestInfo
 
 __all__ = ["build_vllm_app"]
 
@@ -43,12 +44,14 @@ def build_vllm_app(engine):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = ChatCompletionRequest.model_validate(await request.json())
-        return await _respond(engine.chat(body), body.stream)
+        raw = RawRequestInfo.from_starlette_request(request)
+        return await _respond(engine.chat(body, raw), body.stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = CompletionRequest.model_validate(await request.json())
-        return await _respond(engine.completions(body), body.stream)
+        raw = RawRequestInfo.from_starlette_request(request)
+        return await _respond(engine.completions(body, raw), body.stream)
 
     @app.get("/v1/models")
     async def models():

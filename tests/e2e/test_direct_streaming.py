@@ -83,6 +83,14 @@ def test_hashed_key_and_x_api_key_work_where_vllms_own_check_would_refuse(cluste
     assert request("GET", "/v1/models", {"x-api-key": VLLM_KEY}).status_code == 200
 
 
+def test_vllms_handlers_never_see_the_key(cluster):
+    before = len(cluster.engine_calls())
+    sdk = openai.OpenAI(base_url=f"{SERVE_URL}/v1", api_key=HASHED_KEY, max_retries=0)
+    sdk.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    (line,) = cluster.engine_calls()[before:]
+    assert line.endswith("credentials=none")
+
+
 def test_sdk_with_a_wrong_key_gets_authentication_error(cluster):
     sdk = openai.OpenAI(base_url=f"{SERVE_URL}/v1", api_key=HASHED_KEY[:-2], max_retries=0)
     with pytest.raises(openai.AuthenticationError):

@@ -151,6 +151,14 @@ def test_refused_requests_never_reach_the_engine(cluster, keys):
     assert len(cluster.engine_calls()) == before + 4
 
 
+def test_the_key_goes_no_further_than_the_ingress(cluster, keys):
+    # Ray copies every request header into what it pickles to the LLMServer replica; with the
+    # plugin the credential headers are gone before that. The kill-switch app is the control.
+    for prefix, expected in (("/stock", "credentials=forwarded"), ("", "credentials=none")):
+        client(keys["team-a"], prefix).chat.completions.create(**chat_body())
+        assert cluster.engine_calls()[-1].endswith(expected), prefix
+
+
 # -- every route, every spelling ------------------------------------------------------------
 
 ROUTES = [
@@ -297,3 +305,18 @@ def test_zz_no_key_appears_in_ray_logs_status_or_metrics(cluster, keys):
     exposed = json.dumps(cluster.applications()) + cluster.metrics()
     exposed += cluster._run("serve", "config", "-a", "http://127.0.0.1:8265").stdout
     assert not any(s.decode() in exposed for s in secrets)
+
+
+def test_e2e_benchmark_harness_runs_against_this_cluster(cluster, keys):
+    """Smoke run of benchmarks/e2e_bench.py's pieces (no thresholds): same request, stock
+    (kill switch) and plugin app, ingress pids and CPU time from Ray's state API and /proc."""
+    import asyncio
+
+    from benchmarks.e2e_bench import ingress_pids, one_run, ratios
+
+    pids = ingress_pids()
+    runs = {app: asyncio.run(one_run(prefix, pids[app], keys["team-a"], 2, stream, 1.0, 4))
+            for app, prefix, stream in (("stock", "/stock", True), ("main", "", False))}
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs.values()), runs
+    assert all(r["ingress_cpu_s"] > 0 for r in runs.values())
+    assert "requests_per_s" in ratios([(runs["stock"], runs["main"])])
