@@ -1,0 +1,187 @@
+"""Middleware micro-benchmark: what each way of checking API keys adds to one request.
+
+No network, no server: each variant is called as an ASGI app, in one event loop, with a
+fresh scope per request. Variants:
+
+* ``none``: the bare ASGI app (the baseline);
+* ``rayllm-auth``: :class:`rayllm_auth.middleware.ApiKeyMiddleware`;
+* ``vllm``: vLLM's own ``AuthenticationMiddleware`` from the installed vLLM (on a /v1 path,
+  the only paths it checks);
+* ``forum``: the approach from the forum thread, a ``BaseHTTPMiddleware`` whose dispatch
+  compares the header with a set of accepted values.
+
+Cases: a valid, an invalid and a missing key, with 1, 16, 1,000 and 10,000 configured keys;
+and a valid key on a 256-chunk SSE response, to get the cost per streamed chunk.
+
+Method: rounds of ``--batch`` requests per variant, variants in a new random order every
+round (interleaved, so drift on a shared machine hits all alike). For each round the
+variant's time per request minus the baseline's in the same round is one sample of what it
+adds; reported as the median and the 25th-75th percentile of those samples.
+
+    python benchmarks/middleware_bench.py            # full run (about 3 minutes)
+    python benchmarks/middleware_bench.py --quick    # smoke run for CI (seconds, no thresholds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.machine import write_results  # noqa: E402
+
+KEY_COUNTS = (1, 16, 1_000, 10_000)
+CASES = ("valid", "invalid", "missing")
+CHUNKS = 256
+
+
+# -- the apps --------------------------------------------------------------------------------
+
+async def bare_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+
+async def streaming_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")]})
+    for _ in range(CHUNKS):
+        await send({"type": "http.response.body", "body": b'data: {"t":"x"}\n\n',
+                    "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def make_variants(inner, keys: list[str]) -> dict:
+    os.environ.pop("VLLM_API_KEY", None)
+    os.environ["RAY_LLM_API_KEYS"] = ",".join(keys)
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import JSONResponse
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    from rayllm_auth.middleware import ApiKeyMiddleware
+
+    accepted = {f"Bearer {k}" for k in keys}
+
+    async def forum_dispatch(request, call_next):
+        if request.headers.get("authorization") not in accepted:
+            return JSONResponse({"detail": "Invalid or missing API key"}, status_code=401)
+        return await call_next(request)
+
+    return {
+        "none": inner,
+        "rayllm-auth": ApiKeyMiddleware(inner),
+        "vllm": AuthenticationMiddleware(inner, tokens=keys),
+        "forum": BaseHTTPMiddleware(inner, dispatch=forum_dispatch),
+    }
+
+
+def scope_for(case: str, keys: list[str]) -> dict:
+    headers = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"OpenAI/Python 1.x"),
+               (b"content-type", b"application/json"), (b"accept", b"application/json")]
+    if case == "valid":
+        headers.append((b"authorization", f"Bearer {keys[-1]}".encode()))
+    elif case == "invalid":
+        headers.append((b"authorization", f"Bearer {keys[-1][:-1]}X".encode()))
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+            "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+async def time_batch(app, scope: dict, batch: int) -> float:
+    """Seconds per request over ``batch`` requests."""
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        pass
+
+    start = time.perf_counter()
+    for _ in range(batch):
+        await app(dict(scope), receive, send)
+    return (time.perf_counter() - start) / batch
+
+
+async def measure(variants: dict, scope: dict, rounds: int, batch: int) -> dict:
+    """{variant: [seconds per request it adds over ``none`` in the same round, ...]}, plus
+    ``none`` itself: the baseline's own seconds per request."""
+    for app in variants.values():  # warm-up
+        await time_batch(app, scope, max(10, batch // 10))
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        order = list(variants)
+        random.shuffle(order)
+        per_request = {name: await time_batch(variants[name], scope, batch) for name in order}
+        for name in variants:
+            base = 0.0 if name == "none" else per_request["none"]
+            samples[name].append(per_request[name] - base)
+    return samples
+
+
+def summary(samples: list[float], scale: float = 1e6) -> dict:
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+    return {"median": statistics.median(samples) * scale, "p25": q[0] * scale,
+            "p75": q[-1] * scale, "rounds": len(samples)}
+
+
+async def run(rounds: int, batch: int, key_counts, quick: bool) -> dict:
+    results = {"per_request_us": [], "per_chunk_us": []}
+    for count in key_counts:
+        keys = ["sk-" + secrets.token_urlsafe(32) for _ in range(count)]
+        variants = make_variants(bare_app, keys)
+        for case in CASES:
+            added = await measure(variants, scope_for(case, keys), rounds, batch)
+            for name, samples in added.items():
+                results["per_request_us"].append(
+                    {"variant": name, "keys": count, "case": case, **summary(samples)})
+            print(f"  {count:>6} keys, {case:<7}: " + ", ".join(
+                f"{n} +{summary(s)['median']:.2f}" for n, s in added.items() if n != "none"
+            ) + f" us (bare app {summary(added['none'])['median']:.2f} us)", flush=True)
+    # Work per chunk: what a variant adds to a streamed request minus what it adds to a plain
+    # one, over the chunks (each against its own bare app, in the same rounds): zero for a
+    # middleware that never touches the response body.
+    keys = ["sk-" + secrets.token_urlsafe(32)]
+    streamed, plain = make_variants(streaming_app, keys), make_variants(bare_app, keys)
+    variants = {**streamed, **{f"{n} (plain)": app for n, app in plain.items()}}
+    added = await measure(variants, scope_for("valid", keys), rounds, max(10, batch // 40))
+    plain_base = added["none (plain)"]  # plain bare app minus streamed bare app, per round
+    for name in streamed:
+        if name == "none":
+            continue
+        per_chunk = [(s - (p - b)) / CHUNKS
+                     for s, p, b in zip(added[name], added[f"{name} (plain)"], plain_base)]
+        results["per_chunk_us"].append({"variant": name, "chunks": CHUNKS, **summary(per_chunk)})
+    print("  added per streamed chunk: " + ", ".join(
+        f"{r['variant']} {r['median'] * 1000:+.1f} ns" for r in results["per_chunk_us"]),
+        flush=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: few rounds, no file")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=2000)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.batch = 3, 50
+    key_counts = (1, 1_000) if args.quick else KEY_COUNTS
+    print(f"middleware micro-benchmark: {args.rounds} rounds x {args.batch} requests")
+    results = asyncio.run(run(args.rounds, args.batch, key_counts, args.quick))
+    if not args.quick:
+        write_results("middleware", {"rounds": args.rounds, "batch": args.batch, **results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
