@@ -181,3 +181,29 @@ def test_every_ray_builder_freezes_a_protected_app_only_with_keys(keys, protecte
     out = check(run_python(BUILDERS_PROBE, env=keys))
     result = eval(re.search(r"^RESULT (.*)$", out, re.M).group(1))
     assert result == dict.fromkeys(["openai", "custom_ingress_cls", "dev", "dp", "pd"], protected)
+
+
+EXPLICIT_BUILD = """
+import inspect, sys
+import rayllm_auth
+from ray.serve.llm import LLMConfig
+from rayllm_auth.protect import is_protected
+app = rayllm_auth.build_openai_app({"llm_configs": [LLMConfig(
+    model_loading_config={"model_id": "m"}, placement_group_config={"bundles": [{"CPU": 0.25}]})]})
+frozen = inspect.getclosurevars(app._bound_deployment.func_or_class.__init__).nonlocals[
+    "frozen_app_or_func"]
+print("PROTECTED", is_protected(frozen))
+"""
+
+
+def test_explicit_builder_protects_without_any_auto_activation():
+    # Kill switch on, no key in the building process: only the explicit call can protect.
+    out = check(run_python(EXPLICIT_BUILD, env={"RAY_LLM_AUTH_DISABLE_AUTOPATCH": "1"}))
+    assert "PROTECTED True" in out
+
+
+def test_explicit_builder_refuses_direct_streaming_it_cannot_protect():
+    result = run_python(EXPLICIT_BUILD, env={"RAY_LLM_AUTH_DISABLE_AUTOPATCH": "1",
+                                             "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"})
+    assert result.returncode != 0
+    assert "ConfigError: RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING builds the app inside" in result.stderr
