@@ -29,6 +29,7 @@ pytestmark = pytest.mark.e2e
 
 KEY = new_key()
 LOAD_REQUESTS = int(os.environ.get("RAYLLM_AUTH_LOAD_REQUESTS", "5000"))
+PROXY_CASES = int(os.environ.get("RAYLLM_AUTH_PROXY_CASES", "300"))
 FIGURES = {}
 
 
@@ -109,7 +110,7 @@ def test_mixed_credentials_under_load(cluster):
     assert len(cluster.engine_calls()) - before == valid  # exactly the valid ones got there
 
 
-@generated(300)
+@generated(PROXY_CASES)
 @given(req=hostile_request())
 def test_hostile_sample_through_the_proxy(cluster, req):
     # The generator's keys are not this cluster's: every request must be refused here.
@@ -128,10 +129,27 @@ def test_hostile_sample_through_the_proxy(cluster, req):
         conn.close()
     FIGURES["proxy_sample"] = FIGURES.get("proxy_sample", 0) + 1
     assert KEY.encode() not in body
+    if breaks_ray_proxy(headers):
+        # Ray 2.60's Serve proxy decodes every x-request-id as UTF-8 while routing, before any
+        # replica (and so rayllm-auth) sees the request: its own 500, for every Serve app.
+        # Fails once Ray fixes it: then drop this.
+        assert status == 500, (status, req)
+        FIGURES["ray_proxy_500"] = FIGURES.get("ray_proxy_500", 0) + 1
+        return
     if is_preflight(method, headers):
         assert status in (200, 400), (status, req)
     else:  # 400: the HTTP parser refused the bytes before Serve saw them
         assert status in (400, 401), (status, req)
+
+
+def breaks_ray_proxy(headers) -> bool:
+    for name, value in headers:
+        if name == b"x-request-id":
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                return True
+    return False
 
 
 def test_replica_killed_mid_stream_comes_back_enforcing(cluster):
