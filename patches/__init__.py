@@ -7,6 +7,9 @@ Each module defines:
 ``BUILDER_HOOKS``
     ``{module name: function name}``: patches for where the ingress app is built
     (enforce mode only).
+``TARGETS``
+    ``{module name: (attribute path, ...)}``: every attribute the hooks need
+    (``rayllm-auth doctor`` checks them without patching anything).
 ``REPLICA_HOOKS``
     the same, for where a replica receives its ASGI app (enforce and report mode).
 

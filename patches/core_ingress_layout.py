@@ -37,6 +37,12 @@ CLIENT_FACING_CLASSES = (
     ("ray.llm._internal.serve.engines.sglang.sglang_engine", "SGLangServer"),
 )
 
+#: Everything the hooks below need, by module (``doctor`` checks the same list).
+TARGETS = {
+    INGRESS_MODULE: ("init", "make_fastapi_ingress", "OpenAiIngress"),
+    REPLICA_WRAPPER_MODULE: ("ASGIAppReplicaWrapper", "ASGIAppReplicaWrapper._set_asgi_app"),
+}
+
 BUILDER_HOOKS = {INGRESS_MODULE: "patch_ingress_builder"}
 REPLICA_HOOKS = {REPLICA_WRAPPER_MODULE: "patch_replica_wrapper"}
 
@@ -44,12 +50,11 @@ _guard_replica_app = replica_app_guard(CLIENT_FACING_CLASSES)
 
 
 def patch_ingress_builder(ingress) -> None:
-    require(ingress, "init", "make_fastapi_ingress", "OpenAiIngress")
+    require(ingress, *TARGETS[INGRESS_MODULE])
     wrap_once(ingress, "init", protect_returned_app)
     wrap_once(ingress, "make_fastapi_ingress", protect_app_argument)
 
 
 def patch_replica_wrapper(http_util) -> None:
-    require(http_util, "ASGIAppReplicaWrapper")
-    require(http_util.ASGIAppReplicaWrapper, "_set_asgi_app")
+    require(http_util, *TARGETS[REPLICA_WRAPPER_MODULE])
     wrap_once(http_util.ASGIAppReplicaWrapper, "_set_asgi_app", _guard_replica_app)

@@ -18,7 +18,7 @@ import os
 import sys
 
 #: Variables that configure keys; ``rayllm_auth.pth`` repeats them (a test keeps them equal).
-KEY_SOURCES = ("RAY_LLM_API_KEYS", "VLLM_API_KEY")
+KEY_SOURCES = ("RAY_LLM_API_KEYS", "VLLM_API_KEY", "RAY_LLM_API_KEYS_FILE")
 #: Set to 1/true/yes to turn off automatic patching (explicit install() still works).
 KILL_SWITCH = "RAY_LLM_AUTH_DISABLE_AUTOPATCH"
 #: Set by the raylet in every Ray worker process.

@@ -14,7 +14,12 @@ Key sources (read from the environment of the process that serves requests):
     contain ``:`` or ``,``, every entry has exactly one reading, and base64 keys (which end
     in ``=``) need no quoting.
 
-A variable that is set but yields no usable key is a configuration error
+``RAY_LLM_API_KEYS_FILE``
+    Path of a key file (format in :mod:`rayllm_auth.keyfile`): named, plain or hashed keys,
+    each optionally limited to some models. Re-read while serving (see
+    :mod:`rayllm_auth.keystore`).
+
+All sources that are set combine. A variable that is set but yields no usable key is a configuration error
 (:class:`~rayllm_auth.errors.ConfigError`), never "auth off". Error messages name the variable and the entry
 number, never the entry's text, which may be a key.
 
@@ -38,6 +43,7 @@ from rayllm_auth.errors import ConfigError
 
 __all__ = [
     "KEY_SOURCES",
+    "Grant",
     "KeySet",
     "load_key_set",
     "configured_sources",
@@ -48,7 +54,7 @@ __all__ = [
 
 logger = logging.getLogger("rayllm_auth")
 
-RAY_LLM_API_KEYS, VLLM_API_KEY = KEY_SOURCES
+RAY_LLM_API_KEYS, VLLM_API_KEY, RAY_LLM_API_KEYS_FILE = KEY_SOURCES
 
 #: Longest key accepted, in bytes, both in configuration and in a request.
 MAX_KEY_LENGTH = 512
@@ -81,39 +87,63 @@ def key_id_for_digest(digest: bytes) -> str:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Grant:
+    """What an accepted key may do. Holds no key material.
+
+    ``models`` is None for a key that may use every model, else the model ids it may use
+    (a LoRA id ``base:adapter`` is allowed when its base is, see :meth:`allows`).
+    """
+
     key_id: str
+    models: Optional[frozenset[str]] = None
+
+    def allows(self, model: str) -> bool:
+        if self.models is None or model in self.models:
+            return True
+        base, colon, _ = model.partition(":")  # Ray's get_base_model_id: text before ':'
+        return bool(colon) and base in self.models
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One configured key: its digest and what it may do."""
+
     digest: bytes
+    grant: Grant
 
 
 class KeySet:
-    """The accepted keys of one process: ``sha256(key) -> key id``. Immutable, never pickled."""
+    """The accepted keys of one process: ``sha256(key) -> Grant``. Immutable, never pickled."""
 
-    __slots__ = ("_ids_by_digest", "sources")
+    __slots__ = ("_grants", "sources")
 
-    def __init__(self, entries: Iterable[_Entry], sources: tuple[str, ...]):
-        ids_by_digest: dict[bytes, str] = {}
+    def __init__(self, entries: Iterable[Entry], sources: tuple[str, ...]):
+        grants: dict[bytes, Grant] = {}
         for entry in entries:
-            known = ids_by_digest.get(entry.digest)
-            if known is not None and known != entry.key_id:
+            known = grants.get(entry.digest)
+            if known is not None and known != entry.grant:
                 raise ConfigError(
-                    f"the same key is configured twice, with ids {known!r} and "
-                    f"{entry.key_id!r} (in {', '.join(sources)}); give it one id"
+                    f"the same key is configured twice, as {known.key_id!r} and "
+                    f"{entry.grant.key_id!r} (in {', '.join(sources)}), with different ids "
+                    f"or models; configure it once"
                 )
-            ids_by_digest[entry.digest] = entry.key_id
-        self._ids_by_digest = ids_by_digest
+            grants[entry.digest] = entry.grant
+        self._grants = grants
         self.sources = sources
 
-    def lookup(self, presented: bytes) -> Optional[str]:
-        """Key id of ``presented`` if it is an accepted key, else None."""
-        return self._ids_by_digest.get(hashlib.sha256(presented).digest())
+    def lookup(self, presented: bytes) -> Optional[Grant]:
+        """The grant of ``presented`` if it is an accepted key, else None."""
+        return self._grants.get(hashlib.sha256(presented).digest())
+
+    def holds_digest(self, digest: bytes) -> bool:
+        return digest in self._grants
 
     @property
     def key_ids(self) -> list[str]:
-        return sorted(set(self._ids_by_digest.values()))
+        return sorted({grant.key_id for grant in self._grants.values()})
 
     def __len__(self) -> int:
-        return len(self._ids_by_digest)
+        return len(self._grants)
 
     def __repr__(self) -> str:
         return f"KeySet({len(self)} keys from {', '.join(self.sources)})"
@@ -129,39 +159,57 @@ def configured_sources(environ: Mapping[str, str] = os.environ) -> tuple[str, ..
 
 
 def load_key_set(environ: Mapping[str, str] = os.environ) -> Optional[KeySet]:
-    """Read every key source in ``environ``.
+    """Read every key source in ``environ`` once.
 
     Returns None when no key source is set (auth is off), a non-empty :class:`KeySet`
-    otherwise. Raises :class:`ConfigError` when a set variable yields no usable key or
-    holds an entry that cannot be read.
+    otherwise. Raises :class:`ConfigError` when a set source yields no usable key or holds
+    an entry that cannot be read (an unreadable key file included).
     """
     sources = configured_sources(environ)
     if not sources:
         return None
-    entries: list[_Entry] = []
+    entries = environment_entries(environ)
+    if RAY_LLM_API_KEYS_FILE in environ:
+        from rayllm_auth.keyfile import read_key_file
+
+        entries.extend(read_key_file(key_file_path(environ)).entries)
+    return KeySet(entries, sources)
+
+
+def environment_entries(environ: Mapping[str, str] = os.environ) -> list[Entry]:
+    """Entries of the key variables themselves (not the key file). Raises ConfigError."""
+    entries: list[Entry] = []
     if VLLM_API_KEY in environ:
         entries.append(_parse_vllm_api_key(environ[VLLM_API_KEY]))
     if RAY_LLM_API_KEYS in environ:
         entries.extend(_parse_key_list(environ[RAY_LLM_API_KEYS], RAY_LLM_API_KEYS))
-    return KeySet(entries, sources)
+    return entries
 
 
-def _parse_vllm_api_key(value: str) -> _Entry:
+def key_file_path(environ: Mapping[str, str] = os.environ) -> str:
+    """The key file's path. Raises ConfigError if the variable is set but empty."""
+    path = environ.get(RAY_LLM_API_KEYS_FILE, "").strip()
+    if not path:
+        raise ConfigError(f"{RAY_LLM_API_KEYS_FILE} is set but empty: give the key file's path")
+    return path
+
+
+def _parse_vllm_api_key(value: str) -> Entry:
     key = value.strip()
     if not key:
         raise ConfigError(
             f"{VLLM_API_KEY} is set but empty: set it to a key, or unset it and use "
             f"{RAY_LLM_API_KEYS}"
         )
-    return _plain_entry(key, None, VLLM_API_KEY, reserved=frozenset())
+    return _plain_entry(key, None, VLLM_API_KEY, frozenset(), None)
 
 
-def _parse_key_list(value: str, variable: str) -> list[_Entry]:
+def _parse_key_list(value: str, variable: str) -> list[Entry]:
     entries = []
     for number, raw in enumerate(value.split(","), start=1):
         text = raw.strip()
         if text:
-            entries.append(_parse_entry(text, f"entry {number} of {variable}"))
+            entries.append(parse_entry(text, f"entry {number} of {variable}"))
     if not entries:
         raise ConfigError(
             f"{variable} is set but holds no key: give one or more comma-separated keys, "
@@ -170,16 +218,17 @@ def _parse_key_list(value: str, variable: str) -> list[_Entry]:
     return entries
 
 
-def _parse_entry(text: str, where: str) -> _Entry:
+def parse_entry(text: str, where: str, models: Optional[frozenset[str]] = None) -> Entry:
+    """One ``[ID:]KEY`` or ``[ID:]sha256:HEX`` entry. Raises ConfigError naming ``where``."""
     parts = text.split(":")
     if len(parts) == 1:
-        return _plain_entry(text, None, where, reserved=_RESERVED_IN_LIST)
+        return _plain_entry(text, None, where, _RESERVED_IN_LIST, models)
     if len(parts) == 2 and parts[0] == _HASHED_PREFIX:
-        return _hashed_entry(parts[1], None, where)
+        return _hashed_entry(parts[1], None, where, models)
     if len(parts) == 2:
-        return _plain_entry(parts[1], _key_id(parts[0], where), where, _RESERVED_IN_LIST)
+        return _plain_entry(parts[1], _key_id(parts[0], where), where, _RESERVED_IN_LIST, models)
     if len(parts) == 3 and parts[1] == _HASHED_PREFIX:
-        return _hashed_entry(parts[2], _key_id(parts[0], where), where)
+        return _hashed_entry(parts[2], _key_id(parts[0], where), where, models)
     raise ConfigError(
         f"{where} cannot be read: expected KEY, ID:KEY, sha256:HEX or ID:sha256:HEX "
         f"(a plain key may not contain ':' or ',')"
@@ -196,8 +245,12 @@ def _key_id(text: str, where: str) -> str:
 
 
 def _plain_entry(
-    key: str, key_id: Optional[str], where: str, reserved: frozenset[int]
-) -> _Entry:
+    key: str,
+    key_id: Optional[str],
+    where: str,
+    reserved: frozenset[int],
+    models: Optional[frozenset[str]],
+) -> Entry:
     raw = key.encode("utf-8")
     if not is_sendable_key(raw) or not reserved.isdisjoint(raw):
         forbidden = "".join(f" or {chr(b)!r}" for b in sorted(reserved))
@@ -214,14 +267,16 @@ def _plain_entry(
             SHORT_KEY_WARNING_LENGTH,
         )
     digest = hashlib.sha256(raw).digest()
-    return _Entry(key_id or key_id_for_digest(digest), digest)
+    return Entry(digest, Grant(key_id or key_id_for_digest(digest), models))
 
 
-def _hashed_entry(hex_digest: str, key_id: Optional[str], where: str) -> _Entry:
+def _hashed_entry(
+    hex_digest: str, key_id: Optional[str], where: str, models: Optional[frozenset[str]]
+) -> Entry:
     if not _HEX_DIGEST.fullmatch(hex_digest):
         raise ConfigError(
             f"{where} is not a usable hashed key: write sha256: followed by the 64 "
             f"lowercase hex digits of the key's SHA-256 digest"
         )
     digest = bytes.fromhex(hex_digest)
-    return _Entry(key_id or key_id_for_digest(digest), digest)
+    return Entry(digest, Grant(key_id or key_id_for_digest(digest), models))

@@ -21,9 +21,12 @@ from typing import Any, Mapping, Optional
 
 from starlette._utils import get_route_path  # the router's own path logic, see _is_exempt
 
+from rayllm_auth import metrics
+from rayllm_auth.audit import DenialLog
 from rayllm_auth.credentials import Denial, take_key
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.keys import KEY_SOURCES, KeySet, load_key_set
+from rayllm_auth.keystore import KeyStore
+from rayllm_auth.model_scope import ModelScope
 from rayllm_auth.rejections import build_rejectors
 
 __all__ = ["ApiKeyMiddleware", "EXEMPT_PATHS_VAR", "load_exempt_paths"]
@@ -49,37 +52,34 @@ def load_exempt_paths(environ: Mapping[str, str] = os.environ) -> frozenset[str]
     return paths
 
 
-def require_key_set(environ: Mapping[str, str] = os.environ) -> KeySet:
-    """The keys of this process. Raises ConfigError if none are configured: an app that
-    carries this middleware was meant to be protected, so it never serves without keys."""
-    keys = load_key_set(environ)
-    if keys is None:
-        raise ConfigError(
-            "this Serve LLM app requires API keys (rayllm-auth is installed in it) but "
-            f"none of {', '.join(KEY_SOURCES)} is set in this replica's environment"
-        )
-    return keys
-
-
 class ApiKeyMiddleware:
     """Pure ASGI middleware: the wrapped app only ever sees requests with a valid key.
 
     ``cors`` is a copy of the app's own ``CORSMiddleware`` options (not secret), so
     rejections answer browsers like the app would. Raises ConfigError when built in a
-    process whose key configuration is missing or unusable.
+    process whose key configuration is missing or unusable (and counts it as
+    ``config_error``).
     """
 
     def __init__(self, app, cors: Optional[Mapping[str, Any]] = None):
         self.app = app
-        self._keys = require_key_set()
-        self._exempt = load_exempt_paths()
+        try:
+            self._store = KeyStore()
+            self._exempt = load_exempt_paths()
+        except ConfigError:
+            metrics.record_request("config_error")
+            metrics.flush()  # the replica is about to fail: no request will flush it
+            raise
         self._rejectors = build_rejectors(cors)
-        ids = self._keys.key_ids
+        self._model_scope = ModelScope(cors)
+        self._denials = DenialLog()
+        keys = self._store.current()
+        ids = keys.key_ids
         logger.info(
             "rayllm-auth: API key required on every route; %d key(s) from %s, ids %s%s; "
             "exempt paths: %s",
-            len(self._keys),
-            ", ".join(self._keys.sources),
+            len(keys),
+            ", ".join(keys.sources),
             ", ".join(ids[:10]),
             f" and {len(ids) - 10} more" if len(ids) > 10 else "",
             ", ".join(sorted(self._exempt)) or "none",
@@ -91,22 +91,36 @@ class ApiKeyMiddleware:
             if kind == "lifespan":
                 return await self.app(scope, receive, send)
             raise ValueError(f"rayllm-auth: refusing unknown ASGI scope type {kind!r}")
+        keys = self._store.current()
         key, other_headers = take_key(scope["headers"])
         if key.__class__ is bytes:
-            key_id = self._keys.lookup(key)
-            if key_id is not None:
+            grant = keys.lookup(key)
+            if grant is not None:
                 # The key stops here: Ray copies every request header into the RawRequestInfo
                 # it pickles to the LLMServer replica, and engines see them too.
                 scope["headers"] = other_headers
                 state = scope.get("state")
                 if state is None:
                     scope["state"] = state = {}
-                state["user_id"] = key_id
-                return await self.app(scope, receive, send)
+                state["user_id"] = grant.key_id
+                if grant.models is None:
+                    metrics.record_request("ok", grant.key_id)
+                    return await self.app(scope, receive, send)
+                return await self._call_scoped(grant, keys, scope, receive, send)
             key = Denial.INVALID
         if self._exempt and self._is_exempt(scope):
+            metrics.record_request("exempt")
             return await self.app(scope, receive, send)
+        metrics.record_request(key.value)
+        self._denials.refused(key.value, scope, keys)
         await self._rejectors[kind][key](scope, receive, send)
+
+    async def _call_scoped(self, grant, keys, scope, receive, send):
+        if await self._model_scope(self.app, grant, scope, receive, send):
+            metrics.record_request("ok", grant.key_id)
+        else:
+            metrics.record_request("model_denied", grant.key_id)
+            self._denials.refused("model_denied", scope, keys, grant.key_id)
 
     def _is_exempt(self, scope) -> bool:
         # Starlette's router matches routes against get_route_path(scope); using the same

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import wrapt
 
 from rayllm_auth.keys import KEY_SOURCES, load_key_set
-from rayllm_auth.middleware import require_key_set
+from rayllm_auth.keystore import KeyStore
 from rayllm_auth.protect import is_protected, protect_app
 
 __all__ = [
@@ -36,11 +36,20 @@ class LayoutMismatch(AttributeError):
     """A patch target is not where the patch module expects it (Ray changed its code)."""
 
 
-def require(owner: Any, *names: str) -> None:
-    """Raise LayoutMismatch naming every attribute of ``owner`` that is missing."""
-    missing = [n for n in names if not hasattr(owner, n)]
+def require(owner: Any, *paths: str) -> None:
+    """Raise LayoutMismatch naming every attribute path (``a`` or ``A.b``) of ``owner``
+    that is missing."""
+    missing = [p for p in paths if missing_attribute(owner, p)]
     if missing:
         raise LayoutMismatch(f"{getattr(owner, '__name__', owner)} has no {', '.join(missing)}")
+
+
+def missing_attribute(owner: Any, path: str) -> bool:
+    for name in path.split("."):
+        if not hasattr(owner, name):
+            return True
+        owner = getattr(owner, name)
+    return False
 
 
 def wrap_once(owner: Any, name: str, wrapper) -> None:
@@ -91,7 +100,7 @@ def replica_app_guard(client_facing: Iterable[tuple[str, str]]):
         if load_key_set() is not None:
             app = protect_app(app)
         elif is_protected(app):
-            require_key_set()  # raises, naming the variables to set
+            KeyStore()  # raises, naming the variables to set
         else:
             logger.warning(
                 "rayllm-auth: API key auth is OFF for %s: none of %s is set in this replica",

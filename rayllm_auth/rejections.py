@@ -11,7 +11,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from rayllm_auth.credentials import Denial
 
-__all__ = ["build_rejectors", "WEBSOCKET_POLICY_VIOLATION"]
+__all__ = ["build_rejectors", "error_response", "with_cors", "reject_websocket",
+           "WEBSOCKET_POLICY_VIOLATION"]
 
 #: RFC 6455 close code for "policy violation"; sent before the handshake is accepted.
 WEBSOCKET_POLICY_VIOLATION = 1008
@@ -34,36 +35,46 @@ _CHALLENGES = {
 ASGIApp = Callable[..., Any]
 
 
-def _http_rejector(denial: Denial) -> ASGIApp:
+def error_response(status: int, message: str, code: str, param=None, headers=()) -> ASGIApp:
+    """An ASGI app answering every request with one OpenAI-shaped JSON error."""
     body = json.dumps(
-        {
-            "error": {
-                "message": _MESSAGES[denial],
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "invalid_api_key",
-            }
-        }
+        {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                   "code": code}}
     ).encode()
     start = {
         "type": "http.response.start",
-        "status": 401,
+        "status": status,
         "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", _CHALLENGES[denial]),
+            *headers,
         ],
     }
     end = {"type": "http.response.body", "body": body}
 
-    async def reject(scope, receive, send):
+    async def respond(scope, receive, send):
         await send(start)
         await send(end)
 
-    return reject
+    return respond
 
 
-async def _reject_websocket(scope, receive, send):
+def with_cors(app: ASGIApp, cors: Optional[Mapping[str, Any]]) -> ASGIApp:
+    """``app`` behind the app's own CORS policy (``cors``: its CORSMiddleware options), so a
+    browser can read the error like any other response; ``app`` itself without a policy."""
+    if cors is None:
+        return app
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(app, **cors)
+
+
+def _http_rejector(denial: Denial) -> ASGIApp:
+    return error_response(401, _MESSAGES[denial], "invalid_api_key",
+                          headers=[(b"www-authenticate", _CHALLENGES[denial])])
+
+
+async def reject_websocket(scope, receive, send):
     await send({"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION, "reason": ""})
 
 
@@ -75,9 +86,5 @@ def build_rejectors(cors: Optional[Mapping[str, Any]]) -> dict[str, dict[Denial,
     that policy without a key, and a 401 carries the same CORS headers as any other response,
     so a browser client can read it.
     """
-    http = {denial: _http_rejector(denial) for denial in Denial}
-    if cors is not None:
-        from starlette.middleware.cors import CORSMiddleware
-
-        http = {denial: CORSMiddleware(app, **cors) for denial, app in http.items()}
-    return {"http": http, "websocket": {denial: _reject_websocket for denial in Denial}}
+    http = {denial: with_cors(_http_rejector(denial), cors) for denial in Denial}
+    return {"http": http, "websocket": {denial: reject_websocket for denial in Denial}}

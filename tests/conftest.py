@@ -44,6 +44,16 @@ def app(key_env, reached):
     return build_ray_app(reached)
 
 
+@pytest.fixture
+def fresh_metrics():
+    """Counts recorded by this test only: rayllm_auth.metrics' pending counts start empty."""
+    from rayllm_auth import metrics
+
+    metrics.flush()
+    yield
+    metrics.flush()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Say how many hostile inputs the property tests generated in this run."""
     hostile = next((m for name, m in list(sys.modules.items())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PTH = REPO / "rayllm_auth.pth"
-_CLEARED = ("RAY_LLM_API_KEYS", "VLLM_API_KEY", "RAY_RAYLET_PID", "RAY_LLM_AUTH_DISABLE_AUTOPATCH",
-            "RAY_LLM_AUTH_EXEMPT_PATHS")
+_CLEARED = ("RAY_LLM_API_KEYS", "VLLM_API_KEY", "RAY_LLM_API_KEYS_FILE", "RAY_RAYLET_PID",
+            "RAY_LLM_AUTH_DISABLE_AUTOPATCH", "RAY_LLM_AUTH_EXEMPT_PATHS")
 
 
 def run_python(code: str, env: dict | None = None, timeout: float = 240):

@@ -54,7 +54,7 @@ def test_set_but_empty_vllm_key_is_an_error_naming_the_variable(value):
 
 def test_base64_keys_with_padding_need_no_quoting():
     key = "c2VjcmV0LWtleS13aXRoLXBhZGRpbmc="
-    assert keys_from(RAY_LLM_API_KEYS=f"{key},team:{key}x==").lookup(key.encode())
+    assert keys_from(RAY_LLM_API_KEYS=f"{key},team:{key}x==").lookup(key.encode()).key_id
 
 
 def test_hashed_and_named_entries():
@@ -62,16 +62,16 @@ def test_hashed_and_named_entries():
     ha = hashlib.sha256(a.encode()).hexdigest()
     hb = hashlib.sha256(b.encode()).hexdigest()
     keys = keys_from(RAY_LLM_API_KEYS=f"sha256:{ha}, ops.team-1:sha256:{hb}")
-    assert keys.lookup(a.encode()) == key_id_for_digest(bytes.fromhex(ha))
-    assert keys.lookup(b.encode()) == "ops.team-1"
+    assert keys.lookup(a.encode()).key_id == key_id_for_digest(bytes.fromhex(ha))
+    assert keys.lookup(b.encode()).key_id == "ops.team-1"
     assert keys.lookup(ha.encode()) is None  # the digest itself is not a key
 
 
 def test_unnamed_key_id_is_the_same_plain_or_hashed_and_reveals_nothing():
     key = new_key()
     digest = hashlib.sha256(key.encode()).hexdigest()
-    plain_id = keys_from(RAY_LLM_API_KEYS=key).lookup(key.encode())
-    hashed_id = keys_from(RAY_LLM_API_KEYS=f"sha256:{digest}").lookup(key.encode())
+    plain_id = keys_from(RAY_LLM_API_KEYS=key).lookup(key.encode()).key_id
+    hashed_id = keys_from(RAY_LLM_API_KEYS=f"sha256:{digest}").lookup(key.encode()).key_id
     assert plain_id == hashed_id
     assert plain_id.startswith("key-") and key not in plain_id and digest[:12] not in plain_id
 
@@ -107,7 +107,7 @@ def test_same_key_with_two_ids_is_an_error():
 def test_same_id_for_two_keys_is_allowed_for_rotation():
     old, new = new_key(), new_key()
     keys = keys_from(RAY_LLM_API_KEYS=f"team:{old},team:{new}")
-    assert keys.lookup(old.encode()) == keys.lookup(new.encode()) == "team"
+    assert keys.lookup(old.encode()).key_id == keys.lookup(new.encode()).key_id == "team"
 
 
 def test_short_key_warns_without_showing_it(caplog):
@@ -129,6 +129,6 @@ def test_key_set_holds_only_digests_and_refuses_pickling():
     keys = keys_from(RAY_LLM_API_KEYS=key)
     assert isinstance(keys, KeySet)
     assert key.encode() not in repr(keys).encode()
-    assert all(len(d) == 32 for d in keys._ids_by_digest)
+    assert all(len(d) == 32 for d in keys._grants)
     with pytest.raises(TypeError, match="must not be pickled"):
         pickle.dumps(keys)

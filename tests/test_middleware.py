@@ -257,7 +257,7 @@ def test_lifespan_passes_through(app):
 
 def test_no_keys_in_the_replica_refuses_to_build(no_key_env, monkeypatch, reached):
     monkeypatch.delenv("RAY_LLM_API_KEYS", raising=False)
-    with pytest.raises(ConfigError, match="none of RAY_LLM_API_KEYS, VLLM_API_KEY is set"):
+    with pytest.raises(ConfigError, match="none of RAY_LLM_API_KEYS, VLLM_API_KEY, RAY_LLM_API_KEYS_FILE is set"):
         ApiKeyMiddleware(build_ray_app(reached, protect=False))
 
 

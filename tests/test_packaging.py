@@ -106,6 +106,11 @@ def test_regular_install_into_a_fresh_venv_activates_from_the_pth(dist, tmp_path
     assert "site-packages/rayllm_auth/patches/__init__.py" in keyed
     assert "top-level patches None" in keyed
     assert "loaded []" in probe(python, tmp_path)  # no key source: nothing at all
+    # The key file variable alone is a key source too.
+    assert "first finder _ServeLlmTrigger" in probe(python, tmp_path, RAY_LLM_API_KEYS_FILE="/k")
+    hashed = subprocess.run([str(python.parent / "rayllm-auth"), "hash", "-"], input="sk-x" * 8,
+                            capture_output=True, text=True, check=True).stdout
+    assert hashed.startswith("sha256:") and len(hashed.strip()) == 7 + 64  # the console script
 
 
 def test_editable_install_reads_the_source_tree(tmp_path):

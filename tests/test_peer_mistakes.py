@@ -27,8 +27,8 @@ async def test_01_non_constant_time_comparison(key_env, monkeypatch):
     real_sha256 = hashlib.sha256
     monkeypatch.setattr(hashlib, "sha256", lambda data=b"": hashed.append(data) or real_sha256(data))
     presented = key_env["team-a"].encode()
-    assert keys.lookup(presented) == "team-a" and hashed == [presented]
-    assert all(isinstance(d, bytes) and len(d) == 32 for d in keys._ids_by_digest)
+    assert keys.lookup(presented).key_id == "team-a" and hashed == [presented]
+    assert all(isinstance(d, bytes) and len(d) == 32 for d in keys._grants)
 
 
 async def test_02_guarding_by_path_prefix_leaves_routes_open(app, reached):

@@ -62,7 +62,7 @@ def test_bad_key_variable_refuses_to_start(monkeypatch, ray_classes):
 
 
 def test_protected_app_without_keys_here_refuses_to_start(no_key_env, ray_classes):
-    with pytest.raises(ConfigError, match="none of RAY_LLM_API_KEYS, VLLM_API_KEY is set"):
+    with pytest.raises(ConfigError, match="none of RAY_LLM_API_KEYS, VLLM_API_KEY, RAY_LLM_API_KEYS_FILE is set"):
         guard(instance_of(ray_classes[0][0]), protect_app(FastAPI()))
 
 

@@ -161,3 +161,16 @@ class LocalCluster:
 
     def log_files(self):
         return [p for p in (self.session_dir / "logs").rglob("*") if p.is_file()]
+
+    def places_holding(self, secrets: list[str]) -> list[str]:
+        """Where any of ``secrets`` appears: Ray's log files, Serve's status and config
+        API, the metrics endpoint. For leak audits: the answer should be []."""
+        raw = [s.encode() for s in secrets]
+        places = [str(p) for p in self.log_files() if any(s in p.read_bytes() for s in raw)]
+        outputs = {
+            "serve status API": json.dumps(self.applications()),
+            "serve config": self._run("serve", "config", "-a", DASHBOARD).stdout,
+            "metrics endpoint": self.metrics(),
+        }
+        places += [name for name, text in outputs.items() if any(s in text for s in secrets)]
+        return places

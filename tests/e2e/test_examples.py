@@ -1,14 +1,22 @@
-"""examples/rayservice.yaml and examples/serve_config.yaml, deployed as written.
+"""examples/rayservice.yaml and examples/serve_config.yaml deployed as written, and key
+management exercised on them: key file rotation under load, Kubernetes Secret updates,
+a corrupted file, per-key models, metrics, and a plaintext-key audit of Ray's logs.
 
 The RayService's serveConfigV2 is extracted and deployed with `serve deploy` (the REST path
-KubeRay's operator uses); its Secret becomes the cluster's environment, as envFrom makes it
-the pods' environment, with this run's own keys in the Secret's hashed format. Changed,
-because this machine forces it: the pip entry becomes the locally built wheel (no package
-index), the GPU request a quarter CPU, and Ray's RAYLLM_VLLM_ENGINE_CLS selects the stand-in
-engine; each app gets its own name and route so both fit in one Serve config.
+KubeRay's operator uses). Its Secret's `keys` file, with this run's keys in place of the
+placeholder digests, is laid out the way the kubelet mounts a Secret (SecretMount), and
+RAY_LLM_API_KEYS_FILE points at it as the pods' env does. Changed, because this machine
+forces it: the pip entry becomes the locally built wheel (no package index), the GPU request
+a quarter CPU, Ray's RAYLLM_VLLM_ENGINE_CLS selects the stand-in engine, each app gets its
+own name and route so both fit in one Serve config, and the reload interval is 1 s instead of
+5 s. One more key source, a hashed RAY_LLM_API_KEYS entry in the environment, checks that
+sources combine.
 """
 
+import asyncio
 import hashlib
+import re
+import time
 from pathlib import Path
 
 import httpx
@@ -17,12 +25,16 @@ import pytest
 import yaml
 
 from rayllm_auth.testing.local_cluster import SERVE_URL, LocalCluster
+from rayllm_auth.testing.secret_mount import SecretMount
 from tests.conftest import new_key
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-KEYS = {"team-a": new_key(), "team-b": new_key()}
+KEYS = {"team-a": new_key(), "team-b": new_key(), "team-c": new_key(), "ops": new_key()}
+PLACEHOLDERS = {"team-a": "0" * 64, "team-b": "1" * 64}
+QWEN, LLAMA = "qwen2.5-7b-instruct", "llama-3.1-8b-instruct"
+RELOAD_S = 1.0
 
 
 def rayservice_parts():
@@ -44,20 +56,45 @@ def runnable_here(app: dict, wheel: Path, name: str, route_prefix: str) -> dict:
     return app
 
 
-def secret_entries() -> str:
-    """RAY_LLM_API_KEYS in the example Secret's format, with this run's keys."""
-    return ",".join(f"{kid}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
-                    for kid, key in KEYS.items())
+def digest(key_id: str) -> str:
+    return hashlib.sha256(KEYS[key_id].encode()).hexdigest()
+
+
+def example_key_file() -> str:
+    """The Secret's `keys` file with this run's keys in place of its placeholder digests."""
+    text = rayservice_parts()[0]["stringData"]["keys"]
+    for key_id, placeholder in PLACEHOLDERS.items():
+        assert text.count(placeholder) == 1
+        text = text.replace(placeholder, digest(key_id))
+    return text
+
+
+def pod_env(mount: SecretMount) -> dict:
+    """The head container's env from the example, with the mount path made local."""
+    _, rayservice, _ = rayservice_parts()
+    (container,) = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    (mount_spec,) = container["volumeMounts"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env["RAY_LLM_API_KEYS_FILE"] = env["RAY_LLM_API_KEYS_FILE"].replace(
+        mount_spec["mountPath"], str(mount.root))
+    return env
 
 
 @pytest.fixture(scope="module")
-def cluster(wheel):
-    secret, rayservice, _ = rayservice_parts()
-    assert set(secret["stringData"]) == {"RAY_LLM_API_KEYS"}
-    assert secret["stringData"]["RAY_LLM_API_KEYS"].count(":sha256:") == 2
+def mount(tmp_path_factory):
+    mount = SecretMount(tmp_path_factory.mktemp("secret-volume"))
+    mount.update({"keys": example_key_file()})
+    return mount
+
+
+@pytest.fixture(scope="module")
+def cluster(wheel, mount):
+    _, rayservice, _ = rayservice_parts()
     (service_app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
     (plain_app,) = yaml.safe_load((EXAMPLES / "serve_config.yaml").read_text())["applications"]
-    cluster = LocalCluster({"RAY_LLM_API_KEYS": secret_entries()}).start()
+    env = {**pod_env(mount), "RAY_LLM_AUTH_RELOAD_INTERVAL_S": str(RELOAD_S),
+           "RAY_LLM_API_KEYS": f"ops:sha256:{digest('ops')}"}
+    cluster = LocalCluster(env).start()
     try:
         cluster.deploy([runnable_here(service_app, wheel, "rayservice", "/"),
                         runnable_here(plain_app, wheel, "serve-config", "/plain")])
@@ -67,12 +104,30 @@ def cluster(wheel):
         cluster.stop()
 
 
-def test_rayservice_example_gives_every_pod_the_secret_and_uses_tls():
+def sdk(key: str, prefix: str = "") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{SERVE_URL}{prefix}/v1", api_key=key, max_retries=0)
+
+
+def chat(client, model, **extra):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2, **extra)
+
+
+# -- the examples as written --------------------------------------------------------------
+
+
+def test_rayservice_example_mounts_the_key_file_in_every_pod_and_uses_tls():
     secret, rayservice, ingress = rayservice_parts()
     spec = rayservice["spec"]["rayClusterConfig"]
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
-        for container in group["template"]["spec"]["containers"]:
-            assert {"secretRef": {"name": secret["metadata"]["name"]}} in container["envFrom"]
+        pod = group["template"]["spec"]
+        (volume,) = pod["volumes"]
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+        for container in pod["containers"]:
+            (mounted,) = container["volumeMounts"]
+            assert mounted["name"] == volume["name"] and "subPath" not in mounted  # updates flow
+            env = {e["name"]: e["value"] for e in container["env"]}
+            assert env["RAY_LLM_API_KEYS_FILE"] == f"{mounted['mountPath']}/keys"
     app = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]
     assert app["import_path"] == "ray.serve.llm:build_openai_app"
     assert "env_vars" not in app["runtime_env"]  # keys never go there
@@ -82,13 +137,169 @@ def test_rayservice_example_gives_every_pod_the_secret_and_uses_tls():
 @pytest.mark.parametrize("prefix", ["", "/plain"], ids=["rayservice", "serve-config"])
 def test_examples_refuse_without_a_key_and_serve_with_one(cluster, prefix):
     assert httpx.get(f"{SERVE_URL}{prefix}/v1/models", timeout=60).status_code == 401
-    for key_id, key in KEYS.items():
-        sdk = openai.OpenAI(base_url=f"{SERVE_URL}{prefix}/v1", api_key=key, max_retries=0)
-        model = sdk.models.list().data[0].id
-        reply = sdk.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        assert reply.choices[0].message.content, key_id
-    wrong = openai.OpenAI(base_url=f"{SERVE_URL}{prefix}/v1", api_key=KEYS["team-a"][::-1],
-                          max_retries=0)
+    for key_id in ("team-a", "ops"):  # the file's hashed entry, and the environment's
+        client = sdk(KEYS[key_id], prefix)
+        model = client.models.list().data[0].id
+        assert chat(client, model).choices[0].message.content, key_id
     with pytest.raises(openai.AuthenticationError):
-        wrong.models.list()
+        sdk(KEYS["team-a"][::-1], prefix).models.list()
+
+
+# -- per-key models -----------------------------------------------------------------------
+
+
+def test_limited_key_uses_its_model_streaming_and_not(cluster):
+    client = sdk(KEYS["team-b"])
+    assert chat(client, QWEN).choices[0].message.content
+    chunks = list(chat(client, QWEN, stream=True))
+    assert len(chunks) >= 2 and chunks[0].model == QWEN
+
+
+@pytest.mark.parametrize("model", [LLAMA, "no-such-model", f"{LLAMA}:sql-adapter"])
+def test_limited_key_gets_model_not_found_for_any_other_model(cluster, model):
+    before = len(cluster.engine_calls())
+    with pytest.raises(openai.NotFoundError) as caught:
+        chat(sdk(KEYS["team-b"]), model)
+    assert caught.value.code == "model_not_found"
+    assert caught.value.body == {  # the same answer whether the model exists or not
+        "message": "The model does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    assert len(cluster.engine_calls()) == before
+
+
+def test_lora_id_of_an_allowed_base_passes_the_key_check(cluster):
+    # Ray then looks for the adapter (none is configured here): whatever it answers, it is
+    # not rayllm-auth's model_not_found, so the key check let the base model's LoRA id through.
+    reply = httpx.post(f"{SERVE_URL}/v1/chat/completions", timeout=60,
+                       headers={"authorization": f"Bearer {KEYS['team-b']}"},
+                       json={"model": f"{QWEN}:sql-adapter", "max_tokens": 2,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code != 401 and "model_not_found" not in reply.text
+
+
+def test_models_list_and_model_route_show_only_the_keys_models(cluster):
+    assert [m.id for m in sdk(KEYS["team-b"]).models.list().data] == [QWEN]
+    assert sorted(m.id for m in sdk(KEYS["team-a"]).models.list().data) == sorted([QWEN, LLAMA])
+    assert sdk(KEYS["team-b"]).models.retrieve(QWEN).id == QWEN
+    with pytest.raises(openai.NotFoundError):
+        sdk(KEYS["team-b"]).models.retrieve(LLAMA)
+    assert [m.id for m in sdk(KEYS["team-b"], "/plain").models.list().data] == [QWEN]
+
+
+# -- rotation -----------------------------------------------------------------------------
+
+
+async def steady_load(key: str, stop: asyncio.Event, workers: int = 4) -> dict:
+    """Requests with ``key`` back to back until ``stop``; returns {status or error: count}."""
+    outcomes: dict = {}
+    body = {"model": QWEN, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+
+    async def worker(client):
+        while not stop.is_set():
+            try:
+                reply = await client.post("/v1/chat/completions", json=body,
+                                          headers={"authorization": f"Bearer {key}"})
+                outcome = reply.status_code
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
+        await asyncio.gather(*(worker(client) for _ in range(workers)))
+    return outcomes
+
+
+async def first_status(key: str, wanted: int, timeout: float = 60) -> float:
+    """Seconds until a request with ``key`` first gets ``wanted``."""
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
+        while time.monotonic() - started < timeout:
+            reply = await client.get("/v1/models", headers={"x-api-key": key})
+            if reply.status_code == wanted:
+                return time.monotonic() - started
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no {wanted} within {timeout} s")
+
+
+def rotated_key_file() -> str:
+    """team-b removed, team-c added (hashed, limited to qwen), team-a kept."""
+    lines = [line for line in example_key_file().splitlines() if not line.startswith("team-b:")]
+    return "\n".join([*lines, f"team-c:sha256:{digest('team-c')} models={QWEN}", ""])
+
+
+def test_secret_update_under_load_keeps_valid_keys_and_revokes_removed_ones(cluster, mount):
+    async def scenario():
+        stop = asyncio.Event()
+        load = asyncio.create_task(steady_load(KEYS["team-a"], stop))
+        await asyncio.sleep(2)
+        mount.update({"keys": rotated_key_file()})  # what the kubelet does on a Secret edit
+        revoked_after = await first_status(KEYS["team-b"], 401)
+        added_after = await first_status(KEYS["team-c"], 200)
+        await asyncio.sleep(2)
+        stop.set()
+        return await load, revoked_after, added_after
+
+    outcomes, revoked_after, added_after = asyncio.run(scenario())
+    assert set(outcomes) == {200} and outcomes[200] > 20, outcomes  # no valid request failed
+    assert revoked_after <= RELOAD_S + 2 and added_after <= RELOAD_S + 2
+    print(f"\nrotation: {outcomes[200]} requests with the kept key, all 200; removed key "
+          f"refused {revoked_after:.1f} s after the swap (reload interval {RELOAD_S} s)")
+
+
+def test_corrupted_key_file_keeps_the_last_good_set(cluster, mount):
+    mount.update({"keys": f"team-a:{KEYS['team-a']} models=\n"})  # invalid: empty models=
+    time.sleep(RELOAD_S * 3)
+    for key_id in ("team-a", "team-c"):  # the last good set still serves
+        assert sdk(KEYS[key_id]).models.list().data, key_id
+    errors = [line for p in cluster.log_files() if p.suffix in (".err", ".out", ".log")
+              for line in p.read_text(errors="replace").splitlines()
+              if "key file reload failed" in line]
+    assert errors and all("empty models= list" in line for line in errors)
+    mount.update({"keys": rotated_key_file()})
+
+
+# -- metrics and audit --------------------------------------------------------------------
+
+
+def auth_counts(metrics_text: str, name: str) -> dict:
+    """{frozenset(labels): value} for the rayllm-auth counter ``name`` in Prometheus text."""
+    counts = {}
+    for match in re.finditer(rf"^ray_{name}(?:_total)?{{([^}}]*)}} (\S+)$", metrics_text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match[1]))
+        key = frozenset((k, v) for k, v in labels.items() if k in ("outcome", "key_id"))
+        counts[key] = counts.get(key, 0) + float(match[2])
+    return counts
+
+
+def test_counters_are_exported_through_rays_metrics_endpoint(cluster):
+    """After the rotation tests: reloads ok and failed; traffic of each kind made here."""
+    sdk(KEYS["team-a"]).models.list()
+    sdk(KEYS["ops"]).models.list()
+    with pytest.raises(openai.NotFoundError):
+        chat(sdk(KEYS["team-c"]), LLAMA)
+    assert httpx.get(f"{SERVE_URL}/v1/models", timeout=60).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        sdk(KEYS["team-b"]).models.list()  # removed by the rotation
+    wanted = {
+        "rayllm_auth_requests": [{("outcome", "ok"), ("key_id", "team-a")},
+                                 {("outcome", "ok"), ("key_id", "ops")},
+                                 {("outcome", "model_denied"), ("key_id", "team-c")},
+                                 {("outcome", "missing"), ("key_id", "")},
+                                 {("outcome", "invalid"), ("key_id", "")}],
+        "rayllm_auth_key_reloads": [{("outcome", "ok")}, {("outcome", "failed")}],
+    }
+    deadline = time.monotonic() + 90
+    while True:
+        text = cluster.metrics()
+        missing = [(name, labels) for name, label_sets in wanted.items()
+                   for labels in label_sets
+                   if auth_counts(text, name).get(frozenset(labels), 0) < 1]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"not exported: {missing}"
+        time.sleep(3)
+
+
+def test_zz_no_plaintext_key_in_ray_logs_status_config_or_metrics(cluster):
+    """Last: after rotation, denials and errors, search everything Ray wrote or serves."""
+    assert cluster.places_holding(list(KEYS.values())) == []

@@ -299,12 +299,7 @@ def test_key_id_reaches_ray_http_metrics_as_user_id(cluster, keys):
 
 def test_zz_no_key_appears_in_ray_logs_status_or_metrics(cluster, keys):
     """Last in the module: after all the traffic above, search everything Ray wrote."""
-    secrets = [k.encode() for k in keys.values()]
-    leaks = [str(p) for p in cluster.log_files() if any(s in p.read_bytes() for s in secrets)]
-    assert leaks == []
-    exposed = json.dumps(cluster.applications()) + cluster.metrics()
-    exposed += cluster._run("serve", "config", "-a", "http://127.0.0.1:8265").stdout
-    assert not any(s.decode() in exposed for s in secrets)
+    assert cluster.places_holding(list(keys.values())) == []
 
 
 def test_e2e_benchmark_harness_runs_against_this_cluster(cluster, keys):

@@ -1,0 +1,241 @@
+"""``rayllm-auth``: make keys, hash keys, and check whether auth would be enforced here.
+
+    rayllm-auth keygen [--id NAME] [--models M1,M2]   a new random key and its config entries
+    rayllm-auth hash [--id NAME] [KEY]                 the hashed entry of KEY (or of stdin)
+    rayllm-auth doctor                                 what this environment would do
+
+``doctor`` exits 1 when keys are configured but would not be enforced in this process
+(unsupported Ray, a patch target missing, an unusable key source, auto-activation off), 0
+otherwise. Run it where the replicas run, i.e. in the application's runtime_env (see README).
+Nothing here prints key material except ``keygen``, which prints the key it just made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rayllm_auth import __version__
+from rayllm_auth._bootstrap import KILL_SWITCH, autopatch_disabled
+from rayllm_auth.errors import ConfigError
+from rayllm_auth.keys import (
+    RAY_LLM_API_KEYS,
+    RAY_LLM_API_KEYS_FILE,
+    SHORT_KEY_WARNING_LENGTH,
+    VLLM_API_KEY,
+    KeySet,
+    environment_entries,
+    is_sendable_key,
+    key_file_path,
+    parse_entry,
+)
+
+__all__ = ["main"]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rayllm-auth",
+        description="API keys for Ray Serve LLM: make and hash keys, check an environment.",
+    )
+    parser.add_argument("--version", action="version", version=f"rayllm-auth {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    keygen = commands.add_parser(
+        "keygen", help="print a new random key and the config entries for it",
+        description="Print a new random key (32 random bytes, URL-safe) with its entries for "
+                    f"{RAY_LLM_API_KEYS} and the key file, plain and hashed. Give the key to "
+                    "the client; configure the hashed entry.")
+    keygen.add_argument("--id", help="non-secret key id for logs and metrics (default: derived)")
+    keygen.add_argument("--models", help="comma-separated models the key may use (key file only)")
+    keygen.set_defaults(command=_keygen)
+
+    hash_ = commands.add_parser(
+        "hash", help="print the hashed config entry of a key",
+        description="Print sha256:<hex> for KEY, the form that puts no usable secret in a "
+                    "config. Without KEY (or with -) the key is read from standard input, "
+                    "which keeps it out of shell history.")
+    hash_.add_argument("key", nargs="?", default="-", help="the key, or - for standard input")
+    hash_.add_argument("--id", help="prefix the entry with this key id")
+    hash_.set_defaults(command=_hash)
+
+    doctor = commands.add_parser(
+        "doctor", help="report whether auth would be enforced in this process",
+        description="Report the Ray version and whether rayllm-auth supports it, which patch "
+                    "targets are present, which key sources are configured (counts and ids "
+                    "only) and whether auth would be enforced here. Exits 1 when keys are "
+                    "configured but would not be enforced.")
+    doctor.set_defaults(command=_doctor)
+    return parser
+
+
+# -- keygen / hash ----------------------------------------------------------------------
+
+
+def _keygen(args) -> int:
+    key = "sk-" + secrets.token_urlsafe(32)
+    prefix = _id_prefix(args.id)
+    models = _models_field(args.models)
+    hashed = f"{prefix}sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+    print(f"key (give to the client; shown once):  {key}")
+    print(f"hashed entry (recommended):            {hashed}")
+    print(f"plain entry:                           {prefix}{key}")
+    print(f"key file line:                         {hashed}{models}")
+    return 0
+
+
+def _hash(args) -> int:
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    if not is_sendable_key(key.encode()):
+        _fail("not a usable key: keys are printable ASCII without spaces (at most 512 bytes)")
+    if len(key) < SHORT_KEY_WARNING_LENGTH:
+        print(f"warning: keys shorter than {SHORT_KEY_WARNING_LENGTH} characters can be "
+              "guessed from their hash; use rayllm-auth keygen", file=sys.stderr)
+    print(f"{_id_prefix(args.id)}sha256:{hashlib.sha256(key.encode()).hexdigest()}")
+    return 0
+
+
+def _id_prefix(key_id: Optional[str]) -> str:
+    if key_id is None:
+        return ""
+    try:
+        parse_entry(f"{key_id}:sha256:{'0' * 64}", "--id")
+    except ConfigError as exc:
+        _fail(str(exc))
+    return f"{key_id}:"
+
+
+def _models_field(models: Optional[str]) -> str:
+    if models is None:
+        return ""
+    names = [m for m in models.split(",") if m.strip()]
+    if not names or any(m != m.strip() or " " in m for m in names):
+        _fail("--models: give comma-separated model ids without spaces")
+    return "   models=" + ",".join(names)
+
+
+def _fail(message: str) -> None:
+    print(f"rayllm-auth: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# -- doctor -----------------------------------------------------------------------------
+
+
+class _Report:
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def line(self, label: str, text: str) -> None:
+        print(f"  {label:<23}{text}")
+
+    def problem(self, label: str, text: str) -> None:
+        self.problems.append(text)
+        self.line(label, "PROBLEM: " + text)
+
+
+def _doctor(args) -> int:
+    report = _Report()
+    print(f"rayllm-auth {__version__} doctor (python {sys.executable})")
+    keys_configured = _report_key_sources(report)
+    _report_activation(report)
+    _report_ray(report)
+    if not keys_configured:
+        report.line("verdict", "auth OFF: no key source is set in this process (stock Ray "
+                               "Serve LLM); replicas enforce keys only where a key source is set")
+        return 0
+    if report.problems:
+        report.line("verdict", "NOT ENFORCED: keys are configured but " + "; ".join(report.problems))
+        return 1
+    report.line("verdict", "auth ENFORCED: every Serve LLM app served from this environment "
+                           "needs a valid key")
+    return 0
+
+
+def _report_key_sources(report: _Report) -> bool:
+    configured = False
+    combined = []
+    for name in (RAY_LLM_API_KEYS, VLLM_API_KEY, RAY_LLM_API_KEYS_FILE):
+        if name not in os.environ:
+            report.line(name, "not set")
+            continue
+        configured = True
+        try:
+            if name == RAY_LLM_API_KEYS_FILE:
+                from rayllm_auth.keyfile import read_key_file
+
+                path = key_file_path()
+                entries = read_key_file(path).entries
+                where = f"{path}: "
+            else:
+                entries = environment_entries({name: os.environ[name]})
+                where = ""
+        except ConfigError as exc:
+            report.problem(name, str(exc))
+            continue
+        combined.extend(entries)
+        limited = sum(e.grant.models is not None for e in entries)
+        ids = sorted({e.grant.key_id for e in entries})
+        report.line(name, f"{where}{len(entries)} key(s), {limited} limited to some models; "
+                          f"ids {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+    if combined:
+        try:
+            KeySet(combined, ())
+        except ConfigError as exc:
+            report.problem("key sources", str(exc))
+    return configured
+
+
+def _report_activation(report: _Report) -> None:
+    pth = Path(__file__).resolve().parent.parent / "rayllm_auth.pth"
+    if autopatch_disabled():
+        report.problem("auto-activation", f"off ({KILL_SWITCH} is set); use "
+                                          "import_path: rayllm_auth:build_openai_app instead")
+    elif not pth.exists():
+        report.problem("auto-activation", f"rayllm_auth.pth is not installed next to the package "
+                                          f"({pth.parent}); install rayllm-auth with pip")
+    else:
+        report.line("auto-activation", f"on ({pth})")
+
+
+def _report_ray(report: _Report) -> None:
+    from rayllm_auth.support import SUPPORTED_RAY, layout_for
+
+    try:
+        import ray
+    except ImportError as exc:
+        report.problem("ray", f"Ray cannot be imported here ({exc})")
+        return
+    version = getattr(ray, "__version__", "unknown")
+    layout = layout_for(version)
+    if layout is None:
+        report.problem("ray", f"Ray {version} is not supported (supported: ray {SUPPORTED_RAY})")
+        return
+    report.line("ray", f"{version}, supported ({layout.ray}: {layout.patch_module}; "
+                       f"verified {layout.verified})")
+    patches = importlib.import_module(layout.patch_module)
+    from rayllm_auth.patching import missing_attribute
+
+    for module_name, paths in patches.TARGETS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            report.problem("patch targets", f"{module_name} cannot be imported ({exc})")
+            continue
+        missing = [p for p in paths if missing_attribute(module, p)]
+        if missing:
+            report.problem("patch targets", f"{module_name} has no {', '.join(missing)} "
+                                            f"(Ray {version} changed its layout)")
+        else:
+            report.line("patch targets", f"{module_name}: {', '.join(paths)}: present")

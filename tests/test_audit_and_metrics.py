@@ -1,0 +1,81 @@
+"""What the middleware counts and logs about each decision: outcome counters per key id, and
+rate-limited warning lines for refusals that never carry key material. The counters' export
+through a live Ray cluster's metrics endpoint is in tests/e2e/test_key_management.py."""
+
+import asyncio
+import logging
+
+import pytest
+
+from rayllm_auth import audit, metrics
+from tests.conftest import new_key
+from tests.ray_app import bearer, call
+
+
+pytestmark = pytest.mark.usefixtures("fresh_metrics")
+
+
+def outcomes():
+    return {tags: n for (name, tags), n in metrics.pending().items()
+            if name == "rayllm_auth_requests"}
+
+
+async def test_each_decision_is_counted_by_outcome_and_key_id(app, key_env, monkeypatch):
+    await call(app, headers=bearer(key_env["team-a"]))
+    await call(app, headers=bearer(key_env["team-a"]))
+    await call(app)
+    await call(app, headers=bearer(new_key()))
+    await call(app, headers=[("authorization", "Basic abc")])
+    await call(app, headers=bearer(key_env["team-a"]) + [("x-api-key", key_env["vllm"])])
+    assert outcomes() == {("ok", "team-a"): 2, ("missing", ""): 1, ("invalid", ""): 1,
+                          ("malformed", ""): 1, ("conflicting", ""): 1}
+
+
+async def test_counts_reach_ray_within_a_second_of_traffic(app, key_env, monkeypatch):
+    handed = []
+
+    class FakeCounter:  # stands in for ray.util.metrics.Counter: what would Ray have received?
+        def inc(self, value, tags):
+            handed.append((value, tags))
+
+    monkeypatch.setattr(metrics, "_counters", {"rayllm_auth_requests": FakeCounter()})
+    monkeypatch.setattr(metrics, "FLUSH_INTERVAL_S", 0.05)
+    for _ in range(3):
+        await call(app, headers=bearer(key_env["team-a"]))
+    await asyncio.sleep(0.2)
+    assert handed == [(3, {"outcome": "ok", "key_id": "team-a"})] and outcomes() == {}
+
+
+def test_ray_metrics_api_is_what_gets_called():
+    metrics.record_request("ok", "unit-test")
+    metrics.flush()
+    from ray.util.metrics import Counter
+
+    assert isinstance(metrics._counters["rayllm_auth_requests"], Counter)
+
+
+async def test_refusals_are_logged_rate_limited_without_key_material(app, key_env, caplog, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(audit.time, "monotonic", lambda: clock[0])
+    from tests.ray_app import build_ray_app
+
+    app = build_ray_app([])  # a fresh middleware, built with the patched clock
+    presented = new_key()
+    with caplog.at_level(logging.WARNING, logger="rayllm_auth"):
+        for _ in range(50):
+            await call(app, "GET", "/v1/models", bearer(presented))
+        clock[0] += audit.WINDOW_S
+        await call(app, "GET", f"/v1/x/{key_env['team-a']}/y")  # a client put a key in the URL
+    lines = [r.getMessage() for r in caplog.records if "rayllm-auth: refused" in r.getMessage()]
+    assert len(lines) == audit.LINES_PER_WINDOW + 1
+    assert lines[0] == "rayllm-auth: refused invalid: GET /v1/models key_id=- client=127.0.0.1"
+    assert lines[-1] == "rayllm-auth: refused missing: GET /v1/x/<key>/y key_id=- client=127.0.0.1"
+    assert f"{50 - audit.LINES_PER_WINDOW} more refused request(s) were not logged" in caplog.text
+    assert presented not in caplog.text and key_env["team-a"] not in caplog.text
+
+
+async def test_log_lines_cannot_be_forged_through_the_path(app, caplog):
+    with caplog.at_level(logging.WARNING, logger="rayllm_auth"):
+        await call(app, "GET", "/v1/models\nrayllm-auth: refused nothing" + "x" * 500)
+    (line,) = [r.getMessage() for r in caplog.records if "refused missing" in r.getMessage()]
+    assert "\n" not in line and "\\n" in line and len(line) < 300

@@ -1,0 +1,215 @@
+"""The key file: its format, and reloading it while serving (edits, Kubernetes symlink swaps,
+corruption, removal), with a controlled clock and real files."""
+
+import hashlib
+import logging
+import os
+
+import pytest
+
+from rayllm_auth import metrics
+from rayllm_auth.errors import ConfigError
+from rayllm_auth.keyfile import parse_key_file
+from rayllm_auth.keys import KEY_SOURCES, load_key_set
+from rayllm_auth.keystore import KeyStore
+from rayllm_auth.testing.secret_mount import SecretMount
+from tests.conftest import new_key
+
+pytestmark = pytest.mark.usefixtures("fresh_metrics")
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    for name in KEY_SOURCES:
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "keys"
+    environ = {"RAY_LLM_API_KEYS_FILE": str(path), "RAY_LLM_AUTH_RELOAD_INTERVAL_S": "2"}
+    return path, environ
+
+
+def write_atomically(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def reloads():
+    return {tags[0]: n for (name, tags), n in metrics.pending().items()
+            if name == "rayllm_auth_key_reloads"}
+
+
+# -- format -----------------------------------------------------------------------------
+
+
+def test_documented_format_reads_named_hashed_plain_and_models():
+    a, b, c = new_key(), new_key(), new_key()
+    text = f"""
+        # rayllm-auth key file
+        team-a:sha256:{sha(a)}   models=llama,qwen   # two models
+        ci-bot:{b}
+        sha256:{sha(c)}
+    """
+    entries = parse_key_file(text, "test")
+    grants = [e.grant for e in entries]
+    assert grants[0].key_id == "team-a" and grants[0].models == {"llama", "qwen"}
+    assert grants[1].key_id == "ci-bot" and grants[1].models is None
+    assert grants[2].key_id.startswith("key-") and grants[2].models is None
+
+
+@pytest.mark.parametrize("line", [
+    "team:{key} models=",  # empty list
+    "team:{key} models=a models=b",  # twice
+    "team:{key} model=a",  # unknown field
+    "team:{key} extra",  # stray text
+    "bad id!:{key}",
+])
+def test_bad_lines_name_the_line_never_the_text(line):
+    key = new_key()
+    with pytest.raises(ConfigError) as caught:
+        parse_key_file(f"# comment\n\n{line.format(key=key)}\n", "the file")
+    assert "line 3 of the file" in str(caught.value)
+    assert key not in str(caught.value) and key[8:20] not in str(caught.value)
+
+
+def test_a_file_without_keys_is_an_error(env):
+    path, environ = env
+    path.write_text("# nothing yet\n\n")
+    with pytest.raises(ConfigError, match="holds no key"):
+        load_key_set(environ)
+
+
+def test_a_missing_file_refuses_start_naming_the_variable(env):
+    _, environ = env
+    with pytest.raises(ConfigError, match="RAY_LLM_API_KEYS_FILE .* cannot be read"):
+        KeyStore(environ)
+
+
+def test_file_and_variables_combine(env):
+    path, environ = env
+    in_file, in_env = new_key(), new_key()
+    path.write_text(f"file:{in_file}\n")
+    keys = KeyStore({**environ, "RAY_LLM_API_KEYS": f"env:{in_env}"}).current()
+    assert keys.lookup(in_file.encode()).key_id == "file"
+    assert keys.lookup(in_env.encode()).key_id == "env"
+    assert keys.sources == ("RAY_LLM_API_KEYS", "RAY_LLM_API_KEYS_FILE")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "7200"])
+def test_bad_reload_interval_is_an_error(env, value):
+    path, environ = env
+    path.write_text(f"{new_key()}\n")
+    with pytest.raises(ConfigError, match="RAY_LLM_AUTH_RELOAD_INTERVAL_S"):
+        KeyStore({**environ, "RAY_LLM_AUTH_RELOAD_INTERVAL_S": value})
+
+
+# -- reloading --------------------------------------------------------------------------
+
+
+def test_edit_is_picked_up_after_the_interval_and_revokes_dropped_keys(env):
+    path, environ = env
+    kept, dropped, added = new_key(), new_key(), new_key()
+    path.write_text(f"kept:{kept}\ndropped:{dropped}\n")
+    clock = Clock()
+    store = KeyStore(environ, clock)
+    write_atomically(path, f"kept:{kept}\nadded:sha256:{sha(added)}\n")
+    clock.now += 1.9  # within the interval: the old set still serves
+    assert store.current().lookup(dropped.encode()) and not store.current().lookup(added.encode())
+    clock.now += 0.2
+    keys = store.current()
+    assert keys.lookup(dropped.encode()) is None  # revoked
+    assert keys.lookup(kept.encode()).key_id == "kept" and keys.lookup(added.encode()).key_id == "added"
+    assert reloads() == {"ok": 1}
+
+
+def test_unchanged_file_is_not_read_again(env, monkeypatch):
+    path, environ = env
+    path.write_text(f"{new_key()}\n")
+    clock = Clock()
+    store = KeyStore(environ, clock)
+    reads = []
+    monkeypatch.setattr("rayllm_auth.keystore.read_key_file", lambda p: reads.append(p))
+    for _ in range(5):
+        clock.now += 3
+        store.current()
+    assert reads == [] and reloads() == {}
+
+
+def test_kubernetes_symlink_swap_is_picked_up(env, tmp_path):
+    old, new = new_key(), new_key()
+    mount = SecretMount(tmp_path / "secret")
+    mount.update({"keys": f"old:{old}\n"})
+    environ = {"RAY_LLM_API_KEYS_FILE": str(mount.path("keys")),
+               "RAY_LLM_AUTH_RELOAD_INTERVAL_S": "1"}
+    clock = Clock()
+    store = KeyStore(environ, clock)
+    assert store.current().lookup(old.encode())
+
+    mount.update({"keys": f"new:{new}\n"})  # a new ..data target; the old one is deleted
+    clock.now += 1
+    keys = store.current()
+    assert keys.lookup(new.encode()).key_id == "new" and keys.lookup(old.encode()) is None
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "removed", "not-utf8"])
+def test_broken_file_keeps_the_last_good_set_and_says_so_once(env, caplog, damage):
+    path, environ = env
+    key = new_key()
+    path.write_text(f"team:{key}\n")
+    clock = Clock()
+    store = KeyStore(environ, clock)
+    if damage == "removed":
+        path.unlink()
+    else:
+        content = {"garbage": b"team:" + key.encode() + b" models=\n", "empty": b"",
+                   "not-utf8": b"\xff\xfe\n"}[damage]
+        tmp = path.with_name("tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    with caplog.at_level(logging.ERROR, logger="rayllm_auth"):
+        for _ in range(4):
+            clock.now += 2
+            assert store.current().lookup(key.encode()).key_id == "team"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "last good key set (1 key(s))" in errors[0].getMessage()
+    assert key not in caplog.text
+    assert reloads() == {"failed": 1}
+
+    fixed = new_key()
+    write_atomically(path, f"fixed:{fixed}\n")  # a good file again: taken, and the next
+    clock.now += 2                              # breakage is reported again
+    assert store.current().lookup(fixed.encode()).key_id == "fixed"
+    assert reloads() == {"failed": 1, "ok": 1}
+
+
+def test_reload_that_conflicts_with_the_environment_is_refused(env):
+    path, environ = env
+    shared = new_key()
+    environ = {**environ, "RAY_LLM_API_KEYS": f"env:{shared}"}
+    path.write_text(f"other:{new_key()}\n")
+    clock = Clock()
+    store = KeyStore(environ, clock)
+    write_atomically(path, f"file:{shared}\n")  # same key, another id: ambiguous
+    clock.now += 2
+    assert store.current().lookup(shared.encode()).key_id == "env"
+    assert reloads() == {"failed": 1}
+
+
+def test_environment_only_never_touches_the_filesystem(monkeypatch):
+    calls = []
+    monkeypatch.setattr("rayllm_auth.keystore.file_signature", lambda p: calls.append(p))
+    store = KeyStore({"RAY_LLM_API_KEYS": new_key()})
+    for _ in range(3):
+        store.current()
+    assert calls == [] and not store.watches_file

@@ -1,0 +1,190 @@
+"""Keys limited to some models, on the real app Ray's ingress.init() builds (no cluster); the
+same rules on a live cluster are in tests/e2e/test_key_management.py."""
+
+import json
+
+import pytest
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from rayllm_auth import model_scope
+from rayllm_auth.keys import KEY_SOURCES
+from tests.conftest import new_key
+from tests.ray_app import bearer, build_ray_app, call
+
+LISTING = {"object": "list", "data": [
+    {"id": m, "object": "model"} for m in ("llama", "llama:sql-adapter", "qwen", "mistral")]}
+
+
+@pytest.fixture
+def keys(tmp_path, monkeypatch):
+    for name in KEY_SOURCES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("RAY_LLM_AUTH_EXEMPT_PATHS", raising=False)
+    keys = {"llama-only": new_key(), "two": new_key(), "all": new_key()}
+    path = tmp_path / "keys"
+    path.write_text(f"llama-only:{keys['llama-only']} models=llama\n"
+                    f"two:{keys['two']} models=qwen,mistral\n"
+                    f"all:{keys['all']}\n")
+    monkeypatch.setenv("RAY_LLM_API_KEYS_FILE", str(path))
+    return keys
+
+
+@pytest.fixture
+def scoped_app(keys, reached):
+    """Ray's ingress app with its real routes; the chat route also echoes the model it got
+    (proof the body reached it intact), /v1/models answers with LISTING."""
+    app = build_ray_app(reached, protect=False)
+    app.router.routes = [r for r in app.router.routes
+                         if getattr(r, "path", "") not in ("/v1/models", "/v1/chat/completions")]
+
+    @app.get("/v1/models")
+    async def models():
+        reached.append("models")
+        return JSONResponse(LISTING)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        reached.append("chat")
+        form_or_json = (await request.form() if "form" in request.headers.get("content-type", "")
+                        else await request.json())
+        return JSONResponse({"model": form_or_json["model"]})
+
+    from rayllm_auth.protect import protect_app
+
+    return protect_app(app)
+
+
+def chat_body(model, **extra):
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}], **extra}).encode()
+
+
+def assert_not_found(reply, reached):
+    assert reply.status == 404, reply
+    assert reply.json() == {"error": {
+        "message": "The model does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+    assert reached == []
+
+
+async def test_allowed_model_reaches_the_app_with_its_body_intact(scoped_app, keys, reached):
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", bearer(keys["llama-only"]),
+                       body=chat_body("llama", stream=True))
+    assert reply.status == 200 and reply.json() == {"model": "llama"} and reached == ["chat"]
+
+
+@pytest.mark.parametrize("model", ["qwen", "no-such-model", "", "LLAMA", "llama2", "qwen:sql-adapter"])
+async def test_other_and_unknown_models_get_the_same_404(scoped_app, keys, reached, model):
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", bearer(keys["llama-only"]),
+                       body=chat_body(model))
+    assert_not_found(reply, reached)
+
+
+async def test_lora_id_follows_its_base_model(scoped_app, keys, reached):
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", bearer(keys["llama-only"]),
+                       body=chat_body("llama:sql-adapter"))
+    assert reply.status == 200 and reply.json() == {"model": "llama:sql-adapter"}
+
+
+async def test_models_list_shows_only_the_keys_models(scoped_app, keys):
+    listed = {}
+    for name, key in keys.items():
+        reply = await call(scoped_app, "GET", "/v1/models", bearer(key))
+        assert reply.status == 200 and int(reply.headers["content-length"]) == len(reply.body)
+        listed[name] = [m["id"] for m in reply.json()["data"]]
+    assert listed == {"llama-only": ["llama", "llama:sql-adapter"], "two": ["qwen", "mistral"],
+                      "all": ["llama", "llama:sql-adapter", "qwen", "mistral"]}
+
+
+@pytest.mark.parametrize(("model", "allowed"), [("llama", True), ("llama:sql-adapter", True),
+                                                ("qwen", False), ("nope", False), ("", False)])
+async def test_model_data_route_checks_the_id(scoped_app, keys, reached, model, allowed):
+    reply = await call(scoped_app, "GET", f"/v1/models/{model}", bearer(keys["llama-only"]))
+    if allowed:
+        assert reply.status == 200 and reached == ["model_data"]
+    else:
+        assert_not_found(reply, reached)
+
+
+async def test_route_prefix_does_not_bypass_the_check(scoped_app, keys, reached):
+    reply = await call(scoped_app, "GET", "/llm/v1/models/qwen", bearer(keys["llama-only"]),
+                       root_path="/llm")
+    assert_not_found(reply, reached)
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/v1/completions", "/v1/embeddings", "/v1/score",
+                                  "/sleep", "/reset_prefix_cache"])
+async def test_every_body_route_is_checked(scoped_app, keys, reached, path):
+    reply = await call(scoped_app, "POST", path, bearer(keys["llama-only"]),
+                       body=json.dumps({"model": "qwen", "prompt": "x"}).encode())
+    assert_not_found(reply, reached)
+    allowed = await call(scoped_app, "POST", path, bearer(keys["llama-only"]),
+                         body=json.dumps({"model": "llama", "prompt": "x"}).encode())
+    assert allowed.status != 404 and reached != []
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[]", b'{"model": 7}', b'{"messages": []}',
+                                  b"\xff\xfe", b'{"model": null}'])
+async def test_a_body_without_a_readable_model_gets_400(scoped_app, keys, reached, body):
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", bearer(keys["llama-only"]),
+                       body=body)
+    assert reply.status == 400 and reply.json()["error"]["code"] == "model_required"
+    assert reached == []
+
+
+async def test_multipart_uploads_name_their_model(scoped_app, keys, reached):
+    boundary = "b0undary"
+
+    def upload(model):
+        return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+                f"Content-Type: audio/wav\r\n\r\n").encode() + b"\x00RIFF" * 50_000 + (
+                f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+                f"{model}\r\n--{boundary}--\r\n").encode()
+
+    headers = bearer(keys["two"]) + [("content-type", f"multipart/form-data; boundary={boundary}")]
+    denied = await call(scoped_app, "POST", "/v1/chat/completions", headers, body=upload("llama"))
+    assert_not_found(denied, reached)
+    allowed = await call(scoped_app, "POST", "/v1/chat/completions", headers, body=upload("qwen"))
+    assert allowed.status == 200 and allowed.json() == {"model": "qwen"}
+
+
+async def test_urlencoded_form_names_its_model(scoped_app, keys, reached):
+    headers = bearer(keys["two"]) + [("content-type", "application/x-www-form-urlencoded")]
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", headers, body=b"model=llama")
+    assert_not_found(reply, reached)
+
+
+async def test_oversized_body_is_refused_not_buffered_forever(scoped_app, keys, reached, monkeypatch):
+    monkeypatch.setattr(model_scope, "MAX_SCOPED_BODY_BYTES", 1000)
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", bearer(keys["llama-only"]),
+                       body=chat_body("llama", padding="x" * 2000))
+    assert reply.status == 413 and reached == []
+
+
+async def test_bodyless_routes_pass_and_unlimited_keys_are_untouched(scoped_app, keys, reached):
+    assert (await call(scoped_app, "GET", "/openapi.json", bearer(keys["llama-only"]))).status == 200
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", bearer(keys["all"]),
+                       body=chat_body("anything"))
+    assert reply.status == 200 and reply.json() == {"model": "anything"}
+
+
+async def test_limited_keys_cannot_open_websockets(scoped_app, keys, reached):
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    with pytest.raises(WebSocketDisconnect) as closed:
+        with TestClient(scoped_app).websocket_connect(
+                "/v1/realtime", headers={"authorization": f"Bearer {keys['two']}"}):
+            pass
+    assert closed.value.code == 1008 and reached == []
+
+
+async def test_denials_answer_browsers_with_the_apps_cors_headers(scoped_app, keys):
+    headers = bearer(keys["two"]) + [("origin", "https://app.example")]
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", headers, body=chat_body("llama"))
+    assert reply.status == 404 and reply.headers["access-control-allow-origin"]
+
+
+def test_plain_ray_app_untouched_by_this_fixture(reached):
+    # build_ray_app itself still serves Ray's route table (guards the fixture's route surgery)
+    assert any(getattr(r, "path", "") == "/v1/models" for r in build_ray_app(reached).router.routes)
