@@ -4,14 +4,19 @@ No network, no server: each variant is called as an ASGI app, in one event loop,
 fresh scope per request. Variants:
 
 * ``none``: the bare ASGI app (the baseline);
-* ``rayllm-auth``: :class:`rayllm_auth.middleware.ApiKeyMiddleware`;
+* ``rayllm-auth``: :class:`rayllm_auth.middleware.ApiKeyMiddleware`, keys from
+  ``RAY_LLM_API_KEYS``;
+* ``rayllm-auth-file``: the same keys from a key file (``RAY_LLM_API_KEYS_FILE``), which the
+  middleware watches for changes;
 * ``vllm``: vLLM's own ``AuthenticationMiddleware`` from the installed vLLM (on a /v1 path,
   the only paths it checks);
 * ``forum``: the approach from the forum thread, a ``BaseHTTPMiddleware`` whose dispatch
   compares the header with a set of accepted values.
 
 Cases: a valid, an invalid and a missing key, with 1, 16, 1,000 and 10,000 configured keys;
-and a valid key on a 256-chunk SSE response, to get the cost per streamed chunk.
+a valid key on a 256-chunk SSE response, to get the cost per streamed chunk; and a key
+limited to one model (``models=`` in the key file) on a 1 KB chat request, whose body the
+middleware reads to find the model, against an unlimited key on the same request.
 
 Method: rounds of ``--batch`` requests per variant, variants in a new random order every
 round (interleaved, so drift on a shared machine hits all alike). For each round the
@@ -29,8 +34,11 @@ import asyncio
 import os
 import random
 import secrets
+import json
+import logging
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,8 +67,25 @@ async def streaming_app(scope, receive, send):
     await send({"type": "http.response.body", "body": b""})
 
 
+def middleware_from_file(inner, lines: list[str]):
+    """An ApiKeyMiddleware whose keys come from a key file holding ``lines``."""
+    from rayllm_auth.middleware import ApiKeyMiddleware
+
+    path = Path(tempfile.mkdtemp(prefix="rayllm-auth-bench-")) / "keys"
+    path.write_text("\n".join(lines) + "\n")
+    saved = os.environ.pop("RAY_LLM_API_KEYS", None)
+    os.environ["RAY_LLM_API_KEYS_FILE"] = str(path)
+    try:
+        return ApiKeyMiddleware(inner)
+    finally:
+        del os.environ["RAY_LLM_API_KEYS_FILE"]
+        if saved is not None:
+            os.environ["RAY_LLM_API_KEYS"] = saved
+
+
 def make_variants(inner, keys: list[str]) -> dict:
     os.environ.pop("VLLM_API_KEY", None)
+    os.environ.pop("RAY_LLM_API_KEYS_FILE", None)
     os.environ["RAY_LLM_API_KEYS"] = ",".join(keys)
     from starlette.middleware.base import BaseHTTPMiddleware
     from starlette.responses import JSONResponse
@@ -78,6 +103,7 @@ def make_variants(inner, keys: list[str]) -> dict:
     return {
         "none": inner,
         "rayllm-auth": ApiKeyMiddleware(inner),
+        "rayllm-auth-file": middleware_from_file(inner, keys),
         "vllm": AuthenticationMiddleware(inner, tokens=keys),
         "forum": BaseHTTPMiddleware(inner, dispatch=forum_dispatch),
     }
@@ -98,10 +124,10 @@ def scope_for(case: str, keys: list[str]) -> dict:
 
 # -- timing ----------------------------------------------------------------------------------
 
-async def time_batch(app, scope: dict, batch: int) -> float:
+async def time_batch(app, scope: dict, batch: int, body: bytes = b"{}") -> float:
     """Seconds per request over ``batch`` requests."""
     async def receive():
-        return {"type": "http.request", "body": b"{}", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         pass
@@ -112,16 +138,18 @@ async def time_batch(app, scope: dict, batch: int) -> float:
     return (time.perf_counter() - start) / batch
 
 
-async def measure(variants: dict, scope: dict, rounds: int, batch: int) -> dict:
+async def measure(variants: dict, scope: dict, rounds: int, batch: int,
+                  body: bytes = b"{}") -> dict:
     """{variant: [seconds per request it adds over ``none`` in the same round, ...]}, plus
     ``none`` itself: the baseline's own seconds per request."""
     for app in variants.values():  # warm-up
-        await time_batch(app, scope, max(10, batch // 10))
+        await time_batch(app, scope, max(10, batch // 10), body)
     samples = {name: [] for name in variants}
     for _ in range(rounds):
         order = list(variants)
         random.shuffle(order)
-        per_request = {name: await time_batch(variants[name], scope, batch) for name in order}
+        per_request = {name: await time_batch(variants[name], scope, batch, body)
+                       for name in order}
         for name in variants:
             base = 0.0 if name == "none" else per_request["none"]
             samples[name].append(per_request[name] - base)
@@ -164,7 +192,25 @@ async def run(rounds: int, batch: int, key_counts, quick: bool) -> dict:
     print("  added per streamed chunk: " + ", ".join(
         f"{r['variant']} {r['median'] * 1000:+.1f} ns" for r in results["per_chunk_us"]),
         flush=True)
+    results["limited_key_us"] = await limited_key_cost(rounds, batch)
     return results
+
+
+async def limited_key_cost(rounds: int, batch: int) -> list[dict]:
+    """A key limited to one model against an unlimited key, same key file, same 1 KB chat
+    request: what reading the body for its model adds."""
+    unlimited, limited = ("sk-" + secrets.token_urlsafe(32) for _ in range(2))
+    app = middleware_from_file(bare_app, [f"all:{unlimited}", f"one:{limited} models=llama"])
+    body = json.dumps({"model": "llama", "max_tokens": 64, "stream": True, "messages": [
+        {"role": "user", "content": "x" * 900}]}).encode()
+    rows = []
+    for name, key in (("unlimited key", unlimited), ("key limited to its model", limited)):
+        added = await measure({"none": bare_app, name: app}, scope_for("valid", [key]),
+                              rounds, batch, body)
+        rows.append({"variant": name, "body_bytes": len(body), **summary(added[name])})
+    print("  1 KB chat request: " + ", ".join(
+        f"{r['variant']} +{r['median']:.2f} us" for r in rows), flush=True)
+    return rows
 
 
 def main() -> int:
@@ -177,6 +223,9 @@ def main() -> int:
         args.rounds, args.batch = 3, 50
     key_counts = (1, 1_000) if args.quick else KEY_COUNTS
     print(f"middleware micro-benchmark: {args.rounds} rounds x {args.batch} requests")
+    # Refusals are logged (rate-limited); measure that work, but do not print the lines.
+    logging.getLogger("rayllm_auth").addHandler(logging.NullHandler())
+    logging.getLogger("rayllm_auth").propagate = False
     results = asyncio.run(run(args.rounds, args.batch, key_counts, args.quick))
     if not args.quick:
         write_results("middleware", {"rounds": args.rounds, "batch": args.batch, **results})

@@ -67,6 +67,13 @@ def middleware_table(mw: dict) -> list[str]:
     lines += ["", "Added per streamed chunk (256-chunk SSE response, valid key), nanoseconds:",
               "", "| " + " | ".join(variants) + " |", "|" + "---|" * len(variants),
               "| " + " | ".join(f"{chunk[v]['median'] * 1000:.1f}" for v in variants) + " |"]
+    limited = mw.get("limited_key_us", [])
+    if limited:
+        lines += ["", f"Valid key on a {limited[0]['body_bytes']:,}-byte chat request, same key "
+                      "file, microseconds added over the bare app:", "",
+                  "| key | added |", "|---|---|"]
+        lines += [f"| {r['variant']} | {r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f}) |"
+                  for r in limited]
     return lines
 
 

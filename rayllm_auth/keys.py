@@ -86,7 +86,7 @@ def key_id_for_digest(digest: bytes) -> str:
     return "key-" + hashlib.sha256(b"rayllm-auth key id\x00" + digest).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Grant:
     """What an accepted key may do. Holds no key material.
 
@@ -104,7 +104,7 @@ class Grant:
         return bool(colon) and base in self.models
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One configured key: its digest and what it may do."""
 

@@ -8,9 +8,14 @@ arguments: the app, with this middleware in its stack, is pickled into the deplo
 
 On success the credential headers are removed from the request (the key goes no further than
 this middleware) and the key's non-secret id is stored as ``request.state.user_id``, which
-Ray Serve LLM's HTTP metrics use as their ``user_id`` tag. A valid request costs one scan of the
-headers, one SHA-256 and one dict lookup; responses are never touched, so streaming costs
-nothing per chunk.
+Ray Serve LLM's HTTP metrics use as their ``user_id`` tag. A key limited to some models goes
+through :class:`~rayllm_auth.model_scope.ModelScope`. Every decision is counted
+(:mod:`rayllm_auth.metrics`); refusals are logged, rate-limited (:mod:`rayllm_auth.audit`).
+Keys come from a :class:`~rayllm_auth.keystore.KeyStore`, which follows the key file.
+
+A valid request with an unlimited key costs one scan of the headers, one SHA-256, one dict
+lookup and one counter update; responses are never touched, so streaming costs nothing per
+chunk.
 """
 
 from __future__ import annotations
@@ -73,7 +78,9 @@ class ApiKeyMiddleware:
         self._rejectors = build_rejectors(cors)
         self._model_scope = ModelScope(cors)
         self._denials = DenialLog()
-        keys = self._store.current()
+        self._ok_counts = metrics.ok_counts()
+        self._reloading = self._store.watches_file
+        self._keys = keys = self._store.current()  # used as is when there is no key file
         ids = keys.key_ids
         logger.info(
             "rayllm-auth: API key required on every route; %d key(s) from %s, ids %s%s; "
@@ -91,7 +98,7 @@ class ApiKeyMiddleware:
             if kind == "lifespan":
                 return await self.app(scope, receive, send)
             raise ValueError(f"rayllm-auth: refusing unknown ASGI scope type {kind!r}")
-        keys = self._store.current()
+        keys = self._store.current() if self._reloading else self._keys
         key, other_headers = take_key(scope["headers"])
         if key.__class__ is bytes:
             grant = keys.lookup(key)
@@ -104,15 +111,19 @@ class ApiKeyMiddleware:
                     scope["state"] = state = {}
                 state["user_id"] = grant.key_id
                 if grant.models is None:
-                    metrics.record_request("ok", grant.key_id)
+                    try:  # counted without a function call: this is the per-request path
+                        self._ok_counts[grant.key_id] += 1
+                    except KeyError:
+                        metrics.record_ok(grant.key_id)
                     return await self.app(scope, receive, send)
                 return await self._call_scoped(grant, keys, scope, receive, send)
             key = Denial.INVALID
         if self._exempt and self._is_exempt(scope):
             metrics.record_request("exempt")
             return await self.app(scope, receive, send)
-        metrics.record_request(key.value)
-        self._denials.refused(key.value, scope, keys)
+        outcome = key.value
+        metrics.record_request(outcome)
+        self._denials.refused(outcome, scope, keys)
         await self._rejectors[kind][key](scope, receive, send)
 
     async def _call_scoped(self, grant, keys, scope, receive, send):

@@ -3,14 +3,20 @@ same rules on a live cluster are in tests/e2e/test_key_management.py."""
 
 import json
 
+import asyncio
+
 import pytest
 from fastapi import Request
+from hypothesis import given
+from hypothesis import strategies as st
 from fastapi.responses import JSONResponse
 
 from rayllm_auth import model_scope
+from rayllm_auth.keys import Grant
 from rayllm_auth.keys import KEY_SOURCES
 from tests.conftest import new_key
 from tests.ray_app import bearer, build_ray_app, call
+from tests.test_hostile_inputs import generated
 
 LISTING = {"object": "list", "data": [
     {"id": m, "object": "model"} for m in ("llama", "llama:sql-adapter", "qwen", "mistral")]}
@@ -188,3 +194,37 @@ async def test_denials_answer_browsers_with_the_apps_cors_headers(scoped_app, ke
 def test_plain_ray_app_untouched_by_this_fixture(reached):
     # build_ray_app itself still serves Ray's route table (guards the fixture's route surgery)
     assert any(getattr(r, "path", "") == "/v1/models" for r in build_ray_app(reached).router.routes)
+
+
+# -- hostile bodies ------------------------------------------------------------------------
+
+content_types = st.sampled_from([None, "application/json", "multipart/form-data; boundary=b",
+                                 "multipart/form-data", "application/x-www-form-urlencoded",
+                                 "text/plain", "application/json; charset=latin-1"])
+model_values = st.one_of(st.sampled_from(["llama", "qwen", "llama:x", "LLAMA", " llama", "llama\x00"]),
+                         st.text(max_size=20), st.integers(), st.none(), st.lists(st.text(max_size=5)))
+bodies = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda m, extra: json.dumps({"model": m, **extra}).encode(), model_values,
+              st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)),
+    st.builds(lambda m: f"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{m}\r\n--b--\r\n".encode(),
+              st.text(max_size=20)),
+    st.builds(lambda m: f"model={m}".encode(), st.text(max_size=20)),
+    st.sampled_from([b'{"model": "llama", "model": "qwen"}', b'{"model": "qwen", "model": "llama"}',
+                     b'{"model": "llama"}garbage', b'\xef\xbb\xbf{"model": "llama"}']),
+)
+
+
+@generated(400)
+@given(content_type=content_types, body=bodies, path=st.sampled_from(
+    ["/v1/chat/completions", "/v1/completions", "/tokenize", "/v1/models/qwen", "/sleep"]))
+def test_hostile_bodies_never_pass_a_limited_key_to_another_model(scoped_app, keys, reached,
+                                                                  content_type, body, path):
+    reached.clear()
+    headers = bearer(keys["llama-only"]) + ([("content-type", content_type)] if content_type else [])
+    reply = asyncio.run(call(scoped_app, "POST", path, headers, body=body))
+    assert reply.status < 500, reply
+    if reached == ["chat"]:  # it got through: the app must have read an allowed model
+        assert Grant("t", frozenset({"llama"})).allows(reply.json()["model"]), reply
+    elif not reached:
+        assert reply.status in (400, 404, 413), reply
