@@ -24,7 +24,13 @@ import wrapt
 
 from rayllm_auth import __version__
 from rayllm_auth._bootstrap import block_serve_llm
-from rayllm_auth.support import SUPPORTED_RAY, layout_for
+from rayllm_auth.support import (
+    ALLOW_UNTESTED_RAY,
+    SUPPORTED_RAY,
+    layout_for,
+    nearest_older_layout,
+    untested_ray_allowed,
+)
 
 __all__ = ["activate", "install"]
 
@@ -50,12 +56,21 @@ def activate(*, enforce: bool) -> None:
 
     version = getattr(ray, "__version__", "unknown")
     layout = layout_for(version)
+    if layout is None and enforce and untested_ray_allowed():
+        layout = nearest_older_layout(version)
+        if layout is not None:
+            logger.warning(
+                "rayllm-auth: Ray %s is not in the support table (ray %s); %s is set, so "
+                "trying the patches for ray %s. Every patch target is still checked: a missing "
+                "one disables Serve LLM here", version, SUPPORTED_RAY, ALLOW_UNTESTED_RAY,
+                layout.ray)
     if layout is None:
         if enforce:
             block_serve_llm(
                 f"API keys are configured but Ray {version} is not supported by "
                 f"rayllm-auth {__version__} (supported: ray {SUPPORTED_RAY}); Ray Serve LLM "
-                f"is disabled in this process rather than served without auth"
+                f"is disabled in this process rather than served without auth (to try it on "
+                f"an untested newer Ray anyway, set {ALLOW_UNTESTED_RAY}=1)"
             )
         logger.debug("rayllm-auth: Ray %s unsupported; auth stays off", version)
         return

@@ -210,7 +210,13 @@ def _report_activation(report: _Report) -> None:
 
 
 def _report_ray(report: _Report) -> None:
-    from rayllm_auth.support import SUPPORTED_RAY, layout_for
+    from rayllm_auth.support import (
+        ALLOW_UNTESTED_RAY,
+        SUPPORTED_RAY,
+        layout_for,
+        nearest_older_layout,
+        untested_ray_allowed,
+    )
 
     try:
         import ray
@@ -219,11 +225,16 @@ def _report_ray(report: _Report) -> None:
         return
     version = getattr(ray, "__version__", "unknown")
     layout = layout_for(version)
-    if layout is None:
+    if layout is not None:
+        report.line("ray", f"{version}, supported ({layout.ray}: {layout.patch_module}; "
+                           f"verified {layout.verified})")
+    elif untested_ray_allowed() and nearest_older_layout(version) is not None:
+        layout = nearest_older_layout(version)
+        report.line("ray", f"{version}, NOT in the support table (ray {SUPPORTED_RAY}); "
+                           f"{ALLOW_UNTESTED_RAY} is set: trying {layout.patch_module}")
+    else:
         report.problem("ray", f"Ray {version} is not supported (supported: ray {SUPPORTED_RAY})")
         return
-    report.line("ray", f"{version}, supported ({layout.ray}: {layout.patch_module}; "
-                       f"verified {layout.verified})")
     patches = importlib.import_module(layout.patch_module)
     from rayllm_auth.patching import missing_attribute
 

@@ -14,7 +14,12 @@ from typing import Optional
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-__all__ = ["Layout", "LAYOUTS", "SUPPORTED_RAY", "layout_for"]
+__all__ = ["Layout", "LAYOUTS", "SUPPORTED_RAY", "layout_for", "nearest_older_layout",
+           "ALLOW_UNTESTED_RAY", "untested_ray_allowed"]
+
+#: Set to 1/true/yes to try the nearest older layout on a Ray release the table does not list
+#: (off by default; the patches still check every target and fail closed if one is missing).
+ALLOW_UNTESTED_RAY = "RAY_LLM_AUTH_ALLOW_UNTESTED_RAY"
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,31 @@ LAYOUTS = (
 
 #: Human-readable union of every row, for messages and docs.
 SUPPORTED_RAY = " or ".join(layout.ray for layout in LAYOUTS)
+
+
+def untested_ray_allowed(environ=None) -> bool:
+    import os
+
+    environ = os.environ if environ is None else environ
+    return environ.get(ALLOW_UNTESTED_RAY, "").strip().lower() in ("1", "true", "yes")
+
+
+def nearest_older_layout(ray_version: str) -> Optional[Layout]:
+    """The row with the highest lower bound at or below ``ray_version`` (for the escape
+    hatch): a newer Ray most likely kept the layout of the release before it."""
+    try:
+        version = Version(ray_version)
+    except InvalidVersion:
+        return None
+    below = [(_lower_bound(layout), layout) for layout in LAYOUTS]
+    below = [(bound, layout) for bound, layout in below if bound is not None and bound <= version]
+    return max(below, key=lambda pair: pair[0])[1] if below else None
+
+
+def _lower_bound(layout: Layout) -> Optional[Version]:
+    bounds = [Version(spec.version) for spec in SpecifierSet(layout.ray)
+              if spec.operator in (">=", "==", "~=")]
+    return min(bounds) if bounds else None
 
 
 def layout_for(ray_version: str) -> Optional[Layout]:

@@ -207,3 +207,22 @@ def test_explicit_builder_refuses_direct_streaming_it_cannot_protect():
                                              "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"})
     assert result.returncode != 0
     assert "ConfigError: RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING builds the app inside" in result.stderr
+
+
+def test_escape_hatch_tries_the_nearest_layout_on_an_untested_newer_ray():
+    out = check(run_python("import ray; ray.__version__ = '2.61.0'\n" + INSPECT_PATCHES,
+                           env={**KEY, "RAY_LLM_AUTH_ALLOW_UNTESTED_RAY": "1"}))
+    assert wrapped_layers(out) == {"init": 1, "make_fastapi_ingress": 1, "set_asgi_app": 1}
+
+
+def test_escape_hatch_never_helps_an_older_ray_or_a_changed_layout():
+    older = check(run_python("import ray; ray.__version__ = '2.40.0'\n" + FAIL_CLOSED_PROBE,
+                             env={**KEY, "RAY_LLM_AUTH_ALLOW_UNTESTED_RAY": "1"}))
+    assert_failed_closed(older)
+    simulate = ("import ray, wrapt; ray.__version__ = '2.61.0'\n"
+                "wrapt.register_post_import_hook(lambda m: delattr(m, 'init'),"
+                " 'ray.llm._internal.serve.core.ingress.ingress')\n")
+    changed = check(run_python(simulate + FAIL_CLOSED_PROBE,
+                               env={**KEY, "RAY_LLM_AUTH_ALLOW_UNTESTED_RAY": "1"}))
+    assert_failed_closed(changed)
+    assert "ingress has no init" in changed
