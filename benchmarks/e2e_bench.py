@@ -74,8 +74,12 @@ def deploy(cluster: LocalCluster, wheel: Path, token_delay: float, max_batch: in
     cluster.wait_for({a["name"]: {"RUNNING"} for a in apps})
 
 
+#: The ingress deployment's class name: OpenAiIngress from Ray 2.51, LLMRouter before.
+INGRESS_CLASSES = (":OpenAiIngress", ":LLMRouter")
+
+
 def ingress_pids() -> dict[str, int]:
-    """{application name: pid of its OpenAiIngress replica}, from Ray's state API."""
+    """{application name: pid of its ingress replica}, from Ray's state API."""
     reply = httpx.get(f"{DASHBOARD}/api/v0/actors", timeout=30, params={
         "detail": "1", "limit": "10000", "filter_keys": "state", "filter_predicates": "=",
         "filter_values": "ALIVE"})
@@ -83,7 +87,7 @@ def ingress_pids() -> dict[str, int]:
     pids = {}
     for actor in reply.json()["data"]["result"]["result"]:
         name = actor.get("class_name", "")  # ServeReplica:<app>:OpenAiIngress
-        if name.endswith(":OpenAiIngress"):
+        if name.endswith(INGRESS_CLASSES):
             pids[name.split(":")[1]] = actor["pid"]
     return pids
 

@@ -22,12 +22,19 @@ def build_openai_app(builder_config: dict):
     """
     load_key_set()
     install()
-    from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
     from ray.serve.llm import build_openai_app as ray_build_openai_app
 
-    if RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING and autopatch_disabled():
+    if _direct_streaming_enabled() and autopatch_disabled():
         raise ConfigError(
             "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING builds the app inside each replica; "
             "unset RAY_LLM_AUTH_DISABLE_AUTOPATCH so rayllm-auth can protect it there"
         )
     return ray_build_openai_app(builder_config)
+
+
+def _direct_streaming_enabled() -> bool:
+    try:
+        from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
+    except ImportError:  # a Ray release without direct streaming
+        return False
+    return bool(RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING)

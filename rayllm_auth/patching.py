@@ -26,6 +26,7 @@ __all__ = [
     "wrap_once",
     "protect_returned_app",
     "protect_app_argument",
+    "protect_module_app",
     "replica_app_guard",
 ]
 
@@ -70,6 +71,14 @@ def protect_returned_app(wrapped, instance, args, kwargs):
     return protect_app(wrapped(*args, **kwargs))
 
 
+def protect_module_app(module, name: str) -> None:
+    """For an app created while its module is imported (Ray 2.44-2.49's
+    ``fastapi_router_app``): protect it in place, before anything freezes it. A key variable
+    set but unusable fails here, with its message."""
+    load_key_set()
+    protect_app(getattr(module, name))
+
+
 def protect_app_argument(wrapped, instance, args, kwargs):
     """For a function that freezes a caller's app (``make_fastapi_ingress(cls, app=...)``)."""
     app = kwargs.get("app")
@@ -79,8 +88,11 @@ def protect_app_argument(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def replica_app_guard(client_facing: Iterable[tuple[str, str]]):
-    """Wrapper for the method that hands a Serve replica its ASGI app (``self``, ``app``).
+def replica_app_guard(client_facing: Iterable[tuple[str, str]], argument: str = "app"):
+    """Wrapper for the method that hands a Serve replica its ASGI app (``self``, then the app
+    as the first argument, named ``argument``). The app may also be a plain function that
+    builds it (``ASGIAppReplicaWrapper.__init__(app_or_func)`` in Ray before 2.60): then the
+    app it builds is guarded.
 
     Only replicas whose deployment class derives from one of ``client_facing``
     (``(module, class name)``) are touched, so internal ingresses such as the direct-streaming
@@ -96,20 +108,30 @@ def replica_app_guard(client_facing: Iterable[tuple[str, str]]):
     def guard(wrapped, instance, args, kwargs):
         if instance is None or not _derives_from_any(instance, client_facing):
             return wrapped(*args, **kwargs)
-        app = args[0] if args else kwargs.pop("app")
-        if load_key_set() is not None:
-            app = protect_app(app)
-        elif is_protected(app):
-            KeyStore()  # raises, naming the variables to set
-        else:
-            logger.warning(
-                "rayllm-auth: API key auth is OFF for %s: none of %s is set in this replica",
-                type(instance).__name__,
-                ", ".join(KEY_SOURCES),
-            )
-        return wrapped(app, *args[1:], **kwargs)
+        app, rest = (args[0], args[1:]) if args else (kwargs.pop(argument), ())
+        if inspect.isfunction(app) and not inspect.iscoroutinefunction(app):  # a builder
+            build = app
+
+            def build_then_guard():  # still a plain function, as Ray checks
+                return _guard_app(build(), instance)
+
+            return wrapped(build_then_guard, *rest, **kwargs)
+        return wrapped(_guard_app(app, instance), *rest, **kwargs)
 
     return guard
+
+
+def _guard_app(app, instance):
+    if load_key_set() is not None:
+        return protect_app(app)
+    if is_protected(app):
+        KeyStore()  # raises, naming the variables to set
+    logger.warning(
+        "rayllm-auth: API key auth is OFF for %s: none of %s is set in this replica",
+        type(instance).__name__,
+        ", ".join(KEY_SOURCES),
+    )
+    return app
 
 
 def _derives_from_any(instance: Any, classes: tuple[tuple[str, str], ...]) -> bool:

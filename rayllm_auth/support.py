@@ -14,7 +14,8 @@ from typing import Optional
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-__all__ = ["Layout", "LAYOUTS", "SUPPORTED_RAY", "layout_for", "nearest_older_layout",
+__all__ = ["Layout", "LAYOUTS", "SUPPORTED_RAY", "supported_specifier", "layout_for",
+           "nearest_older_layout",
            "ALLOW_UNTESTED_RAY", "untested_ray_allowed"]
 
 #: Set to 1/true/yes to try the nearest older layout on a Ray release the table does not list
@@ -31,6 +32,16 @@ class Layout:
 
 LAYOUTS = (
     Layout(
+        ray=">=2.49,<2.50",
+        patch_module="rayllm_auth.patches.router_module_layout",
+        verified="Ray 2.49.2 with vLLM 0.10.0, tests/compat/run.py, 2026-11-26",
+    ),
+    Layout(
+        ray=">=2.54,<2.55",
+        patch_module="rayllm_auth.patches.core_ingress_init_layout",
+        verified="Ray 2.54.1 with vLLM 0.15.0, tests/compat/run.py, 2026-11-26",
+    ),
+    Layout(
         ray=">=2.60,<2.61",
         patch_module="rayllm_auth.patches.core_ingress_layout",
         verified="Ray 2.60.0 with vLLM 0.29.0, full suite, 2026-11-26",
@@ -39,6 +50,19 @@ LAYOUTS = (
 
 #: Human-readable union of every row, for messages and docs.
 SUPPORTED_RAY = " or ".join(layout.ray for layout in LAYOUTS)
+
+
+def supported_specifier() -> SpecifierSet:
+    """Every row as one PEP 440 specifier (the span of the rows, minus the minor releases
+    between them): what the package's ``ray`` extra publishes."""
+    minors = sorted({(v.major, v.minor) for layout in LAYOUTS
+                     for v in [Version(s.version) for s in SpecifierSet(layout.ray)
+                               if s.operator == ">="]})
+    low, high = minors[0], minors[-1]
+    parts = [f">={low[0]}.{low[1]}", f"<{high[0]}.{high[1] + 1}"]
+    parts += [f"!={low[0]}.{m}.*" for m in range(low[1] + 1, high[1])
+              if (low[0], m) not in minors]
+    return SpecifierSet(",".join(parts))
 
 
 def untested_ray_allowed(environ=None) -> bool:

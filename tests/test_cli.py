@@ -11,6 +11,7 @@ import pytest
 from rayllm_auth.cli import main
 from rayllm_auth.keyfile import parse_key_file
 from rayllm_auth.keys import load_key_set
+from rayllm_auth.support import SUPPORTED_RAY
 from tests.conftest import new_key
 from tests.fresh_python import REPO, run_python
 
@@ -96,7 +97,7 @@ def test_doctor_fails_loudly_on_unsupported_ray_and_bad_keys():
     result = run_python("import ray; ray.__version__ = '2.61.0'\n" + DOCTOR,
                         env={"RAY_LLM_API_KEYS": " , ", "VLLM_API_KEY": new_key()})
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "Ray 2.61.0 is not supported (supported: ray >=2.60,<2.61)" in result.stdout
+    assert f"Ray 2.61.0 is not supported (supported: ray {SUPPORTED_RAY})" in result.stdout
     assert "RAY_LLM_API_KEYS is set but holds no key" in result.stdout
     assert "NOT ENFORCED" in result.stdout
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
-from packaging.specifiers import SpecifierSet
 
 from rayllm_auth import __version__
-from rayllm_auth.support import SUPPORTED_RAY
+from rayllm_auth.support import supported_specifier
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,7 +67,7 @@ def test_metadata_requires_no_ray_and_publishes_the_supported_range(dist):
     assert sorted(r.name for r in requires if r.marker is None) == ["packaging", "wrapt"]
     (ray,) = [r for r in requires if r.name == "ray"]
     assert ray.marker.evaluate({"extra": "ray"}) and not ray.marker.evaluate({"extra": ""})
-    assert ray.specifier == SpecifierSet(SUPPORTED_RAY)
+    assert ray.specifier == supported_specifier()
 
 
 def make_venv(path: Path) -> Path:

@@ -1,6 +1,7 @@
 """The replica-side guard, called as Serve calls it: which replicas it protects, and how it
 refuses to start. Real Ray classes; no cluster, nothing patched globally."""
 
+import inspect
 import logging
 
 import pytest
@@ -87,3 +88,12 @@ def test_any_asgi_callable_is_wrapped(key_env, ray_classes):
 
     wrapped = guard(instance_of(ray_classes[0][2]), bare_app)
     assert isinstance(wrapped, ApiKeyMiddleware) and wrapped.app is bare_app
+
+
+def test_app_builder_function_gets_its_app_protected(key_env, ray_classes):
+    # Ray before 2.60 hands ASGIAppReplicaWrapper.__init__ an app *or a function building it*.
+    received = []
+    layout._guard_replica_app(lambda app_or_func: received.append(app_or_func),
+                              instance_of(ray_classes[0][0]), (lambda: FastAPI(),), {})
+    (builder,) = received
+    assert inspect.isfunction(builder) and is_protected(builder())

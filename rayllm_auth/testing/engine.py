@@ -31,12 +31,20 @@ import time
 import uuid
 from typing import Any, AsyncGenerator, Optional
 
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionResponse,
-    CompletionResponse,
-    ErrorResponse,
-)
-from ray.llm._internal.serve.core.engine.protocol import LLMEngine
+try:  # Ray 2.51 and later
+    from ray.llm._internal.serve.core.configs.openai_api_models import (
+        ChatCompletionResponse,
+        CompletionResponse,
+        ErrorResponse,
+    )
+    from ray.llm._internal.serve.core.engine.protocol import LLMEngine
+except ImportError:  # Ray 2.44 to 2.49: same protocol, other modules
+    from ray.llm._internal.serve.configs.openai_api_models import (
+        ChatCompletionResponse,
+        CompletionResponse,
+        ErrorResponse,
+    )
+    from ray.llm._internal.serve.deployments.llm.llm_engine import LLMEngine
 
 __all__ = ["StandInEngine", "CALLS_FILE_VAR", "WORDS"]
 
@@ -159,6 +167,7 @@ def _full_response(chat: bool, ident, created, model, text: str, n_tokens: int):
 
 
 def _error(message: str, code: int):
-    return ErrorResponse.model_validate(
-        {"error": {"message": message, "type": "BadRequestError", "code": code}}
-    )
+    fields = {"message": message, "type": "BadRequestError", "code": code}
+    if "error" in ErrorResponse.model_fields:  # vLLM >= 0.10.2 nests the fields
+        return ErrorResponse.model_validate({"error": fields})
+    return ErrorResponse.model_validate(fields)

@@ -42,14 +42,26 @@ def build_wheel(out_dir: Path) -> Path:
     return wheel
 
 
+def cpu_only(config: dict) -> dict:
+    """``config`` (an LLMConfig as a dict) made to run on a quarter CPU, no accelerator, with
+    the field the installed Ray uses for it (``resources_per_bundle`` before Ray 2.51)."""
+    from ray.serve.llm import LLMConfig
+
+    config.pop("accelerator_type", None)
+    if "placement_group_config" in LLMConfig.model_fields:
+        config["placement_group_config"] = {"bundles": [{"CPU": 0.25}]}
+    else:
+        config["resources_per_bundle"] = {"CPU": 0.25}
+    return config
+
+
 def llm_config(model_id: str = MODEL, **extra) -> dict:
     """A CPU-only LLMConfig: one LLMServer replica with a quarter CPU, no accelerator."""
-    return {
+    return cpu_only({
         "model_loading_config": {"model_id": model_id},
-        "placement_group_config": {"bundles": [{"CPU": 0.25}]},
         "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
         **extra,
-    }
+    })
 
 
 def application(name, route_prefix, *, import_path="ray.serve.llm:build_openai_app",

@@ -24,7 +24,7 @@ import openai
 import pytest
 import yaml
 
-from rayllm_auth.testing.local_cluster import SERVE_URL, LocalCluster
+from rayllm_auth.testing.local_cluster import SERVE_URL, LocalCluster, cpu_only
 from rayllm_auth.testing.secret_mount import SecretMount
 from tests.conftest import new_key
 
@@ -49,8 +49,7 @@ def runnable_here(app: dict, wheel: Path, name: str, route_prefix: str) -> dict:
     app["runtime_env"]["pip"] = [str(wheel)]
     app["name"], app["route_prefix"] = name, route_prefix
     for config in app["args"]["llm_configs"]:
-        config.pop("accelerator_type", None)
-        config["placement_group_config"] = {"bundles": [{"CPU": 0.25}]}
+        cpu_only(config)
         config.setdefault("deployment_config", {})["autoscaling_config"] = {
             "min_replicas": 1, "max_replicas": 1}
     return app

@@ -1,6 +1,8 @@
 """Under load and under faults, on a real cluster: mixed credentials at high concurrency, a
-property-based sample through the Serve proxy, an ingress replica killed mid-stream, and the
-whole cluster restarted. Figures are printed (run with -s to see them) and asserted exactly.
+property-based sample through the Serve proxy, an app built by a Python driver that lacks the
+plugin, an ingress replica killed mid-stream, and the whole cluster restarted. Figures are
+printed (run with -s to see them) and asserted exactly. Everything here uses only what every
+supported Ray release has, so tests/compat/run.py runs this module against each of them.
 
 The mixed-key load sends 5,000 requests by default, to keep the suite within its time budget;
 the full run is one command away:
@@ -20,7 +22,13 @@ import pytest
 from hypothesis import given
 
 from benchmarks.e2e_bench import ingress_pids
-from rayllm_auth.testing.local_cluster import MODEL, SERVE_URL, LocalCluster, application
+from rayllm_auth.testing.local_cluster import (
+    MODEL,
+    SERVE_URL,
+    LocalCluster,
+    application,
+    llm_config,
+)
 from tests.conftest import new_key
 from tests.test_hostile_inputs import generated, is_preflight
 from tests.test_hostile_inputs import request as hostile_request
@@ -140,6 +148,33 @@ def test_hostile_sample_through_the_proxy(cluster, req):
         assert status in (200, 400), (status, req)
     else:  # 400: the HTTP parser refused the bytes before Serve saw them
         assert status in (400, 401), (status, req)
+
+
+DRIVER = """
+import ray
+from ray import serve
+from ray.serve.llm import build_openai_app
+try:
+    import rayllm_auth
+    raise SystemExit("the driver must not have the plugin")
+except ImportError:
+    pass
+ray.init(address="auto", runtime_env={"pip": [WHEEL]})
+serve.run(build_openai_app({"llm_configs": [LLM_CONFIG]}), name="driver",
+          route_prefix="/driver", blocking=False)
+"""
+
+
+def test_app_built_by_a_driver_without_the_plugin_is_protected_by_its_replicas(cluster, wheel):
+    # serve.run(build_openai_app(...)) from a process without rayllm-auth builds an open app;
+    # the replicas get the plugin from runtime_env.pip and must protect it themselves.
+    driver = cluster.run_python(DRIVER.replace("WHEEL", repr(str(wheel)))
+                                .replace("LLM_CONFIG", repr(llm_config())))
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    cluster.wait_for({"driver": {"RUNNING"}})
+    assert httpx.get(f"{SERVE_URL}/driver/v1/models", timeout=60).status_code == 401
+    ok = httpx.get(f"{SERVE_URL}/driver/v1/models", headers={"x-api-key": KEY}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
 
 
 def breaks_ray_proxy(headers) -> bool:

@@ -1,0 +1,147 @@
+"""Compatibility runner: the end-to-end auth suite against each supported Ray release.
+
+For every Ray version in :data:`PINS` it makes (or reuses) an isolated virtualenv holding
+that Ray with its vLLM pin and the test tools, applies the CPU-only fix (no torchvision,
+torchaudio or torchcodec), runs the version-independent end-to-end modules in it (real local
+Ray cluster, unchanged ``build_openai_app``, the plugin from ``runtime_env.pip``, the stand-in
+engine) and writes ``tests/compat/RESULTS.md`` and ``results.json``.
+
+    .venv/bin/python tests/compat/run.py                      # every version in PINS
+    .venv/bin/python tests/compat/run.py --versions 2.49.2    # some of them
+
+Cache (``--cache``, default ``/tmp/rayllm-auth-compat``): per version, the downloaded wheels
+(4-5 GB) and a virtualenv (8-11 GB: vLLM and a CUDA build of torch, which imports fine
+without a GPU). A rerun with an unchanged environment skips the install; a new environment
+for a version already downloaded installs offline. Time on a 2-core machine: a few minutes per install, then
+about 12 minutes of tests per version. The version installed in ``.venv`` (the one CI tests
+on every run) is run from ``.venv`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent
+
+#: Ray release -> the vLLM it is tested with: the lower bound of that release's own ``llm``
+#: extra, i.e. the vLLM it was developed against (newer vLLMs change the APIs Ray imports).
+PINS = {
+    "2.49.2": "0.10.0",
+    "2.54.1": "0.15.0",
+    "2.60.0": "0.29.0",
+}
+
+#: The end-to-end modules that use only what every supported Ray has: ``serve deploy`` of
+#: ``build_openai_app`` configs, a Python driver without the plugin, the openai SDK.
+SUITE = [
+    "tests/e2e/test_examples.py",
+    "tests/e2e/test_load_and_faults.py",
+]
+
+_CPU_ONLY_REMOVALS = ["torchvision", "torchaudio", "torchcodec"]
+
+
+def test_requirements() -> list[str]:
+    """requirements-dev.txt without its Ray line: the tools every environment needs."""
+    lines = (REPO / "requirements-dev.txt").read_text().splitlines()
+    return [l.strip() for l in lines if l.strip() and not l.startswith("#")
+            and not l.startswith("ray[")]
+
+
+def environment(version: str, cache: Path) -> Path:
+    """The Python of an environment with Ray ``version``; created or reused."""
+    dev_python = REPO / ".venv" / "bin" / "python"
+    if dev_python.exists() and installed_ray(dev_python) == version:
+        return dev_python
+    venv = cache / f"ray-{version}"
+    python = venv / "bin" / "python"
+    wanted = [f"ray[serve,llm]=={version}", f"vllm=={PINS[version]}", *test_requirements()]
+    stamp = venv / ".rayllm-auth-compat"
+    digest = hashlib.sha256("\n".join(wanted).encode()).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest:
+        return python
+    print(f"==> installing Ray {version} with vLLM {PINS[version]} into {venv}", flush=True)
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    wheels = cache / f"wheels-{version}"  # kept: a rerun installs without downloading
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), *wanted],
+                   check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index",
+                    "--find-links", str(wheels), *wanted], check=True)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", *_CPU_ONLY_REMOVALS],
+                   check=True)
+    stamp.write_text(digest)
+    print(f"    installed in {time.monotonic() - started:.0f} s", flush=True)
+    return python
+
+
+def installed_ray(python: Path) -> str:
+    out = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
+                          "print(m.version('ray'))"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def run_suite(python: Path, version: str, log: Path) -> dict:
+    started = time.monotonic()
+    with log.open("w") as out:
+        result = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", *SUITE],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    tail = log.read_text(errors="replace")[-3000:]
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|error|errors|skipped)",
+                                                     tail.splitlines()[-1] if tail else "")}
+    return {"ray": version, "vllm": PINS[version], "returncode": result.returncode,
+            "passed": counts.get("passed", 0),
+            "failed": counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0),
+            "seconds": round(time.monotonic() - started), "log": str(log),
+            "date": datetime.date.today().isoformat()}
+
+
+def write_tables(rows: list[dict]) -> None:
+    previous = {}
+    if (RESULTS / "results.json").exists():
+        previous = {r["ray"]: r for r in json.loads((RESULTS / "results.json").read_text())}
+    previous.update({r["ray"]: r for r in rows})
+    merged = [previous[v] for v in sorted(previous, key=lambda v: tuple(map(int, v.split("."))))]
+    (RESULTS / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
+    lines = ["# Compatibility runs", "",
+             f"Written by `tests/compat/run.py`; suite: {', '.join(f'`{s}`' for s in SUITE)}.", "",
+             "| Ray | vLLM | passed | failed | minutes | date |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['ray']} | {r['vllm']} | {r['passed']} | {r['failed']} | "
+              f"{r['seconds'] / 60:.1f} | {r['date']} |" for r in merged]
+    (RESULTS / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--versions", default=",".join(PINS),
+                        help="comma-separated Ray versions from PINS (default: all)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/rayllm-auth-compat"))
+    args = parser.parse_args()
+    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
+    unknown = [v for v in versions if v not in PINS]
+    if unknown:
+        parser.error(f"no vLLM pin for Ray {', '.join(unknown)}; known: {', '.join(PINS)}")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for version in versions:
+        python = environment(version, args.cache)
+        print(f"==> Ray {version}: running {len(SUITE)} end-to-end modules", flush=True)
+        row = run_suite(python, version, args.cache / f"ray-{version}.log")
+        print(f"    Ray {version} (vLLM {row['vllm']}): {row['passed']} passed, "
+              f"{row['failed']} failed in {row['seconds'] / 60:.1f} min", flush=True)
+        rows.append(row)
+        write_tables(rows)
+    return 0 if all(r["returncode"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

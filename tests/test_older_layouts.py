@@ -1,0 +1,115 @@
+"""The patch modules for older Ray layouts, on stand-ins of the Ray modules they patch (the
+installed Ray is 2.60; tests/compat/run.py runs the real end-to-end suite on each older Ray).
+
+Each stand-in module has exactly the names the layout's TARGETS list, shaped as in that Ray
+release: Ray 2.44-2.49 create ``fastapi_router_app`` while ``router.py`` is imported, and Ray
+before 2.60 hands a replica its app (or a function building it) in
+``ASGIAppReplicaWrapper.__init__(app_or_func)``."""
+
+import sys
+import types
+
+import pytest
+from fastapi import FastAPI
+
+from rayllm_auth.errors import ConfigError
+from rayllm_auth.patches import core_ingress_init_layout, router_module_layout
+from rayllm_auth.patching import LayoutMismatch
+from rayllm_auth.protect import is_protected
+from rayllm_auth.support import layout_for
+
+
+def fake_module(monkeypatch, name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+@pytest.fixture
+def http_util(monkeypatch):
+    class ASGIAppReplicaWrapper:
+        def __init__(self, app_or_func):
+            self._asgi_app = app_or_func() if isinstance(app_or_func, types.FunctionType) \
+                else app_or_func
+
+    return fake_module(monkeypatch, "ray.serve._private.http_util",
+                       ASGIAppReplicaWrapper=ASGIAppReplicaWrapper)
+
+
+def replica(http_util, client_class, app_or_func):
+    """What serve.ingress does in the replica: a class deriving from the user's class and
+    ASGIAppReplicaWrapper, whose __init__ hands over the frozen app."""
+    class Replica(client_class, http_util.ASGIAppReplicaWrapper):
+        def __init__(self):
+            http_util.ASGIAppReplicaWrapper.__init__(self, app_or_func)
+
+    return Replica()
+
+
+def test_versions_select_these_modules():
+    assert layout_for("2.49.2").patch_module.endswith("router_module_layout")
+    assert layout_for("2.54.1").patch_module.endswith("core_ingress_init_layout")
+    assert layout_for("2.50.0") is None and layout_for("2.55.0") is None
+
+
+def test_router_layout_protects_the_module_level_app_once(key_env, monkeypatch):
+    class LLMRouter:
+        pass
+
+    router = fake_module(monkeypatch, router_module_layout.ROUTER_MODULE,
+                         fastapi_router_app=FastAPI(), LLMRouter=LLMRouter)
+    router_module_layout.patch_router_app(router)
+    router_module_layout.patch_router_app(router)
+    assert is_protected(router.fastapi_router_app)
+    names = [m.cls.__name__ for m in router.fastapi_router_app.user_middleware]
+    assert names.count("ApiKeyMiddleware") == 1 and names[0] == "ApiKeyMiddleware"
+
+
+def test_router_layout_fails_closed_when_the_app_moved(key_env, monkeypatch):
+    router = fake_module(monkeypatch, router_module_layout.ROUTER_MODULE, LLMRouter=object)
+    with pytest.raises(LayoutMismatch, match="has no fastapi_router_app"):
+        router_module_layout.patch_router_app(router)
+
+
+def test_router_layout_refuses_an_unusable_key_variable(monkeypatch):
+    monkeypatch.setenv("RAY_LLM_API_KEYS", " , ")
+    router = fake_module(monkeypatch, router_module_layout.ROUTER_MODULE,
+                         fastapi_router_app=FastAPI(), LLMRouter=object)
+    with pytest.raises(ConfigError, match="RAY_LLM_API_KEYS is set but holds no key"):
+        router_module_layout.patch_router_app(router)
+
+
+@pytest.mark.parametrize("layout", [router_module_layout, core_ingress_init_layout])
+@pytest.mark.parametrize("built_in_replica", [False, True], ids=["frozen app", "app builder"])
+def test_replica_side_protects_client_facing_replicas_only(key_env, monkeypatch, http_util,
+                                                          layout, built_in_replica):
+    (module_name, class_name), = layout.CLIENT_FACING_CLASSES
+    client_facing = type(class_name, (), {})
+    fake_module(monkeypatch, module_name, **{class_name: client_facing})
+    layout.patch_replica_wrapper(http_util)
+    layout.patch_replica_wrapper(http_util)  # idempotent
+
+    def app_or_func():
+        return FastAPI()
+
+    given = app_or_func if built_in_replica else FastAPI()
+    protected = replica(http_util, client_facing, given)._asgi_app
+    assert is_protected(protected)
+    assert [m.cls.__name__ for m in protected.user_middleware].count("ApiKeyMiddleware") == 1
+    other = replica(http_util, type("Internal", (), {}), FastAPI())._asgi_app
+    assert not is_protected(other)
+
+
+def test_replica_side_without_keys_refuses_an_app_built_to_be_protected(
+        no_key_env, monkeypatch, http_util):
+    client_facing = type("LLMRouter", (), {})
+    fake_module(monkeypatch, router_module_layout.ROUTER_MODULE, LLMRouter=client_facing)
+    router_module_layout.patch_replica_wrapper(http_util)
+    from rayllm_auth.protect import protect_app
+
+    monkeypatch.setenv("RAY_LLM_API_KEYS", "sk-only-to-build-0123456789abcdef")
+    built = protect_app(FastAPI())
+    monkeypatch.delenv("RAY_LLM_API_KEYS")
+    with pytest.raises(ConfigError, match="none of RAY_LLM_API_KEYS"):
+        replica(http_util, client_facing, built)
