@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,12 @@ SERVE_URL = "http://127.0.0.1:8000"
 MODEL = "stand-in-model"
 STANDIN_ENGINE = "rayllm_auth.testing.engine:StandInEngine"
 CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def build_wheel(out_dir: Path) -> Path:
@@ -90,13 +97,14 @@ class LocalCluster:
             **env,
         }
         self.num_cpus = num_cpus
+        self.metrics_port = _free_port()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "LocalCluster":
         self._run("ray", "start", "--head", f"--num-cpus={self.num_cpus}",
                   f"--temp-dir={self.root / 'ray'}", "--dashboard-host=127.0.0.1",
-                  "--disable-usage-stats")
+                  f"--metrics-export-port={self.metrics_port}", "--disable-usage-stats")
         return self
 
     def stop(self, *, remove_dir: bool = True) -> None:
@@ -167,9 +175,8 @@ class LocalCluster:
         return self.calls_file.read_text().splitlines() if self.calls_file.exists() else []
 
     def metrics(self) -> str:
-        (port_file,) = self.session_dir.glob("metrics_export_port_*")
-        return httpx.get(f"http://127.0.0.1:{port_file.read_text().strip()}/metrics",
-                         timeout=30).text
+        """Ray's Prometheus endpoint (the node's metrics agent)."""
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30).text
 
     def log_files(self):
         return [p for p in (self.session_dir / "logs").rglob("*") if p.is_file()]

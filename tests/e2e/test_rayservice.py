@@ -133,7 +133,8 @@ def deploy_apps(cluster, wheel, names=("rayservice", "serve-config", "slow")):
 def cluster(wheel, mount):
     env = {**pod_env(mount), "RAY_LLM_AUTH_RELOAD_INTERVAL_S": str(RELOAD_S),
            "RAY_LLM_API_KEYS": f"ops:sha256:{digest('ops')}"}
-    cluster = LocalCluster(env).start()
+    # Ray 2.49's ingress (LLMRouter) starts two replicas per model, a logical CPU each.
+    cluster = LocalCluster(env, num_cpus=32).start()
     try:
         deploy_apps(cluster, wheel)
         yield cluster
