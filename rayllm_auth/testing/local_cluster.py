@@ -55,10 +55,18 @@ def cpu_only(config: dict) -> dict:
     from ray.serve.llm import LLMConfig
 
     config.pop("accelerator_type", None)
-    if "placement_group_config" in LLMConfig.model_fields:
-        config["placement_group_config"] = {"bundles": [{"CPU": 0.25}]}
-    else:
+    if "placement_group_config" not in LLMConfig.model_fields:
         config["resources_per_bundle"] = {"CPU": 0.25}
+        return config
+    bundle = {"CPU": 0.25}
+    try:  # Ray 2.5x validates bundles with a model whose GPU count defaults to 1
+        from ray.llm._internal.serve.engines.vllm.vllm_models import BundleConfig
+
+        if BundleConfig.model_fields["GPU"].default:
+            bundle["GPU"] = 0.0
+    except ImportError:
+        pass  # Ray 2.60: plain dict bundles, nothing implied
+    config["placement_group_config"] = {"bundles": [bundle]}
     return config
 
 

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.e2e
 
 HASHED_KEY = new_key()  # configured only as its SHA-256 digest
 VLLM_KEY = new_key()  # configured in plain text, in runtime_env.env_vars (a channel Ray logs)
+ALLOWED_KEY, OTHER_MODEL_KEY = new_key(), new_key()  # in a key file, limited to some models
 
 # Every route of vLLM 0.29's app, most of them outside vLLM's own /v1 guard.
 VLLM_ROUTES = [
@@ -32,9 +33,12 @@ VLLM_ROUTES = [
 
 
 @pytest.fixture(scope="module")
-def cluster(wheel):
+def cluster(wheel, tmp_path_factory):
     # HAProxy must be enabled in the Ray processes themselves (the Serve controller).
     cluster = LocalCluster({"RAY_SERVE_ENABLE_HA_PROXY": "1"}).start()
+    key_file = tmp_path_factory.mktemp("keys") / "keys"
+    key_file.write_text(f"allowed:{ALLOWED_KEY} models={MODEL}\n"
+                        f"other:{OTHER_MODEL_KEY} models=some-other-model\n")
     try:
         pip = [str(wheel)]
         digest = hashlib.sha256(HASHED_KEY.encode()).hexdigest()
@@ -43,6 +47,7 @@ def cluster(wheel):
                 "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
                 "RAY_LLM_API_KEYS": f"ds-client:sha256:{digest}",
                 "VLLM_API_KEY": VLLM_KEY,
+                "RAY_LLM_API_KEYS_FILE": str(key_file),
             }}),
             application("off", "/off", runtime_env={"pip": pip}),
         ])
@@ -68,6 +73,21 @@ def test_every_vllm_route_needs_a_key(cluster, method, path):
     reply = request(method, path)
     assert reply.status_code == 401, reply.text[:300]
     assert reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_model_limits_hold_on_vllms_own_app(cluster):
+    # The same middleware rule as on Ray's ingress: vLLM's app behind direct streaming.
+    allowed = openai.OpenAI(base_url=f"{SERVE_URL}/v1", api_key=ALLOWED_KEY, max_retries=0)
+    assert [m.id for m in allowed.models.list().data] == [MODEL]
+    chunks = list(allowed.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True))
+    assert chunks and chunks[0].model == MODEL
+    other = openai.OpenAI(base_url=f"{SERVE_URL}/v1", api_key=OTHER_MODEL_KEY, max_retries=0)
+    assert other.models.list().data == []
+    with pytest.raises(openai.NotFoundError) as caught:
+        other.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert caught.value.code == "model_not_found"
 
 
 def test_hashed_key_and_x_api_key_work_where_vllms_own_check_would_refuse(cluster):
