@@ -34,17 +34,17 @@ LAYOUTS = (
     Layout(
         ray=">=2.49,<2.50",
         patch_module="rayllm_auth.patches.router_module_layout",
-        verified="Ray 2.49.2 with vLLM 0.10.0, tests/compat/run.py, 2026-11-26",
+        verified="Ray 2.49.2 with vLLM 0.10.0, tests/compat/run.py (18 of 18), 2026-11-26",
     ),
     Layout(
         ray=">=2.54,<2.55",
         patch_module="rayllm_auth.patches.core_ingress_init_layout",
-        verified="Ray 2.54.1 with vLLM 0.15.0, tests/compat/run.py, 2026-11-26",
+        verified="Ray 2.54.1 with vLLM 0.15.0, tests/compat/run.py (18 of 18), 2026-11-27",
     ),
     Layout(
         ray=">=2.60,<2.61",
         patch_module="rayllm_auth.patches.core_ingress_layout",
-        verified="Ray 2.60.0 with vLLM 0.29.0, full suite, 2026-11-26",
+        verified="Ray 2.60.0 with vLLM 0.29.0, full suite (CI) and tests/compat/run.py, 2026-11-27",
     ),
 )
 
