@@ -41,8 +41,9 @@ _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class ModelScope:
-    """Runs a request made with a limited key. ``await scope_check(...)`` returns True if
-    the request was passed to the app, False if it was refused here (``model_denied``)."""
+    """Runs a request made with a limited key: ``await model_scope(app, grant, scope,
+    receive, send)`` returns True if the request was passed to the app, False if it was
+    refused here (counted as ``model_denied``)."""
 
     def __init__(self, cors: Optional[Mapping[str, Any]]):
         self._not_found = with_cors(error_response(
