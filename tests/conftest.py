@@ -56,10 +56,15 @@ def fresh_metrics():
 
 def pytest_terminal_summary(terminalreporter):
     """Say how many hostile inputs the property tests generated in this run."""
-    hostile = next((m for name, m in list(sys.modules.items())
-                    if name.rsplit(".", 1)[-1] == "test_hostile_inputs"), None)
-    if hostile is not None and any(hostile.GENERATED.values()):
+    # The module can be imported twice (as collected, and as tests.test_hostile_inputs by the
+    # modules that reuse its strategies): add up every copy's counts.
+    counts = {"requests": 0, "websockets": 0}
+    for name, module in list(sys.modules.items()):
+        if name.rsplit(".", 1)[-1] == "test_hostile_inputs":
+            for kind in counts:
+                counts[kind] += getattr(module, "GENERATED", {}).get(kind, 0)
+    if any(counts.values()):
         terminalreporter.write_line(
-            f"hostile inputs generated: {hostile.GENERATED['requests']:,} HTTP requests and "
-            f"{hostile.GENERATED['websockets']:,} WebSocket handshakes, none let through"
+            f"hostile inputs generated: {counts['requests']:,} HTTP requests and "
+            f"{counts['websockets']:,} WebSocket handshakes, none let through"
         )
