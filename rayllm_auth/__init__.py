@@ -1,8 +1,9 @@
 """rayllm-auth: API keys for Ray Serve LLM, with one pip package and one environment variable.
 
 Add ``rayllm-auth`` to the application's ``runtime_env.pip`` and set ``RAY_LLM_API_KEYS``
-(or ``VLLM_API_KEY``): ``rayllm_auth.pth`` activates the plugin in every process of that
-environment and every request to the Serve LLM app then needs a valid key. Explicit
+(or ``VLLM_API_KEY``, or a key file in ``RAY_LLM_API_KEYS_FILE``): ``rayllm_auth.pth``
+activates the plugin in every process of that environment and every request to the Serve LLM
+app then needs a valid key. Explicit
 alternatives: ``import_path: rayllm_auth:build_openai_app`` or :func:`install`.
 
 This module imports nothing on purpose: ``rayllm_auth.pth`` imports it at interpreter
