@@ -87,8 +87,8 @@ class KeyStore:
 
     def current(self) -> KeySet:
         """The key set to check this request against (re-reading the file when due)."""
-        if self._path is not None and self._clock() >= self._next_check:
-            self._next_check = self._clock() + self._interval
+        if self._path is not None and (now := self._clock()) >= self._next_check:
+            self._next_check = now + self._interval
             self._refresh()
         return self._keys
 

@@ -67,11 +67,17 @@ def record_reload(outcome: str) -> None:
 
 def pending() -> dict[tuple[str, tuple], int]:
     """Counts not yet handed to Ray, by (metric name, tag values). For tests and ``doctor``."""
+    return {(spec[0], label): n for spec, counts in _pending_batches()
+            for label, n in counts.items()}
+
+
+def _pending_batches() -> list[tuple[tuple, dict]]:
+    """(metric spec, {tag values: count}) for each metric, the hot path's ``ok`` counts
+    folded into the requests metric. Copies: the module's dicts are left as they are."""
     requests = dict(_requests)
     for key_id, n in _ok.items():
         requests[("ok", key_id)] = requests.get(("ok", key_id), 0) + n
-    return {**{(_REQUESTS[0], label): n for label, n in requests.items()},
-            **{(_RELOADS[0], label): n for label, n in _reloads.items()}}
+    return [(_REQUESTS, requests), (_RELOADS, dict(_reloads))]
 
 
 def _schedule_flush() -> None:
@@ -89,16 +95,13 @@ def flush() -> None:
     """Hand every pending count to Ray's metrics API."""
     global _flush_loop
     _flush_loop = None
-    ok = dict(_ok)
-    _ok.clear()
-    for key_id, n in ok.items():
-        _requests[("ok", key_id)] = _requests.get(("ok", key_id), 0) + n
-    for spec, pending_counts in ((_REQUESTS, _requests), (_RELOADS, _reloads)):
-        batch = dict(pending_counts)
-        pending_counts.clear()
-        counter = _counter(spec) if batch else None
+    batches = _pending_batches()
+    for counts in (_ok, _requests, _reloads):
+        counts.clear()
+    for spec, counts in batches:
+        counter = _counter(spec) if counts else None
         if counter is not None:
-            for label, count in batch.items():
+            for label, count in counts.items():
                 counter.inc(count, tags=dict(zip(spec[2], label)))
 
 

@@ -61,30 +61,30 @@ def wrap_once(owner: Any, name: str, wrapper) -> None:
     wrapt.wrap_function_wrapper(owner, name, wrapper)
 
 
-def protect_returned_app(wrapped, instance, args, kwargs):
-    """For a function that creates the ingress app (Ray 2.60: ``ingress.init``).
-
-    A key variable that is set but unusable fails the build here, with its message, instead
-    of later in every replica. No keys in this process is fine: replicas read their own.
-    """
+def _protect_where_built(app):
+    """``protect_app(app)`` in the process that builds it. A key variable that is set but
+    unusable fails the build here, with its message, instead of later in every replica. No
+    keys in this process is fine: replicas read their own."""
     load_key_set()
-    return protect_app(wrapped(*args, **kwargs))
+    return protect_app(app)
+
+
+def protect_returned_app(wrapped, instance, args, kwargs):
+    """For a function that creates the ingress app (Ray 2.51+: ``ingress.init``)."""
+    return _protect_where_built(wrapped(*args, **kwargs))
 
 
 def protect_module_app(module, name: str) -> None:
     """For an app created while its module is imported (Ray 2.44-2.49's
-    ``fastapi_router_app``): protect it in place, before anything freezes it. A key variable
-    set but unusable fails here, with its message."""
-    load_key_set()
-    protect_app(getattr(module, name))
+    ``fastapi_router_app``): protect it in place, before anything freezes it."""
+    _protect_where_built(getattr(module, name))
 
 
 def protect_app_argument(wrapped, instance, args, kwargs):
     """For a function that freezes a caller's app (``make_fastapi_ingress(cls, app=...)``)."""
     app = kwargs.get("app")
     if app is not None:
-        load_key_set()
-        protect_app(app)
+        _protect_where_built(app)
     return wrapped(*args, **kwargs)
 
 

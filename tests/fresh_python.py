@@ -9,10 +9,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rayllm_auth._bootstrap import KEY_SOURCES, KILL_SWITCH, RAY_WORKER_MARKER
+from rayllm_auth.middleware import EXEMPT_PATHS_VAR
+
 REPO = Path(__file__).resolve().parent.parent
 PTH = REPO / "rayllm_auth.pth"
-_CLEARED = ("RAY_LLM_API_KEYS", "VLLM_API_KEY", "RAY_LLM_API_KEYS_FILE", "RAY_RAYLET_PID",
-            "RAY_LLM_AUTH_DISABLE_AUTOPATCH", "RAY_LLM_AUTH_EXEMPT_PATHS")
+_CLEARED = (*KEY_SOURCES, RAY_WORKER_MARKER, KILL_SWITCH, EXEMPT_PATHS_VAR)
 
 
 def run_python(code: str, env: dict | None = None, timeout: float = 240):
