@@ -12,6 +12,12 @@ def new_key() -> str:
     return "sk-test-" + secrets.token_urlsafe(32)
 
 
+def near_miss(key: str) -> str:
+    """``key`` with its last character changed: never equal to it (a fixed replacement
+    would be, for one key in 64)."""
+    return key[:-1] + ("Y" if key.endswith("Z") else "Z")
+
+
 @pytest.fixture
 def key_env(monkeypatch):
     """Three keys: two in RAY_LLM_API_KEYS (one named), one in VLLM_API_KEY."""

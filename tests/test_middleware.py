@@ -11,6 +11,7 @@ from starlette.websockets import WebSocketDisconnect
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.middleware import ApiKeyMiddleware
 from rayllm_auth.protect import protect_app
+from tests.conftest import near_miss
 from tests.ray_app import bearer, build_ray_app, call, ray_route_table
 
 pytestmark = pytest.mark.usefixtures("key_env")
@@ -75,7 +76,7 @@ async def test_missing_key_says_how_to_send_one(app, reached):
 
 
 async def test_wrong_key_is_refused_and_never_echoed(app, key_env, reached):
-    wrong = key_env["team-a"][:-1] + "X"
+    wrong = near_miss(key_env["team-a"])
     reply = await call(app, headers=bearer(wrong))
     assert_refused(reply, reached)
     assert wrong.encode() not in reply.body and wrong[-12:].encode() not in reply.body

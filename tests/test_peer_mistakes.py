@@ -12,7 +12,7 @@ from starlette.websockets import WebSocketDisconnect
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.keys import load_key_set
 from rayllm_auth.middleware import ApiKeyMiddleware
-from tests.conftest import new_key
+from tests.conftest import near_miss, new_key
 from tests.ray_app import bearer, build_ray_app, call
 
 
@@ -101,17 +101,17 @@ async def test_07_non_ascii_header_turns_401_into_500(app, reached):
 
 async def test_08_keys_in_logs_or_error_messages(app, key_env, caplog):
     # SGLang logged keys; error messages echoed them. Nothing here ever prints a key.
-    near_miss = key_env["team-a"][:-1] + "Q"
+    presented = near_miss(key_env["team-a"])
     with caplog.at_level(logging.DEBUG):
-        refused = await call(app, headers=bearer(near_miss))
+        refused = await call(app, headers=bearer(presented))
         accepted = await call(app, headers=bearer(key_env["team-a"]))
     assert refused.status == 401 and accepted.status == 200
     text = caplog.text + refused.body.decode() + str(refused.headers)
-    for secret in [near_miss, *key_env.values()]:
+    for secret in [presented, *key_env.values()]:
         assert secret not in text and secret[8:24] not in text
     with pytest.raises(ConfigError) as raised:
-        load_key_set({"RAY_LLM_API_KEYS": f"{near_miss},bad key"})
-    assert near_miss not in str(raised.value) and "bad key" not in str(raised.value)
+        load_key_set({"RAY_LLM_API_KEYS": f"{presented},bad key"})
+    assert presented not in str(raised.value) and "bad key" not in str(raised.value)
 
 
 def test_09_precedence_flips_and_comma_lists_silently_cut(reached):

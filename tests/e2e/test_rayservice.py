@@ -49,7 +49,7 @@ from rayllm_auth.testing.local_cluster import (
     llm_config,
 )
 from rayllm_auth.testing.secret_mount import SecretMount
-from tests.conftest import new_key
+from tests.conftest import near_miss, new_key
 from tests.test_hostile_inputs import generated, is_preflight
 from tests.test_hostile_inputs import request as hostile_request
 
@@ -348,7 +348,7 @@ KEY = KEYS["team-a"]  # in the key file before and after the rotation tests, eve
 CREDENTIALS = {
     "valid": {"authorization": f"Bearer {KEY}"},
     "valid-x-api-key": {"x-api-key": KEY},
-    "invalid": {"authorization": f"Bearer {KEY[:-1]}{'Y' if KEY.endswith('Z') else 'Z'}"},
+    "invalid": {"authorization": f"Bearer {near_miss(KEY)}"},
     "missing": {},
     "malformed": {"authorization": f"Basic {KEY}"},
     "conflicting": {"authorization": f"Bearer {KEY}", "x-api-key": new_key()},
