@@ -1,60 +1,80 @@
 """The key file named by ``RAY_LLM_API_KEYS_FILE``: its format, and reading it safely.
 
-Format (UTF-8 text, one key per line)::
+Format (UTF-8 text, one key per line; a line ends at ``\\n`` or ``\\r\\n`` and nowhere else)::
 
     # rayllm-auth key file. '#' starts a comment (at the start of a line or after a space).
-    # ENTRY [models=MODEL[,MODEL...]]
+    # ENTRY [models=MODEL[,MODEL...]] [expires=TIME]
     #   ENTRY is written as in RAY_LLM_API_KEYS: KEY, ID:KEY, sha256:HEX or ID:sha256:HEX.
     #   models= limits the key to these model ids (a LoRA id base:adapter follows its base);
     #   without it the key may use every model.
-    team-a:sha256:3b1f...e9   models=llama-3-8b,qwen-2-7b
-    ci-bot:sha256:77aa...01                                 # every model
+    #   expires= an ISO 8601 time with its zone, e.g. 2027-01-31T00:00:00Z: from then on
+    #   the key is refused (no reload needed).
+    team-a:sha256:3b1f...e9   models=llama-3-8b,qwen-2-7b   expires=2027-01-31T00:00:00Z
+    ci-bot:sha256:77aa...01                                 # every model, no expiry
     legacy:sk-plaintext-key-from-before-we-hashed
 
-Blank lines and comment lines are skipped; a file with no key is invalid. Error messages name
-the file and the line number, never the line's text (it may hold a key).
+Fields are separated by spaces or tabs. Blank lines and comment lines are skipped; a file with
+no key is invalid. Everything that could silently widen a key is an error instead
+(:class:`~rayllm_auth.errors.ConfigError`): a control or line-break character other than
+``\\n`` (``\\x0b``, ``\\x85``, U+2028... which ``str.splitlines`` would split at), an option
+on a line of its own, an unknown or repeated option, and an option written inside a comment.
+Error messages name the file and the line number, never the line's text (it may hold a key).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from typing import Optional
+from datetime import datetime
+from typing import NamedTuple, Optional
 
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.keys import RAY_LLM_API_KEYS_FILE, Entry, parse_entry
+from rayllm_auth.keys import RAY_LLM_API_KEYS_FILE, Entry, Grant, looks_like_option, parse_entry
 
-__all__ = ["KeyFile", "read_key_file", "parse_key_file", "file_signature"]
+__all__ = ["KeyFile", "Signature", "read_key_file", "parse_key_file", "file_signature",
+           "parse_expiry"]
 
 #: A key file larger than this is refused: it is a mistake (a wrong path), not a key list.
 MAX_KEY_FILE_BYTES = 16 * 1024 * 1024
-_MODELS_FIELD = "models="
+_FIELD_SEPARATOR = re.compile(r"[ \t]+")
+
+
+class Signature(NamedTuple):
+    """What identifies one state of the file: device, inode, size, modification and change
+    times. ``ctime_ns`` changes with every write or rename and cannot be set by a writer."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
 
 
 @dataclass(frozen=True)
 class KeyFile:
     path: str
-    signature: tuple  #: what :func:`file_signature` said when this content was read
+    signature: Signature  #: what :func:`file_signature` said when this content was read
     entries: list[Entry]
 
 
-def file_signature(path: str) -> tuple:
-    """Identity of the file's current content: device, inode, size, modification time.
+def file_signature(path: str) -> Signature:
+    """The signature of the file's current state. Raises OSError.
 
     ``os.stat`` follows symlinks, so a Kubernetes Secret update (a new directory swapped in
-    behind the ``..data`` symlink) gives a new inode and a new signature. Raises OSError.
+    behind the ``..data`` symlink) gives a new inode and a new signature.
     """
     st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return Signature(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def read_key_file(path: str) -> KeyFile:
     """Read and parse the key file. Raises ConfigError (naming the file, never its content)
-    if it cannot be read, is being rewritten while read, or is invalid."""
+    if it cannot be read, changed while it was read, or is invalid."""
     where = f"{RAY_LLM_API_KEYS_FILE} ({path})"
     try:
         before = file_signature(path)
-        if before[2] > MAX_KEY_FILE_BYTES:
+        if before.size > MAX_KEY_FILE_BYTES:
             raise ConfigError(f"{where} is larger than {MAX_KEY_FILE_BYTES} bytes")
         with open(path, "rb") as f:
             data = f.read(MAX_KEY_FILE_BYTES + 1)
@@ -65,7 +85,7 @@ def read_key_file(path: str) -> KeyFile:
         # Written in place while we read it (not an atomic rename): the content may be torn.
         raise ConfigError(f"{where} changed while it was read; write it atomically (rename)")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is not a key
     except UnicodeDecodeError:
         raise ConfigError(f"{where} is not UTF-8 text") from None
     return KeyFile(path, after, parse_key_file(text, where))
@@ -74,34 +94,71 @@ def read_key_file(path: str) -> KeyFile:
 def parse_key_file(text: str, where: str) -> list[Entry]:
     """The entries of a key file's text. Raises ConfigError."""
     entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        fields = _fields(line)
-        if fields:
-            entries.append(_parse_line(fields, f"line {number} of {where}"))
+    for number, line in enumerate(text.split("\n"), start=1):
+        line_where = f"line {number} of {where}"
+        line = line[:-1] if line.endswith("\r") else line
+        if not line.replace("\t", " ").isprintable():
+            raise ConfigError(
+                f"{line_where} holds a control or line-break character other than a newline "
+                f"(e.g. a soft line break pasted from a word processor); only \\n ends a line"
+            )
+        fields = _FIELD_SEPARATOR.split(line.strip(" \t"))
+        comment = next((i for i, f in enumerate(fields) if f.startswith("#")), len(fields))
+        fields, comment_words = fields[:comment], fields[comment:]
+        if fields and fields != [""]:
+            if any(looks_like_option(word.lstrip("#")) for word in comment_words):
+                raise ConfigError(
+                    f"{line_where} has an option inside its comment, where it would be "
+                    f"ignored; move it before the '#'"
+                )
+            entries.append(_parse_line(fields, line_where))
     if not entries:
         raise ConfigError(f"{where} holds no key: write one entry per line (see the README)")
     return entries
 
 
-def _fields(line: str) -> list[str]:
-    fields = []
-    for field in line.split():
-        if field.startswith("#"):
-            break
-        fields.append(field)
-    return fields
-
-
 def _parse_line(fields: list[str], where: str) -> Entry:
     entry, *options = fields
-    models: Optional[frozenset[str]] = None
+    if looks_like_option(entry):
+        raise ConfigError(
+            f"{where} starts with an option, not a key: options follow their key on the "
+            f"same line"
+        )
+    values: dict[str, str] = {}
     for option in options:
-        if not option.startswith(_MODELS_FIELD) or models is not None:
+        name, equals, value = option.partition("=")
+        if not equals or name not in _OPTIONS or name in values:
             raise ConfigError(
-                f"{where} cannot be read: after the key, only one models=MODEL[,MODEL...] "
-                f"field may follow"
+                f"{where} cannot be read: after the key, only the options "
+                f"{', '.join(o + '=' for o in _OPTIONS)} may follow, each at most once"
             )
-        models = frozenset(m for m in option[len(_MODELS_FIELD):].split(",") if m)
-        if not models:
-            raise ConfigError(f"{where} has an empty models= list; omit it to allow every model")
-    return parse_entry(entry, where, models)
+        values[name] = value
+    limits = Grant("", *(parse(values[name], where) if name in values else None
+                         for name, parse in _OPTIONS.items()))
+    return parse_entry(entry, where, limits)
+
+
+def _parse_models(value: str, where: str) -> frozenset[str]:
+    models = frozenset(m for m in value.split(",") if m)
+    if not models:
+        raise ConfigError(f"{where} has an empty models= list; omit it to allow every model")
+    return models
+
+
+def parse_expiry(value: str, where: str) -> float:
+    """Unix time of an ISO 8601 time with a zone (``2027-01-31T00:00:00Z``). Raises
+    ConfigError: a time without a zone would depend on the replica's clock settings."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ConfigError(
+            f"{where} has an unreadable expires= time: write an ISO 8601 time with its zone, "
+            f"e.g. expires=2027-01-31T00:00:00Z"
+        )
+    return moment.timestamp()
+
+
+# Option name -> parser, in the order of Grant's fields after key_id.
+_OPTIONS = {"models": _parse_models, "expires": parse_expiry}

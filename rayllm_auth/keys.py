@@ -1,4 +1,5 @@
-"""API keys: where they come from, how they are written, how a presented key is looked up.
+"""API keys: how they are written, and how a presented key is looked up. Parsing and the data
+model only: :mod:`rayllm_auth.keystore` reads and combines the sources.
 
 Key sources (read from the environment of the process that serves requests):
 
@@ -12,16 +13,13 @@ Key sources (read from the environment of the process that serves requests):
     client could send). ``ID`` is a non-secret name (``[A-Za-z0-9._-]``, at most 64
     characters, not ``sha256``) used in logs and metrics. Because a plain key may not
     contain ``:`` or ``,``, every entry has exactly one reading, and base64 keys (which end
-    in ``=``) need no quoting.
-
+    in ``=``) need no quoting. Options (``models=``, ``expires=``) exist only in the key file:
+    an entry that looks like one (``name=...``) is an error, never a key.
 ``RAY_LLM_API_KEYS_FILE``
-    Path of a key file (format in :mod:`rayllm_auth.keyfile`): named, plain or hashed keys,
-    each optionally limited to some models. Re-read while serving (see
-    :mod:`rayllm_auth.keystore`).
+    Path of a key file (format in :mod:`rayllm_auth.keyfile`).
 
-All sources that are set combine. A variable that is set but yields no usable key is a configuration error
-(:class:`~rayllm_auth.errors.ConfigError`), never "auth off". Error messages name the variable and the entry
-number, never the entry's text, which may be a key.
+Error messages name the variable and the entry number, never the entry's text, which may be a
+key; they raise :class:`~rayllm_auth.errors.ConfigError`.
 
 Lookup: every accepted key is stored as ``sha256(key)`` in a dict. A request's key is hashed
 and looked up, which costs the same for 1 or 10,000 keys. The lookup's timing depends only on
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
@@ -44,9 +41,11 @@ from rayllm_auth.errors import ConfigError
 __all__ = [
     "KEY_SOURCES",
     "Grant",
+    "Entry",
     "KeySet",
-    "load_key_set",
-    "configured_sources",
+    "environment_entries",
+    "parse_entry",
+    "looks_like_option",
     "key_id_for_digest",
     "is_sendable_key",
     "MAX_KEY_LENGTH",
@@ -64,6 +63,9 @@ SHORT_KEY_WARNING_LENGTH = 20
 _HASHED_PREFIX = "sha256"
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+# What a key-file option looks like: a lower-case name and '='. A key written like this is
+# refused, so a misplaced option (its own line, a stray comma) can never become a key.
+_OPTION = re.compile(r"[a-z][a-z_]*=")
 # Printable ASCII without space: what an HTTP header can carry as a bearer token.
 _SENDABLE = bytes(range(0x21, 0x7F))
 _RESERVED_IN_LIST = frozenset(b",:")
@@ -75,6 +77,11 @@ def is_sendable_key(key: bytes) -> bool:
     # translate() deletes every allowed byte (in C, on the per-request path): anything left
     # over is a byte a key may not contain.
     return 0 < len(key) <= MAX_KEY_LENGTH and not key.translate(None, _SENDABLE)
+
+
+def looks_like_option(text: str) -> bool:
+    """True if ``text`` starts like a key-file option (``models=...``, ``expires=...``)."""
+    return _OPTION.match(text) is not None
 
 
 def key_id_for_digest(digest: bytes) -> str:
@@ -92,10 +99,13 @@ class Grant:
 
     ``models`` is None for a key that may use every model, else the model ids it may use
     (a LoRA id ``base:adapter`` is allowed when its base is, see :meth:`allows`).
+    ``expires`` is None for a key that never expires, else the Unix time from which it is
+    refused.
     """
 
     key_id: str
     models: Optional[frozenset[str]] = None
+    expires: Optional[float] = None
 
     def allows(self, model: str) -> bool:
         if self.models is None or model in self.models:
@@ -113,7 +123,10 @@ class Entry:
 
 
 class KeySet:
-    """The accepted keys of one process: ``sha256(key) -> Grant``. Immutable, never pickled."""
+    """The accepted keys of one process: ``sha256(key) -> Grant``. Immutable, never pickled.
+
+    Raises ConfigError when built from entries that configure one key twice differently.
+    """
 
     __slots__ = ("_grants", "sources")
 
@@ -124,19 +137,23 @@ class KeySet:
             if known is not None and known != entry.grant:
                 raise ConfigError(
                     f"the same key is configured twice, as {known.key_id!r} and "
-                    f"{entry.grant.key_id!r} (in {', '.join(sources)}), with different ids "
-                    f"or models; configure it once"
+                    f"{entry.grant.key_id!r} (in {', '.join(sources)}), with different ids, "
+                    f"models or expiry; configure it once"
                 )
             grants[entry.digest] = entry.grant
         self._grants = grants
         self.sources = sources
 
     def lookup(self, presented: bytes) -> Optional[Grant]:
-        """The grant of ``presented`` if it is an accepted key, else None."""
+        """The grant of ``presented`` if it is a configured key (expired or not), else None."""
         return self._grants.get(hashlib.sha256(presented).digest())
 
     def holds_digest(self, digest: bytes) -> bool:
         return digest in self._grants
+
+    @property
+    def grants(self) -> list[Grant]:
+        return list(self._grants.values())
 
     @property
     def key_ids(self) -> list[str]:
@@ -153,30 +170,7 @@ class KeySet:
         raise TypeError("rayllm_auth.KeySet must not be pickled")
 
 
-def configured_sources(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-    """Names of the key source variables that are set (even to an empty value)."""
-    return tuple(name for name in KEY_SOURCES if name in environ)
-
-
-def load_key_set(environ: Mapping[str, str] = os.environ) -> Optional[KeySet]:
-    """Read every key source in ``environ`` once.
-
-    Returns None when no key source is set (auth is off), a non-empty :class:`KeySet`
-    otherwise. Raises :class:`ConfigError` when a set source yields no usable key or holds
-    an entry that cannot be read (an unreadable key file included).
-    """
-    sources = configured_sources(environ)
-    if not sources:
-        return None
-    entries = environment_entries(environ)
-    if RAY_LLM_API_KEYS_FILE in environ:
-        from rayllm_auth.keyfile import read_key_file
-
-        entries.extend(read_key_file(key_file_path(environ)).entries)
-    return KeySet(entries, sources)
-
-
-def environment_entries(environ: Mapping[str, str] = os.environ) -> list[Entry]:
+def environment_entries(environ: Mapping[str, str]) -> list[Entry]:
     """Entries of the key variables themselves (not the key file). Raises ConfigError."""
     entries: list[Entry] = []
     if VLLM_API_KEY in environ:
@@ -186,14 +180,6 @@ def environment_entries(environ: Mapping[str, str] = os.environ) -> list[Entry]:
     return entries
 
 
-def key_file_path(environ: Mapping[str, str] = os.environ) -> str:
-    """The key file's path. Raises ConfigError if the variable is set but empty."""
-    path = environ.get(RAY_LLM_API_KEYS_FILE, "").strip()
-    if not path:
-        raise ConfigError(f"{RAY_LLM_API_KEYS_FILE} is set but empty: give the key file's path")
-    return path
-
-
 def _parse_vllm_api_key(value: str) -> Entry:
     key = value.strip()
     if not key:
@@ -201,7 +187,7 @@ def _parse_vllm_api_key(value: str) -> Entry:
             f"{VLLM_API_KEY} is set but empty: set it to a key, or unset it and use "
             f"{RAY_LLM_API_KEYS}"
         )
-    return _plain_entry(key, None, VLLM_API_KEY, frozenset(), None)
+    return _plain_entry(key, None, VLLM_API_KEY, frozenset(), Grant(""))
 
 
 def _parse_key_list(value: str, variable: str) -> list[Entry]:
@@ -218,17 +204,18 @@ def _parse_key_list(value: str, variable: str) -> list[Entry]:
     return entries
 
 
-def parse_entry(text: str, where: str, models: Optional[frozenset[str]] = None) -> Entry:
-    """One ``[ID:]KEY`` or ``[ID:]sha256:HEX`` entry. Raises ConfigError naming ``where``."""
+def parse_entry(text: str, where: str, limits: Grant = Grant("")) -> Entry:
+    """One ``[ID:]KEY`` or ``[ID:]sha256:HEX`` entry, with the models and expiry of
+    ``limits`` (its key id is ignored). Raises ConfigError naming ``where``."""
     parts = text.split(":")
     if len(parts) == 1:
-        return _plain_entry(text, None, where, _RESERVED_IN_LIST, models)
+        return _plain_entry(text, None, where, _RESERVED_IN_LIST, limits)
     if len(parts) == 2 and parts[0] == _HASHED_PREFIX:
-        return _hashed_entry(parts[1], None, where, models)
+        return _hashed_entry(parts[1], None, where, limits)
     if len(parts) == 2:
-        return _plain_entry(parts[1], _key_id(parts[0], where), where, _RESERVED_IN_LIST, models)
+        return _plain_entry(parts[1], _key_id(parts[0], where), where, _RESERVED_IN_LIST, limits)
     if len(parts) == 3 and parts[1] == _HASHED_PREFIX:
-        return _hashed_entry(parts[2], _key_id(parts[0], where), where, models)
+        return _hashed_entry(parts[2], _key_id(parts[0], where), where, limits)
     raise ConfigError(
         f"{where} cannot be read: expected KEY, ID:KEY, sha256:HEX or ID:sha256:HEX "
         f"(a plain key may not contain ':' or ',')"
@@ -245,11 +232,7 @@ def _key_id(text: str, where: str) -> str:
 
 
 def _plain_entry(
-    key: str,
-    key_id: Optional[str],
-    where: str,
-    reserved: frozenset[int],
-    models: Optional[frozenset[str]],
+    key: str, key_id: Optional[str], where: str, reserved: frozenset[int], limits: Grant
 ) -> Entry:
     raw = key.encode("utf-8")
     if not is_sendable_key(raw) or not reserved.isdisjoint(raw):
@@ -257,6 +240,11 @@ def _plain_entry(
         raise ConfigError(
             f"{where} is not a usable key: keys are 1 to {MAX_KEY_LENGTH} printable ASCII "
             f"characters without spaces{forbidden}"
+        )
+    if reserved and looks_like_option(key):  # a list entry (VLLM_API_KEY is one whole key)
+        raise ConfigError(
+            f"{where} looks like an option (NAME=...), not a key: options such as models= "
+            f"and expires= follow a key on the same line of the key file"
         )
     if len(raw) < SHORT_KEY_WARNING_LENGTH:
         logger.warning(
@@ -266,17 +254,18 @@ def _plain_entry(
             where,
             SHORT_KEY_WARNING_LENGTH,
         )
-    digest = hashlib.sha256(raw).digest()
-    return Entry(digest, Grant(key_id or key_id_for_digest(digest), models))
+    return _entry(hashlib.sha256(raw).digest(), key_id, limits)
 
 
-def _hashed_entry(
-    hex_digest: str, key_id: Optional[str], where: str, models: Optional[frozenset[str]]
-) -> Entry:
+def _hashed_entry(hex_digest: str, key_id: Optional[str], where: str, limits: Grant) -> Entry:
     if not _HEX_DIGEST.fullmatch(hex_digest):
         raise ConfigError(
             f"{where} is not a usable hashed key: write sha256: followed by the 64 "
             f"lowercase hex digits of the key's SHA-256 digest"
         )
-    digest = bytes.fromhex(hex_digest)
-    return Entry(digest, Grant(key_id or key_id_for_digest(digest), models))
+    return _entry(bytes.fromhex(hex_digest), key_id, limits)
+
+
+def _entry(digest: bytes, key_id: Optional[str], limits: Grant) -> Entry:
+    grant = Grant(key_id or key_id_for_digest(digest), limits.models, limits.expires)
+    return Entry(digest, grant)

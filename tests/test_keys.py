@@ -7,7 +7,8 @@ import pickle
 import pytest
 
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.keys import KeySet, key_id_for_digest, load_key_set
+from rayllm_auth.keys import KeySet, key_id_for_digest
+from rayllm_auth.keystore import load_keys as load_key_set
 from tests.conftest import new_key
 
 
