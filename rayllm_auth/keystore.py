@@ -1,11 +1,18 @@
-"""The key set a replica serves with, kept current while the key file changes.
+"""The key set a replica serves with: every key source read and combined here, and kept current
+while the key file changes.
 
 Reloading is driven by requests, not by a thread: when a request arrives and the last look at
 the key file is more than ``RAY_LLM_AUTH_RELOAD_INTERVAL_S`` seconds old (default 5), the
-file is stat'ed, and read again only if its signature (inode, size, mtime) changed. So every
-request is checked against a key set at most one interval old, a removed key is refused from
-the first request after that, and an idle replica does no work at all. In Kubernetes add the
-kubelet's own delay in updating a mounted Secret (about a minute by default).
+file is stat'ed, and read again only if its signature (inode, size, mtime, ctime) changed. An
+idle replica does no work at all.
+
+A changed file is taken only once it has **settled**: unchanged for ``SETTLE_S`` seconds
+(judged by its ctime, which every write moves and no writer can set, or, if the clocks
+disagree, by two looks ``SETTLE_S`` apart). A file rewritten in place is never read half
+written, even when the half parses (a key without the ``models=`` line that follows it). So a
+removed key is refused, and an added key accepted, at most ``interval + SETTLE_S`` seconds
+after the change; in Kubernetes add the kubelet's own delay (about a minute by default).
+A replica starting while the file changes waits for it to settle (at most ``MAX_START_WAIT_S``).
 
 A file that becomes unreadable or invalid leaves the last good key set in place; the error is
 logged once per distinct file state and counted in ``rayllm_auth_key_reloads{outcome=
@@ -18,29 +25,34 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 from rayllm_auth import metrics
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.keyfile import KeyFile, file_signature, read_key_file
+from rayllm_auth.keyfile import KeyFile, Signature, file_signature, read_key_file
 from rayllm_auth.keys import (
     KEY_SOURCES,
     RAY_LLM_API_KEYS_FILE,
+    Entry,
     KeySet,
-    configured_sources,
     environment_entries,
-    key_file_path,
 )
 
-__all__ = ["KeyStore", "RELOAD_INTERVAL_VAR"]
+__all__ = ["KeyStore", "SourceReport", "configured_sources", "load_keys", "read_sources",
+           "RELOAD_INTERVAL_VAR", "SETTLE_S"]
 
 logger = logging.getLogger("rayllm_auth")
 
 RELOAD_INTERVAL_VAR = "RAY_LLM_AUTH_RELOAD_INTERVAL_S"
 DEFAULT_RELOAD_INTERVAL_S = 5.0
+#: A changed key file is taken once it has been unchanged this long (seconds).
+SETTLE_S = 1.0
+#: How long a starting replica waits for a key file that keeps changing before it gives up.
+MAX_START_WAIT_S = 10 * SETTLE_S
 
 
-def reload_interval(environ: Mapping[str, str] = os.environ) -> float:
+def reload_interval(environ: Mapping[str, str]) -> float:
     text = environ.get(RELOAD_INTERVAL_VAR, "").strip()
     if not text:
         return DEFAULT_RELOAD_INTERVAL_S
@@ -53,14 +65,75 @@ def reload_interval(environ: Mapping[str, str] = os.environ) -> float:
     return value
 
 
+def configured_sources(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """Names of the key source variables that are set (even to an empty value)."""
+    return tuple(name for name in KEY_SOURCES if name in environ)
+
+
+def key_file_path(environ: Mapping[str, str]) -> str:
+    """The key file's path. Raises ConfigError if the variable is set but empty."""
+    path = environ.get(RAY_LLM_API_KEYS_FILE, "").strip()
+    if not path:
+        raise ConfigError(f"{RAY_LLM_API_KEYS_FILE} is set but empty: give the key file's path")
+    return path
+
+
+@dataclass(frozen=True)
+class SourceReport:
+    """One key source as read now: its entries, or why it cannot be used (for ``doctor``)."""
+
+    variable: str
+    entries: tuple[Entry, ...] = ()
+    error: Optional[str] = None
+    path: Optional[str] = None  #: the key file's path, for RAY_LLM_API_KEYS_FILE
+
+
+def read_sources(environ: Mapping[str, str] = os.environ) -> list[SourceReport]:
+    """Every key source that is set, read once each; an unusable one carries its error."""
+    reports = []
+    for variable in configured_sources(environ):
+        path = None
+        try:
+            if variable == RAY_LLM_API_KEYS_FILE:
+                path = key_file_path(environ)
+                entries = read_key_file(path).entries
+            else:
+                entries = environment_entries({variable: environ[variable]})
+        except ConfigError as exc:
+            reports.append(SourceReport(variable, error=str(exc), path=path))
+            continue
+        reports.append(SourceReport(variable, tuple(entries), path=path))
+    return reports
+
+
+def load_keys(environ: Mapping[str, str] = os.environ) -> Optional[KeySet]:
+    """Every key source in ``environ``, read once and combined: None when none is set (auth
+    off). Raises ConfigError when a set source is unusable or the sources conflict. For
+    checking a configuration where an app is built; replicas serve from a :class:`KeyStore`.
+    """
+    if not configured_sources(environ):
+        return None
+    return KeyStore(environ, watch=False).current()
+
+
 class KeyStore:
-    """Current keys of this process. Raises ConfigError when built if no key source is set
-    or any source is unusable: a replica never starts on a partial or empty key set."""
+    """Current keys of this process.
+
+    Raises ConfigError when built if no key source is set, any source is unusable, or the
+    key file keeps changing for ``MAX_START_WAIT_S``: a replica never starts on a partial,
+    empty or half-written key set. ``clock`` (monotonic) paces reloads; ``wall_clock``
+    (Unix time) judges whether the file has settled; ``sleep`` waits for it at start.
+    ``watch=False`` reads the sources once and never reloads or publishes metrics.
+    """
 
     def __init__(
         self,
         environ: Mapping[str, str] = os.environ,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        watch: bool = True,
     ):
         sources = configured_sources(environ)
         if not sources:
@@ -70,16 +143,20 @@ class KeyStore:
             )
         self._sources = sources
         self._env_entries = environment_entries(environ)
-        self._clock = clock
+        self._clock, self._wall_clock = clock, wall_clock
         self._path: Optional[str] = None
         self._file: Optional[KeyFile] = None
-        self._failed_signature: Optional[tuple] = None
+        self._failed_signature: Optional[object] = None
+        self._unsettled: Optional[tuple[Signature, float]] = None  # (signature, first seen)
         if RAY_LLM_API_KEYS_FILE in environ:
-            self._path = key_file_path(environ)
+            path = key_file_path(environ)
             self._interval = reload_interval(environ)
-            self._file = read_key_file(self._path)
+            self._file = self._read_when_settled(path, sleep) if watch else read_key_file(path)
+            self._path = path if watch else None
             self._next_check = clock() + self._interval
         self._keys = self._combine(self._file)
+        if watch:
+            metrics.publish_expiries(self._keys)
 
     @property
     def watches_file(self) -> bool:
@@ -89,7 +166,7 @@ class KeyStore:
         """The key set to check this request against (re-reading the file when due)."""
         if self._path is not None and (now := self._clock()) >= self._next_check:
             self._next_check = now + self._interval
-            self._refresh()
+            self._refresh(now)
         return self._keys
 
     def _combine(self, key_file: Optional[KeyFile]) -> KeySet:
@@ -98,27 +175,65 @@ class KeyStore:
             entries.extend(key_file.entries)
         return KeySet(entries, self._sources)
 
-    def _refresh(self) -> None:
+    def _time_to_settle(self, signature: Signature, now: float) -> float:
+        """0 once the file has been in state ``signature`` for SETTLE_S, judged by its ctime
+        or, if the clocks disagree, by our own looks at it; else how long to wait."""
+        by_ctime = SETTLE_S - (self._wall_clock() - signature.ctime_ns / 1e9)
+        if self._unsettled is None or self._unsettled[0] != signature:
+            self._unsettled = (signature, now)
+        by_looks = SETTLE_S - (now - self._unsettled[1])
+        return max(0.0, min(by_ctime, by_looks))
+
+    def _read_when_settled(self, path: str, sleep: Callable[[float], None]) -> KeyFile:
+        deadline = self._clock() + MAX_START_WAIT_S
+        while True:
+            try:
+                signature = file_signature(path)
+            except OSError:
+                return read_key_file(path)  # raises ConfigError naming the file
+            wait = self._time_to_settle(signature, self._clock())
+            if not wait:
+                key_file = read_key_file(path)
+                if key_file.signature == signature:
+                    self._unsettled = None
+                    return key_file
+            elif self._clock() + wait > deadline:
+                raise ConfigError(f"{RAY_LLM_API_KEYS_FILE} ({path}) kept changing for "
+                                  f"{MAX_START_WAIT_S:.0f} s; write it atomically (rename)")
+            sleep(wait)
+
+    def _refresh(self, now: float) -> None:
         try:
             signature = file_signature(self._path)
         except OSError as exc:
             message = f"{RAY_LLM_API_KEYS_FILE} ({self._path}) cannot be read: {exc.strerror}"
             return self._failed(("unreadable", exc.errno), message)
         if signature == self._file.signature:
+            self._unsettled = None
+            return
+        wait = self._time_to_settle(signature, now)
+        if wait:
+            # Still changing, or changed too recently to tell: look again once it may have
+            # settled, so a rotation takes at most interval + SETTLE_S.
+            self._next_check = now + wait
             return
         try:
             key_file = read_key_file(self._path)
+            if key_file.signature != signature:
+                return  # changed again since the stat: not settled after all
             keys = self._combine(key_file)
         except ConfigError as exc:
             return self._failed(signature, str(exc))
         self._file, self._keys, self._failed_signature = key_file, keys, None
+        self._unsettled = None
         metrics.record_reload("ok")
+        metrics.publish_expiries(keys)
         logger.info(
             "rayllm-auth: %s reloaded: %d key(s), ids %s",
             RAY_LLM_API_KEYS_FILE, len(keys), ", ".join(keys.key_ids[:10]),
         )
 
-    def _failed(self, signature: tuple, message: str) -> None:
+    def _failed(self, signature: object, message: str) -> None:
         if signature == self._failed_signature:
             return  # already reported for this state of the file
         self._failed_signature = signature

@@ -3,11 +3,15 @@ wherever Ray's metrics are scraped (KubeRay pods' metrics port, Ray's Prometheus
 
 ``rayllm_auth_requests`` (Counter; tags ``outcome``, ``key_id``)
     One per auth decision. ``outcome``: ``ok``, ``missing``, ``malformed``, ``conflicting``,
-    ``invalid``, ``model_denied``, ``exempt``, or ``config_error`` (a replica that refused
+    ``invalid``, ``expired``, ``model_denied``, ``exempt``, or ``config_error`` (a replica that refused
     to start because its key configuration is unusable). ``key_id`` is the key's non-secret
     id when the key was recognised, else empty.
 ``rayllm_auth_key_reloads`` (Counter; tag ``outcome``: ``ok`` or ``failed``)
     Key file reloads.
+``rayllm_auth_key_expiry_timestamp_seconds`` (Gauge; tag ``key_id``)
+    Unix time at which a key expires (the earliest, if several keys share the id), for the
+    keys that have an expiry; 0 once the id has no expiring key any more (removed from the
+    key file, or its ``expires=`` removed), so alerts filter on ``> 0``.
 
 Ray exports them with its ``ray_`` prefix (and ``_total`` for counters).
 
@@ -23,19 +27,23 @@ import asyncio
 import logging
 from typing import Optional
 
-__all__ = ["record_request", "record_ok", "ok_counts", "record_reload", "pending", "flush",
-           "FLUSH_INTERVAL_S"]
+__all__ = ["record_request", "record_ok", "ok_counts", "record_reload", "publish_expiries",
+           "pending", "flush", "FLUSH_INTERVAL_S"]
 
 logger = logging.getLogger("rayllm_auth")
 
 FLUSH_INTERVAL_S = 1.0
 _REQUESTS = ("rayllm_auth_requests", "Auth decisions of rayllm-auth", ("outcome", "key_id"))
 _RELOADS = ("rayllm_auth_key_reloads", "Key file reloads of rayllm-auth", ("outcome",))
+_EXPIRY = ("rayllm_auth_key_expiry_timestamp_seconds",
+           "Unix time at which an API key expires (0: no longer configured)", ("key_id",))
 
 _requests: dict[tuple[str, str], int] = {}  # (outcome, key_id) -> count not yet handed to Ray
 _ok: dict[str, int] = {}  # key_id -> count of ("ok", key_id): the hot path's own dict
 _reloads: dict[tuple[str], int] = {}  # (outcome,) -> count not yet handed to Ray
-_counters: dict[str, object] = {}
+_expiries: dict[tuple[str], float] = {}  # (key_id,) -> gauge value not yet handed to Ray
+_published_expiries: set[str] = set()  # key ids whose gauge this process has set
+_metrics: dict[str, object] = {}  # metric name -> Ray Counter/Gauge, or None without Ray
 _flush_loop: Optional[asyncio.AbstractEventLoop] = None  # where a flush is scheduled
 
 
@@ -65,19 +73,34 @@ def record_reload(outcome: str) -> None:
     _schedule_flush()
 
 
-def pending() -> dict[tuple[str, tuple], int]:
-    """Counts not yet handed to Ray, by (metric name, tag values). For tests and ``doctor``."""
-    return {(spec[0], label): n for spec, counts in _pending_batches()
-            for label, n in counts.items()}
+def publish_expiries(keys) -> None:
+    """Set the expiry gauge to the earliest expiry of each key id in ``keys`` (a KeySet),
+    and to 0 for ids published before that no longer have one."""
+    earliest: dict[str, float] = {}
+    for grant in keys.grants:
+        if grant.expires is not None:
+            earliest[grant.key_id] = min(grant.expires, earliest.get(grant.key_id, grant.expires))
+    for key_id in _published_expiries - earliest.keys():
+        _expiries[(key_id,)] = 0.0
+    for key_id, expires in earliest.items():
+        _expiries[(key_id,)] = expires
+    _published_expiries.update(earliest)
+    _schedule_flush()
+
+
+def pending() -> dict[tuple[str, tuple], float]:
+    """Values not yet handed to Ray, by (metric name, tag values). For tests."""
+    return {(spec[0], label): n for spec, values in _pending_batches()
+            for label, n in values.items()}
 
 
 def _pending_batches() -> list[tuple[tuple, dict]]:
-    """(metric spec, {tag values: count}) for each metric, the hot path's ``ok`` counts
-    folded into the requests metric. Copies: the module's dicts are left as they are."""
+    """(metric spec, {tag values: count or gauge value}) for each metric, the hot path's
+    ``ok`` counts folded into the requests metric. Copies: the module's dicts stay as they are."""
     requests = dict(_requests)
     for key_id, n in _ok.items():
         requests[("ok", key_id)] = requests.get(("ok", key_id), 0) + n
-    return [(_REQUESTS, requests), (_RELOADS, dict(_reloads))]
+    return [(_REQUESTS, requests), (_RELOADS, dict(_reloads)), (_EXPIRY, dict(_expiries))]
 
 
 def _schedule_flush() -> None:
@@ -92,27 +115,29 @@ def _schedule_flush() -> None:
 
 
 def flush() -> None:
-    """Hand every pending count to Ray's metrics API."""
+    """Hand every pending count and gauge value to Ray's metrics API."""
     global _flush_loop
     _flush_loop = None
     batches = _pending_batches()
-    for counts in (_ok, _requests, _reloads):
-        counts.clear()
-    for spec, counts in batches:
-        counter = _counter(spec) if counts else None
-        if counter is not None:
-            for label, count in counts.items():
-                counter.inc(count, tags=dict(zip(spec[2], label)))
+    for values in (_ok, _requests, _reloads, _expiries):
+        values.clear()
+    for spec, values in batches:
+        metric = _metric(spec) if values else None
+        if metric is not None:
+            record = metric.set if spec is _EXPIRY else metric.inc
+            for label, value in values.items():
+                record(value, tags=dict(zip(spec[2], label)))
 
 
-def _counter(spec: tuple) -> Optional[object]:
+def _metric(spec: tuple) -> Optional[object]:
     name, description, tag_keys = spec
-    if name not in _counters:
+    if name not in _metrics:
         try:
-            from ray.util.metrics import Counter
+            from ray.util.metrics import Counter, Gauge
 
-            _counters[name] = Counter(name, description=description, tag_keys=tag_keys)
+            kind = Gauge if spec is _EXPIRY else Counter
+            _metrics[name] = kind(name, description=description, tag_keys=tag_keys)
         except Exception as exc:  # no Ray here: counting must never break serving
             logger.debug("rayllm-auth: metrics unavailable (%s)", exc)
-            _counters[name] = None
-    return _counters[name]
+            _metrics[name] = None
+    return _metrics[name]

@@ -1,9 +1,14 @@
 """Shared fixtures. Keys are random per run, so a leak audit can search for them."""
 
+import os
 import secrets
 import sys
 
 import pytest
+
+# vLLM picks its platform once, at first use; this machine has no GPU (the engine is never run,
+# but vLLM's own app is built for direct-streaming tests).
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 from rayllm_auth.keys import KEY_SOURCES
 
@@ -56,6 +61,7 @@ def fresh_metrics():
     from rayllm_auth import metrics
 
     metrics.flush()
+    metrics._published_expiries.clear()  # as in a fresh replica process
     yield
     metrics.flush()
 

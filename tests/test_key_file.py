@@ -10,8 +10,9 @@ import pytest
 from rayllm_auth import metrics
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.keyfile import parse_key_file
-from rayllm_auth.keys import KEY_SOURCES, load_key_set
-from rayllm_auth.keystore import KeyStore
+from rayllm_auth.keys import KEY_SOURCES
+from rayllm_auth.keystore import load_keys as load_key_set
+from rayllm_auth.keystore import SETTLE_S, KeyStore
 from rayllm_auth.testing.secret_mount import SecretMount
 from tests.conftest import new_key
 
@@ -19,11 +20,22 @@ pytestmark = pytest.mark.usefixtures("fresh_metrics")
 
 
 class Clock:
+    """A monotonic clock moved by hand; ``sleep`` moves it too. Wall time stays real, so a
+    file written during a test is only ever seconds old: the key store can tell it has
+    settled only by looking at it twice, SETTLE_S apart on this clock."""
+
     def __init__(self):
         self.now = 1000.0
 
     def __call__(self):
         return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def store_for(environ, clock):
+    return KeyStore(environ, clock, sleep=clock.sleep)
 
 
 def sha(key: str) -> str:
@@ -122,11 +134,13 @@ def test_edit_is_picked_up_after_the_interval_and_revokes_dropped_keys(env):
     kept, dropped, added = new_key(), new_key(), new_key()
     path.write_text(f"kept:{kept}\ndropped:{dropped}\n")
     clock = Clock()
-    store = KeyStore(environ, clock)
+    store = store_for(environ, clock)
     write_atomically(path, f"kept:{kept}\nadded:sha256:{sha(added)}\n")
     clock.now += 1.9  # within the interval: the old set still serves
     assert store.current().lookup(dropped.encode()) and not store.current().lookup(added.encode())
-    clock.now += 0.2
+    clock.now += 0.2  # seen, but just written: it must stay unchanged for SETTLE_S first
+    assert store.current().lookup(dropped.encode()) and not store.current().lookup(added.encode())
+    clock.now += SETTLE_S
     keys = store.current()
     assert keys.lookup(dropped.encode()) is None  # revoked
     assert keys.lookup(kept.encode()).key_id == "kept" and keys.lookup(added.encode()).key_id == "added"
@@ -137,7 +151,7 @@ def test_unchanged_file_is_not_read_again(env, monkeypatch):
     path, environ = env
     path.write_text(f"{new_key()}\n")
     clock = Clock()
-    store = KeyStore(environ, clock)
+    store = store_for(environ, clock)
     reads = []
     monkeypatch.setattr("rayllm_auth.keystore.read_key_file", lambda p: reads.append(p))
     for _ in range(5):
@@ -153,11 +167,13 @@ def test_kubernetes_symlink_swap_is_picked_up(env, tmp_path):
     environ = {"RAY_LLM_API_KEYS_FILE": str(mount.path("keys")),
                "RAY_LLM_AUTH_RELOAD_INTERVAL_S": "1"}
     clock = Clock()
-    store = KeyStore(environ, clock)
+    store = store_for(environ, clock)
     assert store.current().lookup(old.encode())
 
     mount.update({"keys": f"new:{new}\n"})  # a new ..data target; the old one is deleted
     clock.now += 1
+    store.current()
+    clock.now += SETTLE_S
     keys = store.current()
     assert keys.lookup(new.encode()).key_id == "new" and keys.lookup(old.encode()) is None
 
@@ -168,7 +184,7 @@ def test_broken_file_keeps_the_last_good_set_and_says_so_once(env, caplog, damag
     key = new_key()
     path.write_text(f"team:{key}\n")
     clock = Clock()
-    store = KeyStore(environ, clock)
+    store = store_for(environ, clock)
     if damage == "removed":
         path.unlink()
     else:
@@ -178,7 +194,7 @@ def test_broken_file_keeps_the_last_good_set_and_says_so_once(env, caplog, damag
         tmp.write_bytes(content)
         os.replace(tmp, path)
     with caplog.at_level(logging.ERROR, logger="rayllm_auth"):
-        for _ in range(4):
+        for _ in range(6):
             clock.now += 2
             assert store.current().lookup(key.encode()).key_id == "team"
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -188,7 +204,9 @@ def test_broken_file_keeps_the_last_good_set_and_says_so_once(env, caplog, damag
 
     fixed = new_key()
     write_atomically(path, f"fixed:{fixed}\n")  # a good file again: taken, and the next
-    clock.now += 2                              # breakage is reported again
+    for _ in range(2):                          # breakage is reported again
+        clock.now += 2
+        store.current()
     assert store.current().lookup(fixed.encode()).key_id == "fixed"
     assert reloads() == {"failed": 1, "ok": 1}
 
@@ -199,9 +217,11 @@ def test_reload_that_conflicts_with_the_environment_is_refused(env):
     environ = {**environ, "RAY_LLM_API_KEYS": f"env:{shared}"}
     path.write_text(f"other:{new_key()}\n")
     clock = Clock()
-    store = KeyStore(environ, clock)
+    store = store_for(environ, clock)
     write_atomically(path, f"file:{shared}\n")  # same key, another id: ambiguous
-    clock.now += 2
+    for _ in range(2):
+        clock.now += 2
+        store.current()
     assert store.current().lookup(shared.encode()).key_id == "env"
     assert reloads() == {"failed": 1}
 
@@ -213,3 +233,101 @@ def test_environment_only_never_touches_the_filesystem(monkeypatch):
     for _ in range(3):
         store.current()
     assert calls == [] and not store.watches_file
+
+
+# -- what a careless key file must never become (review findings, issue 10) ------------
+
+
+def test_a_stray_option_line_is_an_error_not_a_key():
+    # `models=qwen` on a line of its own would otherwise be a plain key for every model.
+    text = f"team-b:sha256:{sha(new_key())}\n    models=qwen\n"
+    with pytest.raises(ConfigError, match="line 2 of the file"):
+        parse_key_file(text, "the file")
+
+
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
+                                       "\u2028", "\u2029"])
+def test_only_newline_ends_a_line_and_other_breaks_are_errors(separator):
+    # str.splitlines() ends a line at each of these; a soft line break pasted from a word
+    # processor (\x0b) turned the models= option into a key of its own.
+    text = f"# keys\nteam-b:sha256:{sha(new_key())}{separator}models=qwen\n"
+    with pytest.raises(ConfigError, match="line 2 of the file"):
+        parse_key_file(text, "the file")
+
+
+def test_crlf_line_ends_are_fine():
+    a, b = new_key(), new_key()
+    grants = [e.grant for e in parse_key_file(f"a:{a} models=x\r\nb:{b}\r\n", "f")]
+    assert [(g.key_id, g.models) for g in grants] == [("a", {"x"}), ("b", None)]
+
+
+def test_an_option_hidden_in_a_comment_is_an_error():
+    with pytest.raises(ConfigError, match="line 1 of the file"):
+        parse_key_file(f"team:{new_key()}   # note  models=llama\n", "the file")
+
+
+def test_an_option_in_the_key_list_variable_is_an_error():
+    with pytest.raises(ConfigError, match="entry 2 of RAY_LLM_API_KEYS"):
+        KeyStore({"RAY_LLM_API_KEYS": f"team-b:{new_key()},models=qwen"})
+
+
+def test_an_in_place_rewrite_is_never_read_half_written(env):
+    # A writer that rewrites the file in place (not write-then-rename) can be looked at
+    # between its two writes; that state must never be taken, even though it parses.
+    path, environ = env
+    old, limited = new_key(), new_key()
+    path.write_text(f"old:{old}\n")
+    clock = Clock()
+    store = store_for(environ, clock)
+    with open(path, "r+") as f:
+        f.truncate(0)
+        f.write(f"team:sha256:{sha(limited)}")
+        f.flush()
+        clock.now += 2.1  # a request arrives between the writer's two writes
+        assert store.current().lookup(limited.encode()) is None
+        f.write("   models=llama\n")
+    for _ in range(5):
+        clock.now += 1.1
+        grant = store.current().lookup(limited.encode())
+        assert grant is None or grant.models == {"llama"}
+    assert grant is not None and store.current().lookup(old.encode()) is None
+
+
+# -- expiry ---------------------------------------------------------------------------------
+
+
+def test_expires_takes_an_iso_time_with_its_zone():
+    key = new_key()
+    (entry,) = parse_key_file(f"team:{key} models=a expires=2027-01-31T00:00:00Z\n", "f")
+    assert entry.grant.expires == 1801353600.0 and entry.grant.models == {"a"}
+    (entry,) = parse_key_file(f"team:{key} expires=2027-01-31T01:00:00+01:00\n", "f")
+    assert entry.grant.expires == 1801353600.0
+
+
+@pytest.mark.parametrize("option", ["expires=2027-01-31", "expires=2027-01-31T00:00:00",
+                                    "expires=tomorrow", "expires=", "expires=1 expires=2"])
+def test_an_unreadable_or_zoneless_expiry_is_an_error(option):
+    key = new_key()
+    with pytest.raises(ConfigError, match="line 1 of f") as caught:
+        parse_key_file(f"team:{key} {option}\n", "f")
+    assert key not in str(caught.value)
+
+
+def test_expiry_is_published_for_prometheus_and_zeroed_when_gone(env):
+    path, environ = env
+    kept, dropped, forever = new_key(), new_key(), new_key()
+    path.write_text(f"kept:{kept} expires=2027-01-31T00:00:00Z\n"
+                    f"dropped:{dropped} expires=2026-12-01T00:00:00Z\nforever:{forever}\n")
+    clock = Clock()
+    store = store_for(environ, clock)
+    assert expiry_gauge() == {"kept": 1801353600.0, "dropped": 1796083200.0}
+    write_atomically(path, f"kept:{kept} expires=2027-01-31T00:00:00Z\nforever:{forever}\n")
+    for _ in range(3):
+        clock.now += 2
+        store.current()
+    assert expiry_gauge() == {"kept": 1801353600.0, "dropped": 0.0}
+
+
+def expiry_gauge():
+    return {tags[0]: value for (name, tags), value in metrics.pending().items()
+            if name == "rayllm_auth_key_expiry_timestamp_seconds"}
