@@ -18,7 +18,7 @@ from rayllm_auth.patching import replica_app_guard, require, wrap_once
 REPLICA_WRAPPER_MODULE = "ray.serve._private.http_util"
 
 #: Deployment classes whose replicas answer clients directly.
-CLIENT_FACING_CLASSES = ((INGRESS_MODULE, "OpenAiIngress"),)
+CLIENT_FACING_CLASSES = ((INGRESS_MODULE, "OpenAiIngress", False),)
 
 #: Everything the hooks below need, by module (``doctor`` checks the same list).
 TARGETS = {

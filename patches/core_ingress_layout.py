@@ -30,11 +30,12 @@ from rayllm_auth.patching import (
 INGRESS_MODULE = "ray.llm._internal.serve.core.ingress.ingress"
 REPLICA_WRAPPER_MODULE = "ray.serve._private.http_util"
 
-#: Deployment classes whose replicas answer clients directly.
+#: Deployment classes whose replicas answer clients directly, and whether each serves one
+#: model whatever a request names (direct streaming: the engine's own app).
 CLIENT_FACING_CLASSES = (
-    (INGRESS_MODULE, "OpenAiIngress"),
-    ("ray.llm._internal.serve.core.server.llm_server", "LLMServer"),
-    ("ray.llm._internal.serve.engines.sglang.sglang_engine", "SGLangServer"),
+    (INGRESS_MODULE, "OpenAiIngress", False),
+    ("ray.llm._internal.serve.core.server.llm_server", "LLMServer", True),
+    ("ray.llm._internal.serve.engines.sglang.sglang_engine", "SGLangServer", True),
 )
 
 #: Everything the hooks below need, by module (``doctor`` checks the same list).

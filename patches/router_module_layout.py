@@ -21,7 +21,7 @@ ROUTER_MODULE = "ray.llm._internal.serve.deployments.routers.router"
 REPLICA_WRAPPER_MODULE = "ray.serve._private.http_util"
 
 #: Deployment classes whose replicas answer clients directly.
-CLIENT_FACING_CLASSES = ((ROUTER_MODULE, "LLMRouter"),)
+CLIENT_FACING_CLASSES = ((ROUTER_MODULE, "LLMRouter", False),)
 
 #: Everything the hooks below need, by module (``doctor`` checks the same list).
 TARGETS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rayllm_auth._bootstrap import autopatch_disabled
 from rayllm_auth.activation import install
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.keys import load_key_set
+from rayllm_auth.keystore import load_keys
 
 __all__ = ["build_openai_app"]
 
@@ -20,7 +20,7 @@ def build_openai_app(builder_config: dict):
     while auto-activation is switched off: that app is built inside the replicas, where only
     the activated plugin can protect it. Raises AuthUnavailableError on an unsupported Ray.
     """
-    load_key_set()
+    load_keys()
     install()
     from ray.serve.llm import build_openai_app as ray_build_openai_app
 

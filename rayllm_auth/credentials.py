@@ -2,60 +2,53 @@
 
 Accepted: ``Authorization: Bearer <key>`` (scheme in any case) and ``x-api-key: <key>``.
 Several such headers are fine if they all carry the same key. Anything else is a
-:class:`Denial`: no credential, a malformed one (other scheme, empty, non-ASCII, too long,
-inner whitespace), or conflicting ones. Cookies and query strings are never read: a key is
-never ambient, so a browser cannot be made to send it by another site.
+:class:`~rayllm_auth.refusals.Refusal`: no credential, a malformed one (other scheme, empty,
+non-ASCII, too long, inner whitespace), or conflicting ones. Cookies and query strings are
+never read: a key is never ambient, so a browser cannot be made to send it by another site.
+
+Header names are matched in any case. ASGI servers must lower-case them (uvicorn, which Ray
+Serve's proxy runs, does); one that did not would otherwise let a second ``Authorization``
+through unchecked, and on to the engine.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Iterable, Union
 
 from rayllm_auth.keys import is_sendable_key
+from rayllm_auth.refusals import Refusal
 
-__all__ = ["Denial", "take_key"]
-
-
-class Denial(enum.Enum):
-    """Why a request is refused. The value is the outcome label used in logs and metrics."""
-
-    MISSING = "missing"
-    MALFORMED = "malformed"
-    CONFLICTING = "conflicting"
-    INVALID = "invalid"
-
+__all__ = ["take_key", "without_credentials"]
 
 _AUTHORIZATION = b"authorization"
 _X_API_KEY = b"x-api-key"
 _OWS = b" \t"
 
 
-def take_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Union[bytes, Denial], list]:
-    """The key ``headers`` carry (ASGI: lower-case names, raw bytes), or why there is none;
+def take_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Union[bytes, Refusal], list]:
+    """The key ``headers`` carry (raw ASGI bytes), or the Refusal saying why there is none;
     and the other headers, i.e. ``headers`` without the credential headers.
 
     One pass, as this runs for every request. Never raises on hostile bytes: anything that is
-    not a clean single key is a Denial.
+    not a clean single key is a Refusal.
     """
     found = None
     others = []
     for header in headers:
         name = header[0]
-        if name == _AUTHORIZATION:
-            key = _bearer_token(header[1])
-        elif name == _X_API_KEY:
-            key = header[1].strip(_OWS)
-        else:
-            others.append(header)
-            continue
+        if name != _AUTHORIZATION and name != _X_API_KEY:
+            name = name.lower()  # only for names that are not already the lower-case ones
+            if name != _AUTHORIZATION and name != _X_API_KEY:
+                others.append(header)
+                continue
+        key = _bearer_token(header[1]) if name == _AUTHORIZATION else header[1].strip(_OWS)
         if key is None or not is_sendable_key(key):
-            return Denial.MALFORMED, others
+            return Refusal.MALFORMED, others
         if found is None:
             found = key
         elif key != found:  # both values come from the client: nothing secret is compared
-            return Denial.CONFLICTING, others
-    return (Denial.MISSING if found is None else found), others
+            return Refusal.CONFLICTING, others
+    return (Refusal.MISSING if found is None else found), others
 
 
 def _bearer_token(value: bytes):
@@ -63,3 +56,9 @@ def _bearer_token(value: bytes):
     if not space or scheme.lower() != b"bearer":
         return None
     return token.lstrip(b" ")
+
+
+def without_credentials(headers: Iterable[tuple[bytes, bytes]]) -> list:
+    """``headers`` without any ``Authorization`` or ``x-api-key`` header, in any case (for
+    requests that pass without a valid key: the credential goes no further either)."""
+    return [h for h in headers if h[0].lower() not in (_AUTHORIZATION, _X_API_KEY)]

@@ -2,16 +2,17 @@
 
 Deny by default: every HTTP request and WebSocket handshake, on every path and method,
 needs a key, except paths an operator lists in ``RAY_LLM_AUTH_EXEMPT_PATHS`` (exact route
-paths, empty by default). Lifespan events pass through untouched. Keys are read from this
-process's environment when the middleware is built, i.e. inside the replica, never from
+paths, empty by default). Lifespan events pass through untouched; an unknown scope type
+raises. Keys are read where the middleware is built, i.e. inside the replica, never from
 arguments: the app, with this middleware in its stack, is pickled into the deployment.
 
-On success the credential headers are removed from the request (the key goes no further than
-this middleware) and the key's non-secret id is stored as ``request.state.user_id``, which
-Ray Serve LLM's HTTP metrics use as their ``user_id`` tag. A key limited to some models goes
-through :class:`~rayllm_auth.model_scope.ModelScope`. Every decision is counted
-(:mod:`rayllm_auth.metrics`); refusals are logged, rate-limited (:mod:`rayllm_auth.audit`).
-Keys come from a :class:`~rayllm_auth.keystore.KeyStore`, which follows the key file.
+A request passes with a configured key that has not expired; a key limited to some models
+also needs :class:`~rayllm_auth.model_scope.ModelScope`'s consent. Its credential headers are
+then removed (the key goes no further than this middleware, exempt paths included) and the
+key's non-secret id is stored as ``request.state.user_id``, which Ray Serve LLM's HTTP
+metrics use as their ``user_id`` tag. Every other request gets one
+:class:`~rayllm_auth.refusals.Refusal`, counted (:mod:`rayllm_auth.metrics`), logged
+rate-limited (:mod:`rayllm_auth.audit`) and answered, all by :meth:`ApiKeyMiddleware._refuse`.
 
 A valid request with an unlimited key costs one scan of the headers, one SHA-256, one dict
 lookup and one counter update; responses are never touched, so streaming costs nothing per
@@ -22,17 +23,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Optional
+import time
+from typing import Any, Callable, Mapping, Optional
 
 from starlette._utils import get_route_path  # the router's own path logic, see _is_exempt
 
 from rayllm_auth import metrics
 from rayllm_auth.audit import DenialLog
-from rayllm_auth.credentials import Denial, take_key
+from rayllm_auth.credentials import take_key, without_credentials
 from rayllm_auth.errors import ConfigError
+from rayllm_auth.keys import KeySet
 from rayllm_auth.keystore import KeyStore
 from rayllm_auth.model_scope import ModelScope
-from rayllm_auth.rejections import build_rejectors
+from rayllm_auth.refusals import Answers, Refusal
 
 __all__ = ["ApiKeyMiddleware", "EXEMPT_PATHS_VAR", "load_exempt_paths"]
 
@@ -60,36 +63,51 @@ def load_exempt_paths(environ: Mapping[str, str] = os.environ) -> frozenset[str]
 class ApiKeyMiddleware:
     """Pure ASGI middleware: the wrapped app only ever sees requests with a valid key.
 
-    ``cors`` is a copy of the app's own ``CORSMiddleware`` options (not secret), so
-    rejections answer browsers like the app would. Raises ConfigError when built in a
-    process whose key configuration is missing or unusable (and counts it as
-    ``config_error``).
+    ``cors`` is a copy of the app's own ``CORSMiddleware`` options, so refusals answer
+    browsers like the app would; ``served_model`` is the one model a direct-streaming replica
+    serves (see :mod:`rayllm_auth.model_scope`). Both are non-secret and travel with the
+    pickled app. ``environ`` (keys, exempt paths), ``clock`` (monotonic, key file reloads) and
+    ``wall_clock`` (Unix time, key expiry) default to this process's own.
+
+    Raises ConfigError when built in a process whose key configuration is missing or
+    unusable (and counts it as ``config_error``).
     """
 
-    def __init__(self, app, cors: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        app,
+        cors: Optional[Mapping[str, Any]] = None,
+        served_model: Optional[str] = None,
+        *,
+        environ: Mapping[str, str] = os.environ,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ):
         self.app = app
         try:
-            self._store = KeyStore()
-            self._exempt = load_exempt_paths()
+            self._store = KeyStore(environ, clock, wall_clock=wall_clock)
+            self._exempt = load_exempt_paths(environ)
         except ConfigError:
             metrics.record_request("config_error")
             metrics.flush()  # the replica is about to fail: no request will flush it
             raise
-        self._rejectors = build_rejectors(cors)
-        self._model_scope = ModelScope(cors)
-        self._denials = DenialLog()
+        self._wall_clock = wall_clock
+        self._answers = Answers(cors)
+        self._model_scope = ModelScope(served_model)
+        self._denials = DenialLog(clock)
         self._ok_counts = metrics.ok_counts()
         self._reloading = self._store.watches_file
         self._keys = keys = self._store.current()  # used as is when there is no key file
         ids = keys.key_ids
         logger.info(
             "rayllm-auth: API key required on every route; %d key(s) from %s, ids %s%s; "
-            "exempt paths: %s",
+            "exempt paths: %s%s",
             len(keys),
             ", ".join(keys.sources),
             ", ".join(ids[:10]),
             f" and {len(ids) - 10} more" if len(ids) > 10 else "",
             ", ".join(sorted(self._exempt)) or "none",
+            f"; serving model {served_model}" if served_model is not None else "",
         )
 
     async def __call__(self, scope, receive, send):
@@ -100,9 +118,14 @@ class ApiKeyMiddleware:
             raise ValueError(f"rayllm-auth: refusing unknown ASGI scope type {kind!r}")
         keys = self._store.current() if self._reloading else self._keys
         key, other_headers = take_key(scope["headers"])
+        key_id = ""
         if key.__class__ is bytes:
             grant = keys.lookup(key)
-            if grant is not None:
+            if grant is None:
+                key = Refusal.INVALID
+            elif grant.expires is not None and self._wall_clock() >= grant.expires:
+                key, key_id = Refusal.EXPIRED, grant.key_id
+            else:
                 # The key stops here: Ray copies every request header into the RawRequestInfo
                 # it pickles to the LLMServer replica, and engines see them too.
                 scope["headers"] = other_headers
@@ -116,22 +139,27 @@ class ApiKeyMiddleware:
                     except KeyError:
                         metrics.record_ok(grant.key_id)
                     return await self.app(scope, receive, send)
-                return await self._call_scoped(grant, keys, scope, receive, send)
-            key = Denial.INVALID
+                return await self._call_limited(grant, keys, scope, receive, send)
         if self._exempt and self._is_exempt(scope):
+            scope["headers"] = without_credentials(scope["headers"])  # exempt, not a key relay
             metrics.record_request("exempt")
             return await self.app(scope, receive, send)
-        outcome = key.value
-        metrics.record_request(outcome)
-        self._denials.refused(outcome, scope, keys)
-        await self._rejectors[kind][key](scope, receive, send)
+        await self._refuse(key, keys, key_id, scope, receive, send)
 
-    async def _call_scoped(self, grant, keys, scope, receive, send):
-        if await self._model_scope(self.app, grant, scope, receive, send):
-            metrics.record_request("ok", grant.key_id)
-        else:
-            metrics.record_request("model_denied", grant.key_id)
-            self._denials.refused("model_denied", scope, keys, grant.key_id)
+    async def _call_limited(self, grant, keys: KeySet, scope, receive, send):
+        verdict = await self._model_scope.admit(grant, scope, receive, send)
+        if verdict is None:
+            return  # the client went away while sending its body: nobody to answer
+        if verdict.__class__ is Refusal:
+            return await self._refuse(verdict, keys, grant.key_id, scope, receive, send)
+        metrics.record_request("ok", grant.key_id)
+        await self.app(scope, *verdict)
+
+    async def _refuse(self, refusal: Refusal, keys: KeySet, key_id: str, scope, receive, send):
+        """Count, log and answer one refusal: the only way a request is refused."""
+        metrics.record_request(refusal.outcome, key_id)
+        self._denials.refused(refusal.outcome, scope, keys, key_id)
+        await self._answers(refusal, scope)(scope, receive, send)
 
     def _is_exempt(self, scope) -> bool:
         # Starlette's router matches routes against get_route_path(scope); using the same

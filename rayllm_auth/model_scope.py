@@ -1,93 +1,152 @@
-"""Per-key model allowlists: what a key limited to some models may reach.
+"""What a key limited to some models may reach. Deny by default.
 
 Only requests with a limited key come here; keys without ``models=`` never pay for it. The
-rule, applied in the middleware before the app sees the request, so it is the same in every
-serving mode (Ray's ingress app, and vLLM's own app under direct streaming):
+check runs in the middleware before the app sees the request, so it is the same in every
+serving mode. Each route is looked up in :data:`ROUTES`, which says where the route takes its
+model from (read from Ray's and vLLM's own route code, see the README's route-by-route table):
 
-* ``GET /v1/models``: the app's answer, with the models the key may not use removed.
-* ``/v1/models/{id}``: the id must be allowed.
-* ``GET``/``HEAD``/``OPTIONS`` elsewhere (docs, health): pass; they name no model.
-* every other request (``POST`` completions, chat, embeddings, transcriptions, score,
-  tokenize, admin routes...): the body is read in full (FastAPI reads it in full anyway before
-  the handler runs), its ``model`` field is taken from JSON, multipart or urlencoded form data,
-  and the body is then replayed to the app unchanged. Responses are not touched, so streaming
-  is unaffected. A body without a ``model`` gets 400: with a limited key, the model must be
-  named (Ray would otherwise pick the only model itself).
-* WebSocket handshakes are refused (close 1008): no model is known before accepting.
+* ``NONE`` (docs, health): passes; it names no model.
+* ``LIST`` (``GET /v1/models``): the app's answer, with the models the key may not use removed.
+* ``PATH`` (``GET /v1/models/{id}``): the id, as Ray maps it (``--`` becomes ``/``), must be
+  allowed.
+* ``QUERY`` (``GET /is_sleeping?model=``): every ``model`` in the query string must be allowed.
+* ``BODY`` (``POST`` completions, chat, embeddings, admin routes...): the body is read in full
+  (FastAPI reads it in full anyway before the handler runs), every ``model`` field of the JSON
+  object or form is taken, and the body is replayed to the app unchanged; every one, and
+  every ``model`` in the query string, must be allowed. Responses are not touched, so
+  streaming is unaffected.
+
+A ``QUERY``, ``PATH`` or ``BODY`` request that names no model is refused (400): Ray would pick
+the only model itself. A route not in the table, or a method the route does not serve, is
+refused (403): its model cannot be determined.
+
+**Direct streaming** (``served_model`` set): the replica serves vLLM's own app for exactly one
+model, whatever a request names, and vLLM does not always check the name (pooling routes,
+``VLLM_SKIP_MODEL_NAME_VALIDATION``). So the key must be allowed that model for anything but
+``NONE`` and ``LIST`` routes; then routes outside the table pass too (they can reach nothing
+else), and the table's rules still apply to the routes in it.
 
 A model the key may not use gets the same 404 ``model_not_found`` whether it exists or not, so
 a key cannot probe which models are deployed. A LoRA id ``base:adapter`` follows its base
-model's rule (:meth:`rayllm_auth.keys.Grant.allows`).
+model's rule (:meth:`rayllm_auth.keys.Grant.allows`). WebSocket handshakes are refused: no
+model is known before accepting.
 """
 
 from __future__ import annotations
 
+import enum
 import json
-from typing import Any, Mapping, Optional
+from typing import Optional, Union
 
 from starlette._utils import get_route_path
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 
 from rayllm_auth.keys import Grant
-from rayllm_auth.rejections import error_response, reject_websocket, with_cors
+from rayllm_auth.refusals import Refusal
 
-__all__ = ["ModelScope", "MAX_SCOPED_BODY_BYTES"]
+__all__ = ["ModelScope", "Source", "ROUTES", "MAX_SCOPED_BODY_BYTES"]
 
 #: Largest request body read to find the model (OpenAI's audio upload limit is 25 MB).
 MAX_SCOPED_BODY_BYTES = 64 * 1024 * 1024
-_MODELS = "/v1/models"
-_MODEL_PREFIX = "/v1/models/"
-_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class Source(enum.Enum):
+    """Where a route takes the model it serves from."""
+
+    NONE = "names no model"
+    LIST = "lists the models"
+    PATH = "model id in the path"
+    QUERY = "model in the query string"
+    BODY = "model in the body"
+
+
+_GET = frozenset({"GET"})
+_GET_HEAD = frozenset({"GET", "HEAD"})
+_POST = frozenset({"POST"})
+
+#: Route path -> (where its model comes from, the methods it serves). Ray 2.60's ingress
+#: (DEFAULT_ENDPOINTS, DevIngress), FastAPI's docs, and the vLLM routes that take a model
+#: field (direct streaming). Paths are compared after the route prefix, as the router does.
+ROUTES: dict[str, tuple[Source, frozenset[str]]] = {
+    **{path: (Source.NONE, _GET_HEAD) for path in (
+        "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/health", "/version")},
+    "/ping": (Source.NONE, frozenset({"GET", "HEAD", "POST"})),  # vLLM: a health check
+    "/v1/models": (Source.LIST, _GET),
+    "/is_sleeping": (Source.QUERY, _GET),
+    "/is_paused": (Source.QUERY, _GET),
+    **{path: (Source.BODY, _POST) for path in (
+        # Ray's ingress: the handler routes by the body's model (Ray 2.44 onwards)
+        "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/audio/transcriptions",
+        "/v1/score", "/tokenize", "/detokenize",
+        # DevIngress admin routes: broadcast to the replicas of the body's model
+        "/sleep", "/wakeup", "/pause", "/resume", "/reset_prefix_cache", "/collective_rpc",
+        # vLLM's app under direct streaming: routes with a model field
+        "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/audio/translations",
+        "/invocations", "/pooling", "/classify", "/score", "/rerank", "/v1/rerank", "/v2/rerank",
+    )},
+}
+_MODEL_PREFIX = "/v1/models/"  # GET /v1/models/{model:path}
+
+# What admit() returns: a Refusal, None when the client went away while sending its body
+# (nothing to answer), or the (receive, send) pair to call the app with.
+Verdict = Union[Refusal, None, tuple]
 
 
 class ModelScope:
-    """Runs a request made with a limited key: ``await model_scope(app, grant, scope,
-    receive, send)`` returns True if the request was passed to the app, False if it was
-    refused here (counted as ``model_denied``)."""
+    """``await scope.admit(grant, scope, receive, send)`` for a request made with a limited
+    key; ``served_model`` is the one model a direct-streaming replica serves (None for Ray's
+    ingress, which routes by the model a request names)."""
 
-    def __init__(self, cors: Optional[Mapping[str, Any]]):
-        self._not_found = with_cors(error_response(
-            404, "The model does not exist or you do not have access to it.",
-            "model_not_found", param="model"), cors)
-        self._model_required = with_cors(error_response(
-            400, "This API key is limited to some models: name the model in the request's "
-                 "'model' field.", "model_required", param="model"), cors)
-        self._too_large = with_cors(error_response(
-            413, f"Request bodies over {MAX_SCOPED_BODY_BYTES} bytes are refused for keys "
-                 f"limited to some models.", "request_too_large"), cors)
+    def __init__(self, served_model: Optional[str] = None):
+        self._served = served_model
 
-    async def __call__(self, app, grant: Grant, scope, receive, send) -> bool:
+    async def admit(self, grant: Grant, scope, receive, send) -> Verdict:
         if scope["type"] != "http":
-            await reject_websocket(scope, receive, send)
-            return False
-        method, path = scope["method"], get_route_path(scope)
-        if path == _MODELS and method == "GET":
-            await app(scope, receive, _FilteredModelList(send, grant))
-            return True
-        if path.startswith(_MODEL_PREFIX):
-            return await self._gate(grant.allows(path[len(_MODEL_PREFIX):]),
-                                    app, scope, receive, send)
-        if method in _BODYLESS:
-            await app(scope, receive, send)
-            return True
-        body = await _read_body(receive)
-        if body is None:
-            return True  # the client went away before sending its body: nothing to answer
-        if len(body) > MAX_SCOPED_BODY_BYTES:
-            await self._too_large(scope, receive, send)
-            return False
-        model = await _model_in_body(scope, body)
-        if model is None:
-            await self._model_required(scope, receive, send)
-            return False
-        return await self._gate(grant.allows(model), app, scope, _replay(body, receive), send)
-
-    async def _gate(self, allowed: bool, app, scope, receive, send) -> bool:
-        if allowed:
-            await app(scope, receive, send)
+            return Refusal.ROUTE_DENIED
+        path, method = get_route_path(scope), scope["method"]
+        source = _source(path, method)
+        if source is Source.NONE:
+            return receive, send
+        if source is Source.LIST:
+            return receive, _FilteredModelList(send, grant)
+        if self._served is not None and not grant.allows(self._served):
+            return Refusal.MODEL_NOT_FOUND
+        if source is None:
+            return (receive, send) if self._served is not None else Refusal.ROUTE_DENIED
+        if source is Source.PATH:
+            model = path[len(_MODEL_PREFIX):]
+            # Ray's ingress serves the card of replace_prefix(id): '--' read as '/'.
+            named = [model if self._served is not None else model.replace("--", "/")]
+        elif source is Source.QUERY:
+            named = _query_models(scope)
         else:
-            await self._not_found(scope, receive, send)
-        return allowed
+            body = await _read_body(receive)
+            if body is None:
+                return None
+            if len(body) > MAX_SCOPED_BODY_BYTES:
+                return Refusal.TOO_LARGE
+            named = await _body_models(scope, body)
+            if named:
+                named += _query_models(scope)  # whatever else a handler might read
+            receive = _replay(body, receive)
+        if not named:
+            return Refusal.MODEL_REQUIRED
+        if not all(grant.allows(model) for model in named):
+            return Refusal.MODEL_NOT_FOUND
+        return receive, send
+
+
+def _source(path: str, method: str) -> Optional[Source]:
+    """Where the route at ``path`` takes its model from; None if the route is not known, or
+    does not serve ``method``."""
+    source, methods = ROUTES.get(path) or (
+        (Source.PATH, _GET) if path.startswith(_MODEL_PREFIX) else (None, ()))
+    return source if method in methods else None
+
+
+def _query_models(scope) -> list[str]:
+    # Starlette's own parser, as FastAPI's Query() uses: the same decoding, every repeat.
+    return QueryParams(scope.get("query_string", b"")).getlist("model")
 
 
 async def _read_body(receive) -> Optional[bytes]:
@@ -120,11 +179,12 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _model_in_body(scope, body: bytes) -> Optional[str]:
-    """The ``model`` field of a JSON, multipart or urlencoded body; None if there is none or
-    the body cannot be read (never raises on hostile bytes)."""
-    headers = Headers(scope=scope)
-    content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+async def _body_models(scope, body: bytes) -> list[str]:
+    """Every ``model`` field of a JSON object, multipart or urlencoded body (JSON and form
+    parsers keep the last of repeated fields; all are returned so each can be checked).
+    Empty if there is none, one is not a string, or the body cannot be read: never raises
+    on hostile bytes."""
+    content_type = Headers(scope=scope).get("content-type", "").partition(";")[0].strip().lower()
     try:
         if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
             from starlette.requests import Request
@@ -134,15 +194,19 @@ async def _model_in_body(scope, body: bytes) -> Optional[str]:
 
             form = await Request(scope, receive).form(max_files=1000, max_fields=1000)
             try:
-                model = form.get("model")
+                models = form.getlist("model")
             finally:
                 await form.close()
         else:
-            document = json.loads(body)
-            model = document.get("model") if isinstance(document, dict) else None
+            objects = []  # the pairs of every JSON object, in the order they close
+            document = json.loads(
+                body, object_pairs_hook=lambda pairs: objects.append(pairs) or dict(pairs))
+            # An object document closes last: its pairs, repeated names included, are last.
+            top = objects[-1] if isinstance(document, dict) else ()
+            models = [value for name, value in top if name == "model"]
     except Exception:  # malformed JSON or form data: no model can be read from it
-        return None
-    return model if isinstance(model, str) else None
+        return []
+    return models if all(isinstance(m, str) for m in models) else []
 
 
 class _FilteredModelList:

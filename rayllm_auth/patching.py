@@ -16,8 +16,9 @@ from typing import Any, Iterable
 
 import wrapt
 
-from rayllm_auth.keys import KEY_SOURCES, load_key_set
-from rayllm_auth.keystore import KeyStore
+from rayllm_auth.errors import ConfigError
+from rayllm_auth.keys import KEY_SOURCES
+from rayllm_auth.keystore import load_keys
 from rayllm_auth.protect import is_protected, protect_app
 
 __all__ = [
@@ -65,7 +66,7 @@ def _protect_where_built(app):
     """``protect_app(app)`` in the process that builds it. A key variable that is set but
     unusable fails the build here, with its message, instead of later in every replica. No
     keys in this process is fine: replicas read their own."""
-    load_key_set()
+    load_keys()
     return protect_app(app)
 
 
@@ -88,17 +89,19 @@ def protect_app_argument(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def replica_app_guard(client_facing: Iterable[tuple[str, str]], argument: str = "app"):
+def replica_app_guard(client_facing: Iterable[tuple[str, str, bool]], argument: str = "app"):
     """Wrapper for the method that hands a Serve replica its ASGI app (``self``, then the app
     as the first argument, named ``argument``). The app may also be a plain function that
     builds it (``ASGIAppReplicaWrapper.__init__(app_or_func)`` in Ray before 2.60): then the
     app it builds is guarded.
 
     Only replicas whose deployment class derives from one of ``client_facing``
-    (``(module, class name)``) are touched, so internal ingresses such as the direct-streaming
-    ``LLMRouter`` stay as Ray made them. For those replicas:
+    (``(module, class name, serves one model)``) are touched, so internal ingresses such as
+    the direct-streaming ``LLMRouter`` stay as Ray made them. For those replicas:
 
-    * keys configured here: the app is protected (no-op if the builder already did it);
+    * keys configured here: the app is protected (no-op if the builder already did it); a
+      class that serves one model (direct streaming's ``LLMServer``) tells the middleware
+      which (its ``_llm_config.model_id``), or refuses to start if it cannot be found;
     * a key variable set but unusable: ConfigError, the replica refuses to start;
     * no keys, but the app carries the middleware: ConfigError (it was meant to be protected);
     * no keys and no middleware: stock behaviour, with one log line saying auth is off.
@@ -106,26 +109,31 @@ def replica_app_guard(client_facing: Iterable[tuple[str, str]], argument: str = 
     client_facing = tuple(client_facing)
 
     def guard(wrapped, instance, args, kwargs):
-        if instance is None or not _derives_from_any(instance, client_facing):
+        serves_one_model = _client_facing(instance, client_facing)
+        if serves_one_model is None:
             return wrapped(*args, **kwargs)
         app, rest = (args[0], args[1:]) if args else (kwargs.pop(argument), ())
+        served_model = _served_model(instance) if serves_one_model else None
         if inspect.isfunction(app) and not inspect.iscoroutinefunction(app):  # a builder
             build = app
 
             def build_then_guard():  # still a plain function, as Ray checks
-                return _guard_app(build(), instance)
+                return _guard_app(build(), instance, served_model)
 
             return wrapped(build_then_guard, *rest, **kwargs)
-        return wrapped(_guard_app(app, instance), *rest, **kwargs)
+        return wrapped(_guard_app(app, instance, served_model), *rest, **kwargs)
 
     return guard
 
 
-def _guard_app(app, instance):
-    if load_key_set() is not None:
-        return protect_app(app)
+def _guard_app(app, instance, served_model):
+    if load_keys() is not None:
+        return protect_app(app, served_model)
     if is_protected(app):
-        KeyStore()  # raises, naming the variables to set
+        raise ConfigError(
+            "this Serve LLM app requires API keys (it was built with rayllm-auth) but none "
+            f"of {', '.join(KEY_SOURCES)} is set in this replica's environment"
+        )
     logger.warning(
         "rayllm-auth: API key auth is OFF for %s: none of %s is set in this replica",
         type(instance).__name__,
@@ -134,11 +142,24 @@ def _guard_app(app, instance):
     return app
 
 
-def _derives_from_any(instance: Any, classes: tuple[tuple[str, str], ...]) -> bool:
+def _client_facing(instance: Any, classes: tuple[tuple[str, str, bool], ...]):
+    """None if ``instance`` is not client-facing, else whether its class serves one model."""
+    if instance is None:
+        return None
     # Look classes up in sys.modules instead of importing them: a class that is not
     # imported cannot be a base of this instance, and importing it could pull in vLLM.
-    for module_name, class_name in classes:
+    for module_name, class_name, serves_one_model in classes:
         cls = getattr(sys.modules.get(module_name), class_name, None)
         if isinstance(cls, type) and isinstance(instance, cls):
-            return True
-    return False
+            return serves_one_model
+    return None
+
+
+def _served_model(instance: Any) -> str:
+    """The model a one-model replica serves. Raises ConfigError (the replica refuses to start)
+    if it cannot be found: keys limited to some models could not be checked."""
+    model_id = getattr(getattr(instance, "_llm_config", None), "model_id", None)
+    if not isinstance(model_id, str):
+        raise ConfigError(f"rayllm-auth cannot tell which model this {type(instance).__name__} "
+                          f"replica serves (no _llm_config.model_id)")
+    return model_id

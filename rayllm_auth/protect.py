@@ -6,7 +6,7 @@ twice" and "builder and replica both patched" still give one auth layer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -26,7 +26,7 @@ def is_protected(app: Any) -> bool:
     )
 
 
-def protect_app(app: Any) -> Any:
+def protect_app(app: Any, served_model: Optional[str] = None) -> Any:
     """Return ``app`` guarded by one ApiKeyMiddleware, outermost.
 
     A Starlette/FastAPI app is changed in place (and returned): the middleware goes first in
@@ -35,14 +35,21 @@ def protect_app(app: Any) -> Any:
     401s answer browsers exactly like the app. vLLM's ``AuthenticationMiddleware`` is dropped:
     it guards only /v1-style prefixes and accepts only ``VLLM_API_KEY``, so it would refuse
     keys from ``RAY_LLM_API_KEYS`` that this middleware accepts. Any other ASGI callable is
-    wrapped. Never passes key material: the middleware reads keys where it runs.
+    wrapped. ``served_model``: the one model a direct-streaming replica serves (set on an
+    app that is already protected, too). Never passes key material: the middleware reads
+    keys where it runs.
     """
-    if is_protected(app):
-        return app
     if not isinstance(app, Starlette):
-        return ApiKeyMiddleware(app)
+        return app if isinstance(app, ApiKeyMiddleware) else ApiKeyMiddleware(app, None, served_model)
+    existing = next((m for m in app.user_middleware if m.cls is ApiKeyMiddleware), None)
+    if existing is not None:
+        if served_model is not None and existing.kwargs.get("served_model") != served_model:
+            existing.kwargs["served_model"] = served_model
+            app.middleware_stack = None
+        return app
     app.user_middleware[:] = [m for m in app.user_middleware if not _is_vllm_auth(m)]
-    app.user_middleware.insert(0, Middleware(ApiKeyMiddleware, cors=_cors_options(app)))
+    app.user_middleware.insert(
+        0, Middleware(ApiKeyMiddleware, cors=_cors_options(app), served_model=served_model))
     # vLLM builds its middleware stack eagerly; a cleared stack is rebuilt on first use
     # (Ray does the same in llm_server._add_middleware_to_built_app).
     app.middleware_stack = None

@@ -52,7 +52,8 @@ def _handler(name, reached):
         # A Response, so Ray's response_model (e.g. ModelList) does not validate it.
         return JSONResponse({
             "reached": name, "user_id": getattr(request.state, "user_id", None),
-            "credential_headers": [h for h in request.headers if h in ("authorization", "x-api-key")],
+            "credential_headers": [h for h in request.headers
+                                   if h.lower() in ("authorization", "x-api-key")],
         })
 
     return handler
@@ -69,7 +70,10 @@ class Reply:
 
 
 async def call(app, method="GET", path="/v1/models", headers=(), *, root_path="", body=b""):
-    """One HTTP request as a raw ASGI scope. ``headers``: (name, value) str or bytes pairs."""
+    """One HTTP request as a raw ASGI scope. ``headers``: (name, value) str or bytes pairs;
+    names given as str are lower-cased, as an ASGI server does, bytes are sent as they are.
+    ``path`` may end in ``?query``, which becomes the scope's query string."""
+    path, _, query = path.partition("?")
     raw_headers = [
         (k if isinstance(k, bytes) else k.lower().encode(),
          v if isinstance(v, bytes) else v.encode("latin-1"))
@@ -78,7 +82,7 @@ async def call(app, method="GET", path="/v1/models", headers=(), *, root_path=""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
         "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-        "root_path": root_path, "query_string": b"", "headers": raw_headers,
+        "root_path": root_path, "query_string": query.encode("latin-1"), "headers": raw_headers,
         "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
     }
     sent_body = False

@@ -38,7 +38,7 @@ async def test_counts_reach_ray_within_a_second_of_traffic(app, key_env, monkeyp
         def inc(self, value, tags):
             handed.append((value, tags))
 
-    monkeypatch.setattr(metrics, "_counters", {"rayllm_auth_requests": FakeCounter()})
+    monkeypatch.setattr(metrics, "_metrics", {"rayllm_auth_requests": FakeCounter()})
     monkeypatch.setattr(metrics, "FLUSH_INTERVAL_S", 0.05)
     for _ in range(3):
         await call(app, headers=bearer(key_env["team-a"]))
@@ -51,15 +51,16 @@ def test_ray_metrics_api_is_what_gets_called():
     metrics.flush()
     from ray.util.metrics import Counter
 
-    assert isinstance(metrics._counters["rayllm_auth_requests"], Counter)
+    assert isinstance(metrics._metrics["rayllm_auth_requests"], Counter)
 
 
 async def test_refusals_are_logged_rate_limited_without_key_material(app, key_env, caplog, monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(audit.time, "monotonic", lambda: clock[0])
+    from rayllm_auth.middleware import ApiKeyMiddleware
     from tests.ray_app import build_ray_app
 
-    app = build_ray_app([])  # a fresh middleware, built with the patched clock
+    app = build_ray_app([], protect=False)
+    app.add_middleware(ApiKeyMiddleware, clock=lambda: clock[0])  # a clock of its own
     presented = new_key()
     with caplog.at_level(logging.WARNING, logger="rayllm_auth"):
         for _ in range(50):

@@ -11,7 +11,7 @@ from starlette.websockets import WebSocketDisconnect
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.middleware import ApiKeyMiddleware
 from rayllm_auth.protect import protect_app
-from tests.conftest import near_miss
+from tests.conftest import near_miss, new_key
 from tests.ray_app import bearer, build_ray_app, call, ray_route_table
 
 pytestmark = pytest.mark.usefixtures("key_env")
@@ -47,6 +47,19 @@ async def test_the_key_goes_no_further_than_the_middleware(app, key_env):
                ("x-api-key", key_env["team-a"]), ("x-request-id", "abc")]
     reply = await call(app, headers=headers)
     assert reply.status == 200 and reply.json()["credential_headers"] == []
+
+
+async def test_header_names_are_matched_in_any_case(app, key_env, reached):
+    # ASGI servers must lower-case header names (uvicorn does); one that does not must
+    # neither slip a second credential past the check nor carry a key on to the app.
+    valid, other = key_env["team-a"], key_env["unnamed"]
+    for name in (b"Authorization", b"AUTHORIZATION", b"X-Api-Key"):
+        value = (b"Bearer " if name[0] in b"aA" else b"") + valid.encode()
+        reply = await call(app, headers=[(name, value)])
+        assert reply.status == 200 and reply.json()["credential_headers"] == [], name
+        reached.clear()
+        reply = await call(app, headers=bearer(other) + [(name, value)])
+        assert_refused(reply, reached)
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
@@ -179,6 +192,12 @@ async def test_exempt_path_is_open_and_only_exactly(exempt_app, reached):
         assert_refused(await call(exempt_app, "GET", path), reached)
 
 
+async def test_the_key_stops_at_the_ingress_on_exempt_paths_too(exempt_app, key_env):
+    for headers in (bearer(key_env["team-a"]), [("x-api-key", "not-a-configured-key")]):
+        reply = await call(exempt_app, "GET", "/v1/models", headers)
+        assert reply.status == 200 and reply.json()["credential_headers"] == []
+
+
 async def test_exemption_follows_the_router_under_a_root_path(exempt_app, reached):
     # Under route prefix /llm the router serves /llm/v1/models as /v1/models: exempt too.
     reply = await call(exempt_app, "GET", "/llm/v1/models", root_path="/llm")
@@ -294,7 +313,7 @@ def test_pickled_app_holds_no_key_material(app, key_env):
     blob = pickle_dumps(app, error_msg="cannot pickle")
     assert not any(k.encode() in blob for k in key_env.values())
     entry = app.user_middleware[0]
-    assert set(entry.kwargs) == {"cors"} and entry.args == ()
+    assert set(entry.kwargs) == {"cors", "served_model"} and entry.args == ()
     assert cloudpickle.loads(blob).user_middleware[0].cls is ApiKeyMiddleware
 
 
@@ -306,3 +325,31 @@ def test_vllm_own_auth_middleware_is_replaced(key_env):
     vllm_like.add_middleware(AuthenticationMiddleware, tokens=[key_env["vllm"]])
     protect_app(vllm_like)
     assert [m.cls for m in vllm_like.user_middleware] == [ApiKeyMiddleware]
+
+
+# -- expiry ---------------------------------------------------------------------------------
+
+
+async def test_a_key_is_refused_from_its_expiry_time_on_without_a_reload(tmp_path, reached,
+                                                                        fresh_metrics):
+    from rayllm_auth import metrics
+
+    key, forever = new_key(), new_key()
+    path = tmp_path / "keys"
+    path.write_text(f"soon:{key} expires=2030-01-01T00:00:00Z\nforever:{forever}\n")
+    now = [1893455999.0]  # one second before 2030-01-01T00:00:00Z
+    app = build_ray_app(reached, protect=False)
+    app.add_middleware(ApiKeyMiddleware, environ={"RAY_LLM_API_KEYS_FILE": str(path)},
+                       wall_clock=lambda: now[0])
+    assert (await call(app, headers=bearer(key))).status == 200
+    now[0] += 1
+    reached.clear()
+    reply = await call(app, headers=bearer(key))
+    assert_refused(reply, reached)
+    assert reply.json()["error"]["message"] == "This API key has expired."
+    assert 'error="invalid_token"' in reply.headers["www-authenticate"]
+    assert (await call(app, headers=bearer(forever))).status == 200
+    counts = {tags: n for (name, tags), n in metrics.pending().items()
+              if name == "rayllm_auth_requests"}
+    assert counts == {("ok", "soon"): 1, ("expired", "soon"): 1, ("ok", "forever"): 1}
+    assert not any(name == "rayllm_auth_key_reloads" for name, _ in metrics.pending())

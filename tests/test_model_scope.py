@@ -27,11 +27,14 @@ def keys(tmp_path, monkeypatch):
     for name in KEY_SOURCES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("RAY_LLM_AUTH_EXEMPT_PATHS", raising=False)
-    keys = {"llama-only": new_key(), "two": new_key(), "all": new_key()}
+    keys = {"llama-only": new_key(), "two": new_key(), "all": new_key(),
+            "org-slash": new_key(), "org-dashes": new_key()}
     path = tmp_path / "keys"
     path.write_text(f"llama-only:{keys['llama-only']} models=llama\n"
                     f"two:{keys['two']} models=qwen,mistral\n"
-                    f"all:{keys['all']}\n")
+                    f"all:{keys['all']}\n"
+                    f"org-slash:{keys['org-slash']} models=org/m\n"
+                    f"org-dashes:{keys['org-dashes']} models=org--m\n")
     monkeypatch.setenv("RAY_LLM_API_KEYS_FILE", str(path))
     return keys
 
@@ -99,7 +102,8 @@ async def test_models_list_shows_only_the_keys_models(scoped_app, keys):
         assert reply.status == 200 and int(reply.headers["content-length"]) == len(reply.body)
         listed[name] = [m["id"] for m in reply.json()["data"]]
     assert listed == {"llama-only": ["llama", "llama:sql-adapter"], "two": ["qwen", "mistral"],
-                      "all": ["llama", "llama:sql-adapter", "qwen", "mistral"]}
+                      "all": ["llama", "llama:sql-adapter", "qwen", "mistral"],
+                      "org-slash": [], "org-dashes": []}
 
 
 @pytest.mark.parametrize(("model", "allowed"), [("llama", True), ("llama:sql-adapter", True),
@@ -227,4 +231,131 @@ def test_hostile_bodies_never_pass_a_limited_key_to_another_model(scoped_app, ke
     if reached == ["chat"]:  # it got through: the app must have read an allowed model
         assert Grant("t", frozenset({"llama"})).allows(reply.json()["model"]), reply
     elif not reached:
-        assert reply.status in (400, 404, 413), reply
+        assert reply.status in (400, 403, 404, 413), reply
+
+
+# -- every way a route receives a model (review findings, issue 10) -----------------------
+
+
+@pytest.mark.parametrize("query", ["model=qwen", "model=no-such-model", "model=llama&model=qwen",
+                                   "model=qwen&model=llama", "mod%65l=qwen", ""])
+@pytest.mark.parametrize("path", ["/is_sleeping", "/is_paused"])
+async def test_query_string_models_are_checked(scoped_app, keys, reached, path, query):
+    # DevIngress broadcasts GET /is_sleeping?model=B to model B's replicas, and its 404 for
+    # an unknown model quotes the name back: a key limited to llama must reach neither.
+    reply = await call(scoped_app, "GET", f"{path}?{query}", bearer(keys["llama-only"]))
+    assert reply.status in (400, 404) and reached == [], reply
+    assert reply.json()["error"]["code"] in ("model_not_found", "model_required")
+
+
+async def test_query_string_model_the_key_may_use_passes(scoped_app, keys, reached):
+    reply = await call(scoped_app, "GET", "/is_sleeping?model=llama", bearer(keys["llama-only"]))
+    assert reply.status == 200 and reached == ["is_sleeping"]
+
+
+async def test_a_query_model_never_outweighs_the_body(scoped_app, keys, reached):
+    reply = await call(scoped_app, "POST", "/v1/chat/completions?model=llama",
+                       bearer(keys["llama-only"]), body=chat_body("qwen"))
+    assert_not_found(reply, reached)
+    reply = await call(scoped_app, "POST", "/v1/chat/completions?model=qwen",
+                       bearer(keys["llama-only"]), body=chat_body("llama"))
+    assert_not_found(reply, reached)
+
+
+@pytest.mark.parametrize("body", [b'{"model": "llama", "model": "qwen"}',
+                                  b'{"model": "qwen", "model": "llama"}'])
+async def test_a_repeated_model_field_must_be_allowed_every_time(scoped_app, keys, reached, body):
+    reply = await call(scoped_app, "POST", "/v1/chat/completions", bearer(keys["llama-only"]),
+                       body=body)
+    assert_not_found(reply, reached)
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/responses/resp_123"), ("POST", "/v1/responses/resp_123/cancel"),
+    ("GET", "/metrics"), ("GET", "/load"), ("POST", "/server_info"), ("GET", "/is_scaling"),
+    ("POST", "/v1/load_lora_adapter"), ("DELETE", "/v1/models/llama"), ("HEAD", "/v1/models"),
+    ("POST", "/v1/models"), ("PUT", "/v1/chat/completions"), ("GET", "/v1/chat/completions/"),
+])
+async def test_routes_not_known_to_name_a_model_are_refused_to_limited_keys(
+        scoped_app, keys, reached, method, path):
+    reply = await call(scoped_app, method, path, bearer(keys["llama-only"]),
+                       body=chat_body("llama"))
+    assert reply.status == 403 and reached == [], reply
+    assert reply.json()["error"]["code"] == "permission_denied"
+    everything = await call(scoped_app, method, path, bearer(keys["all"]), body=chat_body("llama"))
+    assert everything.status != 403  # an unlimited key is never asked
+
+
+@pytest.mark.parametrize(("key", "path", "allowed"), [
+    ("org-slash", "/v1/models/org--m", True),  # Ray serves org/m's card for org--m
+    ("org-slash", "/v1/models/org/m", True),
+    ("org-dashes", "/v1/models/org--m", False),  # ... so a key for org--m may not read it
+    ("org-dashes", "/v1/models/org/m", False),
+    ("llama-only", "/v1/models/llama--x", False),
+])
+async def test_model_card_ids_are_checked_as_ray_maps_them(scoped_app, keys, reached, key, path,
+                                                           allowed):
+    reply = await call(scoped_app, "GET", path, bearer(keys[key]))
+    if allowed:
+        assert reply.status == 200 and reached == ["model_data"], reply
+    else:
+        assert_not_found(reply, reached)
+
+
+# -- direct streaming: vLLM's own app serves one model, whatever a request names -----------
+
+
+@pytest.fixture
+def vllm_app(keys, reached):
+    """vLLM's real OpenAI app (as the stand-in engine builds it for direct streaming),
+    guarded the way an LLMServer replica serving llama guards it, with one route of our own
+    that vLLM does not have and that records it was reached."""
+    import types
+
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+
+    from rayllm_auth.patches.core_ingress_layout import _guard_replica_app
+    from rayllm_auth.testing.vllm_app import build_vllm_app
+
+    app = build_vllm_app(types.SimpleNamespace(model_id="llama"))
+
+    @app.get("/probe/{anything}")
+    async def probe(anything: str):
+        reached.append("probe")
+        return JSONResponse({"reached": "probe"})
+
+    server = object.__new__(LLMServer)
+    server._llm_config = types.SimpleNamespace(model_id="llama")
+    received = []
+    _guard_replica_app(received.append, server, (app,), {})
+    return received[0]
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/probe/x"), ("GET", "/metrics"), ("GET", "/v1/responses/resp_1"),
+    ("GET", "/v1/models/llama"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
+])
+async def test_direct_streaming_keys_must_be_allowed_the_served_model(vllm_app, keys, reached,
+                                                                      method, path):
+    # A key limited to qwen and mistral names llama, or nothing, or qwen: vLLM would serve
+    # llama in every case (some of its routes never look at the name), so none may pass.
+    for body in (chat_body("qwen"), chat_body("llama"), b""):
+        reply = await call(vllm_app, method, path, bearer(keys["two"]), body=body)
+        assert_not_found(reply, reached)
+
+
+async def test_direct_streaming_allowed_key_reaches_every_route(vllm_app, keys, reached):
+    reply = await call(vllm_app, "GET", "/probe/x", bearer(keys["llama-only"]))
+    assert reply.status == 200 and reached == ["probe"]  # outside the table: llama it is
+    reply = await call(vllm_app, "GET", "/v1/models", bearer(keys["llama-only"]))
+    assert [m["id"] for m in reply.json()["data"]] == ["llama"]
+    reached.clear()
+    reply = await call(vllm_app, "POST", "/v1/chat/completions", bearer(keys["llama-only"]),
+                       body=chat_body("qwen"))  # the table's rules still hold
+    assert_not_found(reply, reached)
+
+
+async def test_direct_streaming_docs_and_list_stay_open_to_other_keys(vllm_app, keys, reached):
+    assert (await call(vllm_app, "GET", "/version", bearer(keys["two"]))).status == 200
+    reply = await call(vllm_app, "GET", "/v1/models", bearer(keys["two"]))
+    assert reply.status == 200 and reply.json()["data"] == []

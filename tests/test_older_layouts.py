@@ -84,7 +84,7 @@ def test_router_layout_refuses_an_unusable_key_variable(monkeypatch):
 @pytest.mark.parametrize("built_in_replica", [False, True], ids=["frozen app", "app builder"])
 def test_replica_side_protects_client_facing_replicas_only(key_env, monkeypatch, http_util,
                                                           layout, built_in_replica):
-    (module_name, class_name), = layout.CLIENT_FACING_CLASSES
+    (module_name, class_name, _), = layout.CLIENT_FACING_CLASSES
     client_facing = type(class_name, (), {})
     fake_module(monkeypatch, module_name, **{class_name: client_facing})
     layout.patch_replica_wrapper(http_util)

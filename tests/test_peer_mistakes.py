@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.keys import load_key_set
+from rayllm_auth.keystore import load_keys as load_key_set
 from rayllm_auth.middleware import ApiKeyMiddleware
 from tests.conftest import near_miss, new_key
 from tests.ray_app import bearer, build_ray_app, call

@@ -3,6 +3,7 @@ refuses to start. Real Ray classes; no cluster, nothing patched globally."""
 
 import inspect
 import logging
+import types
 
 import pytest
 from fastapi import FastAPI
@@ -13,8 +14,16 @@ from rayllm_auth.patches import core_ingress_layout as layout
 from rayllm_auth.protect import is_protected, protect_app
 
 
-def instance_of(cls):
-    return object.__new__(cls)  # Serve replica objects, without running their constructors
+SERVED = "the-served-model"
+
+
+def instance_of(cls, model_id=SERVED):
+    """A Serve replica object, without running its constructor; one-model servers know
+    their model from their LLMConfig."""
+    instance = object.__new__(cls)
+    if model_id is not None:
+        instance._llm_config = types.SimpleNamespace(model_id=model_id)
+    return instance
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +51,33 @@ def test_client_facing_replicas_are_protected(key_env, ray_classes):
     for cls in client_facing:
         app = guard(instance_of(type("Deployed", (cls,), {})), FastAPI())
         assert is_protected(app), cls
+
+
+def served_model(app):
+    (entry,) = [m for m in app.user_middleware if m.cls is ApiKeyMiddleware]
+    return entry.kwargs["served_model"]
+
+
+def test_direct_streaming_replicas_tell_the_middleware_their_one_model(key_env, ray_classes):
+    # Their app (vLLM's or SGLang's own) serves that model whatever a request names.
+    client_facing, _ = ray_classes
+    expected = {"OpenAiIngress": None, "DevIngress": None, "LLMServer": SERVED,
+                "DPServer": SERVED, "PDDecodeServer": SERVED, "SGLangServer": SERVED}
+    for cls in client_facing:
+        app = guard(instance_of(type("Deployed", (cls,), {})), FastAPI())
+        assert served_model(app) == expected[cls.__name__], cls
+
+
+def test_a_one_model_replica_that_cannot_name_its_model_refuses_to_start(key_env, ray_classes):
+    llm_server = ray_classes[0][2]
+    with pytest.raises(ConfigError, match="cannot tell which model"):
+        guard(instance_of(llm_server, model_id=None), FastAPI())
+
+
+def test_a_builder_protected_app_learns_the_served_model(key_env, ray_classes):
+    app = protect_app(FastAPI())
+    guard(instance_of(ray_classes[0][2]), app)
+    assert served_model(app) == SERVED
 
 
 def test_llm_router_is_never_touched(key_env, ray_classes):

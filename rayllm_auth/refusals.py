@@ -1,0 +1,107 @@
+"""Every way rayllm-auth refuses a request, and what the client receives for each.
+
+One :class:`Refusal` per reason: its outcome label (logs and metrics), HTTP status, OpenAI
+error code, message and ``WWW-Authenticate`` challenge. :class:`Answers` turns them into ASGI
+responses, built once per middleware: an OpenAI-shaped JSON error (the ``openai`` SDK raises
+``AuthenticationError``, ``PermissionDeniedError``, ``NotFoundError``... with a readable
+message) behind the app's own CORS policy, or, for a WebSocket, a close before the handshake
+is accepted. No answer ever repeats what the client sent.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+__all__ = ["Refusal", "Answers", "WEBSOCKET_POLICY_VIOLATION"]
+
+#: RFC 6455 close code for "policy violation"; sent before the handshake is accepted.
+WEBSOCKET_POLICY_VIOLATION = 1008
+
+ASGIApp = Callable[..., Any]
+
+_HOW_TO_SEND = "'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+
+
+class _Spec(NamedTuple):
+    outcome: str  #: label in logs and in the rayllm_auth_requests metric
+    status: int
+    code: str
+    message: str
+    param: Optional[str] = None
+    challenge: Optional[bytes] = None  #: WWW-Authenticate (RFC 6750 section 3)
+
+
+class Refusal(_Spec, enum.Enum):
+    # No credentials get a bare challenge; bad ones say why (RFC 6750 section 3).
+    MISSING = _Spec("missing", 401, "invalid_api_key",
+                    f"Missing API key. Send it as {_HOW_TO_SEND}.", challenge=b"Bearer")
+    MALFORMED = _Spec("malformed", 401, "invalid_api_key",
+                      f"Malformed API key header. Send exactly one key, as {_HOW_TO_SEND}.",
+                      challenge=b'Bearer error="invalid_request"')
+    CONFLICTING = _Spec("conflicting", 401, "invalid_api_key",
+                        "The request carries more than one different API key. Send exactly one.",
+                        challenge=b'Bearer error="invalid_request"')
+    INVALID = _Spec("invalid", 401, "invalid_api_key", "Incorrect API key provided.",
+                    challenge=b'Bearer error="invalid_token"')
+    EXPIRED = _Spec("expired", 401, "invalid_api_key", "This API key has expired.",
+                    challenge=b'Bearer error="invalid_token", error_description="expired"')
+    # A key limited to some models (outcome model_denied): the same 404 whether the model
+    # exists or not, so a key cannot probe what else is deployed.
+    MODEL_NOT_FOUND = _Spec("model_denied", 404, "model_not_found",
+                            "The model does not exist or you do not have access to it.",
+                            param="model")
+    MODEL_REQUIRED = _Spec("model_denied", 400, "model_required",
+                           "This API key is limited to some models: name the model in the "
+                           "request's 'model' field.", param="model")
+    ROUTE_DENIED = _Spec("model_denied", 403, "permission_denied",
+                         "This API key is limited to some models, and this route is not "
+                         "known to use only the model the request names.")
+    TOO_LARGE = _Spec("model_denied", 413, "request_too_large",
+                      "Request body too large for a key limited to some models.")
+
+
+class Answers:
+    """``answers(refusal, scope)`` -> the ASGI app that answers it for that scope.
+
+    With ``cors`` (the keyword arguments of the app's own ``CORSMiddleware``), every HTTP
+    answer sits behind an identical ``CORSMiddleware``: a browser preflight is answered by
+    that policy without a key, and an error carries the same CORS headers as any other
+    response, so a browser client can read it.
+    """
+
+    def __init__(self, cors: Optional[Mapping[str, Any]]):
+        self._http = {refusal: _with_cors(_error_response(refusal), cors) for refusal in Refusal}
+
+    def __call__(self, refusal: Refusal, scope) -> ASGIApp:
+        return self._http[refusal] if scope["type"] == "http" else _close_websocket
+
+
+def _error_response(refusal: Refusal) -> ASGIApp:
+    body = json.dumps({"error": {"message": refusal.message, "type": "invalid_request_error",
+                                 "param": refusal.param, "code": refusal.code}}).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if refusal.challenge is not None:
+        headers.append((b"www-authenticate", refusal.challenge))
+    start = {"type": "http.response.start", "status": refusal.status, "headers": headers}
+    end = {"type": "http.response.body", "body": body}
+
+    async def respond(scope, receive, send):
+        await send(start)
+        await send(end)
+
+    return respond
+
+
+def _with_cors(app: ASGIApp, cors: Optional[Mapping[str, Any]]) -> ASGIApp:
+    if cors is None:
+        return app
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(app, **cors)
+
+
+async def _close_websocket(scope, receive, send):
+    await send({"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION, "reason": ""})
