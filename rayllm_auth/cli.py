@@ -1,12 +1,13 @@
 """``rayllm-auth``: make keys, hash keys, and check whether auth would be enforced here.
 
-    rayllm-auth keygen [--id NAME] [--models M1,M2]   a new random key and its config entries
+    rayllm-auth keygen [--id NAME] [--models M1,M2] [--expires 30d|TIME]
+                                                       a new random key and its config entries
     rayllm-auth hash [--id NAME] [KEY]                 the hashed entry of KEY (or of stdin)
     rayllm-auth doctor                                 what this environment would do
 
 ``doctor`` exits 1 when keys are configured but would not be enforced in this process
-(unsupported Ray, a patch target missing, an unusable key source, auto-activation off), 0
-otherwise. Run it where the replicas run, i.e. in the application's runtime_env (see README).
+(unsupported Ray, a patch target missing, an unusable key source, auto-activation off) or
+when every configured key has expired, 0 otherwise; it lists keys that expire within 7 days. Run it where the replicas run, i.e. in the application's runtime_env (see README).
 Nothing here prints key material except ``keygen``, which prints the key it just made.
 """
 
@@ -15,26 +16,26 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import os
+import re
 import secrets
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 from rayllm_auth import __version__
 from rayllm_auth._bootstrap import KILL_SWITCH, autopatch_disabled
 from rayllm_auth.errors import ConfigError
+from rayllm_auth.keyfile import parse_expiry
 from rayllm_auth.keys import (
+    KEY_SOURCES,
     RAY_LLM_API_KEYS,
-    RAY_LLM_API_KEYS_FILE,
     SHORT_KEY_WARNING_LENGTH,
-    VLLM_API_KEY,
-    KeySet,
-    environment_entries,
     is_sendable_key,
-    key_file_path,
     parse_entry,
 )
+from rayllm_auth.keystore import load_keys, read_sources
 
 __all__ = ["main"]
 
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                     "the client; configure the hashed entry.")
     keygen.add_argument("--id", help="non-secret key id for logs and metrics (default: derived)")
     keygen.add_argument("--models", help="comma-separated models the key may use (key file only)")
+    keygen.add_argument("--expires", metavar="WHEN",
+                        help="when the key stops working (key file only): a duration from now "
+                             "such as 30d, 12h or 90m, or an ISO 8601 time with its zone")
     keygen.set_defaults(command=_keygen)
 
     hash_ = commands.add_parser(
@@ -74,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="report whether auth would be enforced in this process",
         description="Report the Ray version and whether rayllm-auth supports it, which patch "
                     "targets are present, which key sources are configured (counts and ids "
-                    "only) and whether auth would be enforced here. Exits 1 when keys are "
-                    "configured but would not be enforced.")
+                    "only), keys that expire within 7 days, and whether auth would be enforced "
+                    "here. Exits 1 when keys are configured but would not be enforced, or "
+                    "when every configured key has expired.")
     doctor.set_defaults(command=_doctor)
     return parser
 
@@ -86,12 +91,15 @@ def _parser() -> argparse.ArgumentParser:
 def _keygen(args) -> int:
     key = "sk-" + secrets.token_urlsafe(32)
     prefix = _id_prefix(args.id)
-    models = _models_field(args.models)
+    options = _models_field(args.models) + _expires_field(args.expires)
     hashed = f"{prefix}sha256:{hashlib.sha256(key.encode()).hexdigest()}"
     print(f"key (give to the client; shown once):  {key}")
     print(f"hashed entry (recommended):            {hashed}")
     print(f"plain entry:                           {prefix}{key}")
-    print(f"key file line:                         {hashed}{models}")
+    print(f"key file line:                         {hashed}{options}")
+    if options:
+        print("note: models= and expires= work in the key file only, not in RAY_LLM_API_KEYS",
+              file=sys.stderr)
     return 0
 
 
@@ -125,6 +133,30 @@ def _models_field(models: Optional[str]) -> str:
     return "   models=" + ",".join(names)
 
 
+_DURATION = re.compile(r"([1-9][0-9]{0,5})([dhm])")
+_SECONDS_PER = {"d": 86400, "h": 3600, "m": 60}
+
+
+def _expires_field(when: Optional[str], now: Optional[float] = None) -> str:
+    if when is None:
+        return ""
+    duration = _DURATION.fullmatch(when)
+    if duration:
+        number, unit = duration.groups()
+        at = (time.time() if now is None else now) + int(number) * _SECONDS_PER[unit]
+    else:
+        try:
+            at = parse_expiry(when, "--expires")
+        except ConfigError:
+            _fail("--expires: give a duration such as 30d, 12h or 90m, or an ISO 8601 time "
+                  "with its zone such as 2027-01-31T00:00:00Z")
+    return "   expires=" + _iso(at)
+
+
+def _iso(unix_time: float) -> str:
+    return datetime.fromtimestamp(int(unix_time), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _fail(message: str) -> None:
     print(f"rayllm-auth: error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -143,6 +175,10 @@ class _Report:
     def problem(self, label: str, text: str) -> None:
         self.problems.append(text)
         self.line(label, "PROBLEM: " + text)
+
+
+#: doctor lists keys that expire within this many seconds.
+EXPIRY_WARNING_S = 7 * 86400
 
 
 def _doctor(args) -> int:
@@ -164,37 +200,42 @@ def _doctor(args) -> int:
 
 
 def _report_key_sources(report: _Report) -> bool:
-    configured = False
-    combined = []
-    for name in (RAY_LLM_API_KEYS, VLLM_API_KEY, RAY_LLM_API_KEYS_FILE):
-        if name not in os.environ:
+    sources = read_sources()
+    reported = {source.variable: source for source in sources}
+    for name in KEY_SOURCES:
+        source = reported.get(name)
+        if source is None:
             report.line(name, "not set")
-            continue
-        configured = True
+        elif source.error is not None:
+            report.problem(name, source.error)
+        else:
+            entries = source.entries
+            limited = sum(e.grant.models is not None for e in entries)
+            ids = sorted({e.grant.key_id for e in entries})
+            where = f"{source.path}: " if source.path else ""
+            report.line(name, f"{where}{len(entries)} key(s), {limited} limited to some models; "
+                              f"ids {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+    if sources and not any(source.error for source in sources):
         try:
-            if name == RAY_LLM_API_KEYS_FILE:
-                from rayllm_auth.keyfile import read_key_file
-
-                path = key_file_path()
-                entries = read_key_file(path).entries
-                where = f"{path}: "
-            else:
-                entries = environment_entries({name: os.environ[name]})
-                where = ""
-        except ConfigError as exc:
-            report.problem(name, str(exc))
-            continue
-        combined.extend(entries)
-        limited = sum(e.grant.models is not None for e in entries)
-        ids = sorted({e.grant.key_id for e in entries})
-        report.line(name, f"{where}{len(entries)} key(s), {limited} limited to some models; "
-                          f"ids {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
-    if combined:
-        try:
-            KeySet(combined, ())
+            keys = load_keys()
         except ConfigError as exc:
             report.problem("key sources", str(exc))
-    return configured
+        else:
+            _report_expiry(report, keys.grants)
+    return bool(sources)
+
+
+def _report_expiry(report: _Report, grants: list, now: Optional[float] = None) -> None:
+    now = time.time() if now is None else now
+    expiring = sorted((g.expires, g.key_id) for g in grants if g.expires is not None)
+    expired = [key_id for at, key_id in expiring if at <= now]
+    soon = [f"{key_id} at {_iso(at)}" for at, key_id in expiring if now < at <= now + EXPIRY_WARNING_S]
+    if expired:
+        report.line("expired keys", ", ".join(expired))
+    if soon:
+        report.line("expiring in 7 days", ", ".join(soon))
+    if grants and len(expired) == len(grants):
+        report.problem("key expiry", "every configured key has expired")
 
 
 def _report_activation(report: _Report) -> None:

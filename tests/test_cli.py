@@ -2,6 +2,9 @@
 .pth active, including a simulated unsupported Ray and a simulated changed layout)."""
 
 import hashlib
+import re
+import time
+from datetime import datetime, timezone
 import io
 import subprocess
 import sys
@@ -10,7 +13,7 @@ import pytest
 
 from rayllm_auth.cli import main
 from rayllm_auth.keyfile import parse_key_file
-from rayllm_auth.keys import load_key_set
+from rayllm_auth.keystore import load_keys as load_key_set
 from rayllm_auth.support import SUPPORTED_RAY
 from tests.conftest import new_key
 from tests.fresh_python import REPO, run_python
@@ -56,6 +59,8 @@ def test_hash_reads_stdin_or_argument(capsys, monkeypatch):
     (["hash", "has space"], "not a usable key"),
     (["hash", "--id", "bad id", new_key()], "invalid id"),
     (["keygen", "--models", " , "], "--models"),
+    (["keygen", "--expires", "soon"], "--expires"),
+    (["keygen", "--expires", "2027-01-31T00:00:00"], "--expires"),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_no_key(capsys, argv, message):
     with pytest.raises(SystemExit) as exited:
@@ -79,18 +84,45 @@ def test_help_names_every_command():
 DOCTOR = "from rayllm_auth.cli import main\nraise SystemExit(main(['doctor']))\n"
 
 
+def iso_in(seconds: float) -> str:
+    return datetime.fromtimestamp(int(time.time() + seconds), timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
 def test_doctor_reports_enforced_with_counts_and_ids_only(tmp_path):
     file_key, env_key = new_key(), new_key()
-    (tmp_path / "keys").write_text(f"team-b:{file_key} models=qwen\n")
+    (tmp_path / "keys").write_text(f"team-b:{file_key} models=qwen\n"
+                                   f"old:{new_key()} expires={iso_in(-60)}\n"
+                                   f"soon:{new_key()} expires={iso_in(3 * 86400)}\n"
+                                   f"later:{new_key()} expires={iso_in(30 * 86400)}\n")
     result = run_python(DOCTOR, env={"RAY_LLM_API_KEYS": f"team-a:{env_key}",
                                      "RAY_LLM_API_KEYS_FILE": str(tmp_path / "keys")})
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "1 key(s), 0 limited to some models; ids team-a" in out
-    assert "1 key(s), 1 limited to some models; ids team-b" in out
+    assert "4 key(s), 1 limited to some models; ids later, old, soon, team-b" in out
+    assert re.search(r"expired keys +old\n", out)
+    assert re.search(rf"expiring in 7 days +soon at {iso_in(3 * 86400)[:13]}", out)
     assert "2.60.0, supported" in out and out.count(": present") == 2
     assert "auth ENFORCED" in out
     assert file_key not in out + result.stderr and env_key not in out + result.stderr
+
+
+def test_doctor_fails_when_every_key_has_expired(tmp_path, monkeypatch, capsys, no_key_env):
+    (tmp_path / "keys").write_text(f"a:{new_key()} expires={iso_in(-1)}\n"
+                                   f"b:{new_key()} expires={iso_in(-86400)}\n")
+    monkeypatch.setenv("RAY_LLM_API_KEYS_FILE", str(tmp_path / "keys"))
+    code, out, _ = run(capsys, "doctor")
+    assert code == 1 and "NOT ENFORCED" in out and "every configured key has expired" in out
+
+
+def test_keygen_expires_after_a_duration_or_at_a_time(capsys):
+    code, out, _ = run(capsys, "keygen", "--expires", "30d")
+    (entry,) = parse_key_file(keygen_fields(out)["key file line"], "test")
+    assert code == 0 and abs(entry.grant.expires - (time.time() + 30 * 86400)) < 5
+    code, out, err = run(capsys, "keygen", "--expires", "2027-01-31T00:00:00Z", "--id", "x")
+    assert keygen_fields(out)["key file line"].endswith("   expires=2027-01-31T00:00:00Z")
+    assert "key file only" in err
 
 
 def test_doctor_fails_loudly_on_unsupported_ray_and_bad_keys():
