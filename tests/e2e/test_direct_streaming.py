@@ -90,6 +90,17 @@ def test_model_limits_hold_on_vllms_own_app(cluster):
     assert caught.value.code == "model_not_found"
 
 
+def test_model_limits_hold_on_routes_that_name_no_model(cluster):
+    # vLLM's app serves one model whatever a request names: a key not allowed that model
+    # reaches none of its routes (docs and health aside); an allowed key reaches them all.
+    for method, path in (("GET", "/load"), ("GET", "/metrics"), ("GET", "/v1/responses/r1"),
+                         ("POST", "/tokenize"), ("GET", f"/v1/models/{MODEL}")):
+        reply = request(method, path, {"x-api-key": OTHER_MODEL_KEY})
+        assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
+    assert request("GET", "/metrics", {"x-api-key": ALLOWED_KEY}).status_code == 200
+    assert request("GET", "/health", {"x-api-key": OTHER_MODEL_KEY}).status_code == 200
+
+
 def test_hashed_key_and_x_api_key_work_where_vllms_own_check_would_refuse(cluster):
     # vLLM's middleware accepts only `Authorization: Bearer <VLLM_API_KEY>`: these two
     # succeed only because rayllm-auth replaced it.

@@ -14,8 +14,13 @@ import openai
 import pytest
 
 from rayllm_auth.testing.local_cluster import MODEL, SERVE_URL, LocalCluster, application, llm_config
+from tests.conftest import new_key
 
 pytestmark = pytest.mark.e2e
+
+# In a key file beside the environment's keys: one key limited to the served model, one to
+# a model this cluster does not serve.
+LIMITED = {"served-only": new_key(), "elsewhere": new_key()}
 
 EXTRAS = Path(__file__).parent / "rlt_extras"  # a user's own ingress class
 
@@ -40,9 +45,13 @@ serve.run(app, name="driver", route_prefix="/driver", blocking=False)
 
 
 @pytest.fixture(scope="module")
-def cluster(wheel, cluster_key_env):
+def cluster(wheel, cluster_key_env, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("keys") / "keys"
+    key_file.write_text(f"served-only:{LIMITED['served-only']} models={MODEL}\n"
+                        f"elsewhere:{LIMITED['elsewhere']} models=another-model\n")
     # rlt_extras on PYTHONPATH: the user's own code baked into the image, as Serve's docs advise.
-    cluster = LocalCluster({**cluster_key_env, "PYTHONPATH": str(EXTRAS.parent)}).start()
+    cluster = LocalCluster({**cluster_key_env, "PYTHONPATH": str(EXTRAS.parent),
+                            "RAY_LLM_API_KEYS_FILE": str(key_file)}).start()
     try:
         pip = {"pip": [str(wheel)]}
         cluster.deploy([
@@ -186,6 +195,26 @@ def test_admin_routes_work_with_a_key(cluster, keys):
     assert reply.status_code == 200
 
 
+@pytest.mark.parametrize("query", [f"model={MODEL}", "model=no-such-model", ""])
+def test_limited_key_reaches_admin_routes_only_for_its_models(cluster, query):
+    # DevIngress broadcasts GET /is_sleeping?model=M to M's replicas; Ray's own 404 for an
+    # unknown M quotes it back. Neither may happen for a key not allowed M.
+    before = len(cluster.engine_calls())
+    reply = get(f"/dev/is_sleeping?{query}", {"x-api-key": LIMITED["elsewhere"]})
+    assert reply.status_code in (400, 404), reply.text
+    assert reply.json()["error"]["code"] in ("model_not_found", "model_required")
+    assert "no-such-model" not in reply.text and len(cluster.engine_calls()) == before
+    allowed = get(f"/dev/is_sleeping?model={MODEL}", {"x-api-key": LIMITED["served-only"]})
+    assert allowed.status_code == 200, allowed.text
+
+
+def test_limited_key_is_refused_routes_that_name_no_model(cluster):
+    for method, path in (("GET", "/metrics"), ("DELETE", "/v1/models"), ("GET", "/dev/x")):
+        reply = get(path, {"x-api-key": LIMITED["served-only"]}, method=method)
+        assert reply.status_code == 403 and reply.json()["error"]["code"] == "permission_denied"
+    assert get("/docs", {"x-api-key": LIMITED["served-only"]}).status_code == 200
+
+
 def raw_request(path, headers=()):
     conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=60)
     conn.putrequest("GET", path, skip_accept_encoding=True)
@@ -299,7 +328,7 @@ def test_key_id_reaches_ray_http_metrics_as_user_id(cluster, keys):
 
 def test_zz_no_key_appears_in_ray_logs_status_or_metrics(cluster, keys):
     """Last in the module: after all the traffic above, search everything Ray wrote."""
-    assert cluster.places_holding(list(keys.values())) == []
+    assert cluster.places_holding([*keys.values(), *LIMITED.values()]) == []
 
 
 def test_e2e_benchmark_harness_runs_against_this_cluster(cluster, keys):
