@@ -103,7 +103,7 @@ def make_variants(inner, keys: list[str]) -> dict:
     return {
         "none": inner,
         "rayllm-auth": ApiKeyMiddleware(inner),
-        "rayllm-auth-file": middleware_from_file(inner, keys),
+        "rayllm-auth-file": middleware_from_file(inner, [f"k{i}:{k}" for i, k in enumerate(keys)]),
         "vllm": AuthenticationMiddleware(inner, tokens=keys),
         "forum": BaseHTTPMiddleware(inner, dispatch=forum_dispatch),
     }

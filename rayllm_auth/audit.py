@@ -2,20 +2,23 @@
 
 At most ``LINES_PER_WINDOW`` lines per ``WINDOW_S`` seconds per process; the next line after
 a window in which some were dropped says how many. Every refusal is still counted in the
-``rayllm_auth_requests`` metric. A line holds the outcome, method, path, key id (when the key
-was recognised) and client address, never key material: path segments that are a configured
-key (a client putting its key in the URL) are replaced by ``<key>``, and everything is
-ASCII-escaped and truncated, so a line cannot be forged or made huge by the client.
+``rayllm_auth_requests`` metric. A line holds the outcome, method, route, key id (when the key
+was recognised) and client address, never key material: the path is logged only when it is a
+route of :data:`~rayllm_auth.model_scope.ROUTES` (``/v1/models/<id>`` without its id), else as
+``<other path, N characters>``, since a client may put a key anywhere in a path (a segment, a
+part of one, across a ``/``). Everything is ASCII-escaped and truncated, so a line cannot be
+forged or made huge by the client.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from typing import Callable, Optional
 
-from rayllm_auth.keys import KeySet
+from starlette._utils import get_route_path
+
+from rayllm_auth.model_scope import MODEL_PREFIX, ROUTES
 
 __all__ = ["DenialLog"]
 
@@ -33,7 +36,7 @@ class DenialLog:
         self._lines = 0
         self._dropped = 0
 
-    def refused(self, outcome: str, scope, keys: KeySet, key_id: Optional[str] = None) -> None:
+    def refused(self, outcome: str, scope, key_id: str = "") -> None:
         now = self._clock()
         if now >= self._window_end:
             if self._dropped:
@@ -51,18 +54,21 @@ class DenialLog:
             "rayllm-auth: refused %s: %s %s key_id=%s client=%s",
             outcome,
             _clean(scope.get("method", "WEBSOCKET")),
-            _clean(_redact_keys(scope.get("path", ""), keys)),
+            _clean(_route(scope)),
             key_id or "-",
             _clean(str(client[0])),
         )
 
 
-def _redact_keys(path: str, keys: KeySet) -> str:
-    segments = path.split("/")
-    for i, segment in enumerate(segments):
-        if segment and keys.holds_digest(hashlib.sha256(segment.encode("utf-8", "replace")).digest()):
-            segments[i] = "<key>"
-    return "/".join(segments)
+def _route(scope) -> str:
+    """What of the path may be logged: the route prefix (from the Serve config, not the
+    client) and a known route, never anything else the client wrote."""
+    route = get_route_path(scope) if "path" in scope else ""
+    if route.startswith(MODEL_PREFIX):
+        route = MODEL_PREFIX + "<id>"
+    elif route not in ROUTES:
+        route = f"<other path, {len(route)} characters>"
+    return scope.get("root_path", "") + route
 
 
 def _clean(text: str) -> str:

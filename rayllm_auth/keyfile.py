@@ -4,7 +4,7 @@ Format (UTF-8 text, one key per line; a line ends at ``\\n`` or ``\\r\\n`` and n
 
     # rayllm-auth key file. '#' starts a comment (at the start of a line or after a space).
     # ENTRY [models=MODEL[,MODEL...]] [expires=TIME]
-    #   ENTRY is written as in RAY_LLM_API_KEYS: KEY, ID:KEY, sha256:HEX or ID:sha256:HEX.
+    #   ENTRY: ID:KEY (KEY at least 20 characters), sha256:HEX or ID:sha256:HEX.
     #   models= limits the key to these model ids (a LoRA id base:adapter follows its base);
     #   without it the key may use every model.
     #   expires= an ISO 8601 time with its zone, e.g. 2027-01-31T00:00:00Z: from then on
@@ -14,10 +14,13 @@ Format (UTF-8 text, one key per line; a line ends at ``\\n`` or ``\\r\\n`` and n
     legacy:sk-plaintext-key-from-before-we-hashed
 
 Fields are separated by spaces or tabs. Blank lines and comment lines are skipped; a file with
-no key is invalid. Everything that could silently widen a key is an error instead
-(:class:`~rayllm_auth.errors.ConfigError`): a control or line-break character other than
-``\\n`` (``\\x0b``, ``\\x85``, U+2028... which ``str.splitlines`` would split at), an option
-on a line of its own, an unknown or repeated option, and an option written inside a comment.
+no key is invalid. Everything that could silently widen a key, or make a key of a stray word,
+is an error instead (:class:`~rayllm_auth.errors.ConfigError`): a control or line-break
+character other than ``\\n`` (``\\x0b``, ``\\x85``, U+2028... which ``str.splitlines`` would
+split at), an option on a line of its own or in any case (``Models=``), an unknown or
+repeated option, an empty model id (``models=a,``), an option written inside a comment, and
+a plain key without an id or shorter than 20 characters (a model id wrapped onto its own line
+would otherwise be a key for every model).
 Error messages name the file and the line number, never the line's text (it may hold a key).
 """
 
@@ -135,14 +138,16 @@ def _parse_line(fields: list[str], where: str) -> Entry:
         values[name] = value
     limits = Grant("", *(parse(values[name], where) if name in values else None
                          for name, parse in _OPTIONS.items()))
-    return parse_entry(entry, where, limits)
+    return parse_entry(entry, where, limits, in_file=True)
 
 
 def _parse_models(value: str, where: str) -> frozenset[str]:
-    models = frozenset(m for m in value.split(",") if m)
-    if not models:
-        raise ConfigError(f"{where} has an empty models= list; omit it to allow every model")
-    return models
+    models = value.split(",")
+    if not all(models):
+        # 'models=a,' is a list wrapped onto the next line, or a typo: never a shorter list.
+        raise ConfigError(f"{where} has an empty model id in models=; list ids separated by "
+                          f"single commas (omit models= to allow every model)")
+    return frozenset(models)
 
 
 def parse_expiry(value: str, where: str) -> float:

@@ -63,9 +63,10 @@ SHORT_KEY_WARNING_LENGTH = 20
 _HASHED_PREFIX = "sha256"
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-# What a key-file option looks like: a lower-case name and '='. A key written like this is
-# refused, so a misplaced option (its own line, a stray comma) can never become a key.
-_OPTION = re.compile(r"[a-z][a-z_]*=")
+# What a key-file option looks like: a name and '=' (in any case: 'Models=' is a typo, not a
+# key). A key written like this is refused, so a misplaced option (its own line, a stray
+# comma) can never become a key.
+_OPTION = re.compile(r"[A-Za-z][A-Za-z_]*=")
 # Printable ASCII without space: what an HTTP header can carry as a bearer token.
 _SENDABLE = bytes(range(0x21, 0x7F))
 _RESERVED_IN_LIST = frozenset(b",:")
@@ -204,10 +205,25 @@ def _parse_key_list(value: str, variable: str) -> list[Entry]:
     return entries
 
 
-def parse_entry(text: str, where: str, limits: Grant = Grant("")) -> Entry:
+def parse_entry(text: str, where: str, limits: Grant = Grant(""), *,
+                in_file: bool = False) -> Entry:
     """One ``[ID:]KEY`` or ``[ID:]sha256:HEX`` entry, with the models and expiry of
-    ``limits`` (its key id is ignored). Raises ConfigError naming ``where``."""
+    ``limits`` (its key id is ignored). Raises ConfigError naming ``where``.
+
+    ``in_file``: a plain key must be named and at least SHORT_KEY_WARNING_LENGTH long, so
+    a stray line of a key file (a model id wrapped onto a line of its own) is an error
+    instead of a key anyone could guess.
+    """
+    if looks_like_option(text):
+        raise _option_error(where)
     parts = text.split(":")
+    if in_file and len(parts) < 3 and parts[0] != _HASHED_PREFIX and (
+            len(parts) == 1 or len(parts[1]) < SHORT_KEY_WARNING_LENGTH):
+        raise ConfigError(
+            f"{where} is not a key file entry: a plain key there needs an id and at least "
+            f"{SHORT_KEY_WARNING_LENGTH} characters (ID:KEY), or write it hashed "
+            f"(ID:sha256:HEX); a bare word is most likely a stray line"
+        )
     if len(parts) == 1:
         return _plain_entry(text, None, where, _RESERVED_IN_LIST, limits)
     if len(parts) == 2 and parts[0] == _HASHED_PREFIX:
@@ -234,7 +250,9 @@ def _key_id(text: str, where: str) -> str:
 def _plain_entry(
     key: str, key_id: Optional[str], where: str, reserved: frozenset[int], limits: Grant
 ) -> Entry:
-    raw = key.encode("utf-8")
+    # isascii() first: a byte that is not UTF-8 reaches os.environ as a lone surrogate, which
+    # encode() would reject with an error quoting it and its position.
+    raw = key.encode("ascii") if key.isascii() else b"\x80"
     if not is_sendable_key(raw) or not reserved.isdisjoint(raw):
         forbidden = "".join(f" or {chr(b)!r}" for b in sorted(reserved))
         raise ConfigError(
@@ -242,10 +260,7 @@ def _plain_entry(
             f"characters without spaces{forbidden}"
         )
     if reserved and looks_like_option(key):  # a list entry (VLLM_API_KEY is one whole key)
-        raise ConfigError(
-            f"{where} looks like an option (NAME=...), not a key: options such as models= "
-            f"and expires= follow a key on the same line of the key file"
-        )
+        raise _option_error(where)
     if len(raw) < SHORT_KEY_WARNING_LENGTH:
         logger.warning(
             "rayllm-auth: %s is shorter than %d characters and could be guessed; "
@@ -255,6 +270,13 @@ def _plain_entry(
             SHORT_KEY_WARNING_LENGTH,
         )
     return _entry(hashlib.sha256(raw).digest(), key_id, limits)
+
+
+def _option_error(where: str) -> ConfigError:
+    return ConfigError(
+        f"{where} looks like an option (NAME=...), not a key: options such as models= and "
+        f"expires= follow a key on the same line of the key file"
+    )
 
 
 def _hashed_entry(hex_digest: str, key_id: Optional[str], where: str, limits: Grant) -> Entry:

@@ -6,13 +6,15 @@ the key file is more than ``RAY_LLM_AUTH_RELOAD_INTERVAL_S`` seconds old (defaul
 file is stat'ed, and read again only if its signature (inode, size, mtime, ctime) changed. An
 idle replica does no work at all.
 
-A changed file is taken only once it has **settled**: unchanged for ``SETTLE_S`` seconds
-(judged by its ctime, which every write moves and no writer can set, or, if the clocks
-disagree, by two looks ``SETTLE_S`` apart). A file rewritten in place is never read half
-written, even when the half parses (a key without the ``models=`` line that follows it). So a
+A changed file is taken only once it has **settled**: the same signature at two looks
+``SETTLE_S`` seconds apart (our own monotonic clock, which no filesystem clock can skew). A file
+rewritten in place is never read half written, unless its writer pauses longer than that
+mid-write, even when the half parses (a key without the ``models=`` that follows it). So a
 removed key is refused, and an added key accepted, at most ``interval + SETTLE_S`` seconds
-after the change; in Kubernetes add the kubelet's own delay (about a minute by default).
-A replica starting while the file changes waits for it to settle (at most ``MAX_START_WAIT_S``).
+after the change; in Kubernetes add the kubelet's own delay (about a minute by default). A
+file that keeps changing for ``MAX_SETTLE_WAIT_S`` is reported as a failed reload.
+A starting replica takes a file whose ctime is at least ``SETTLE_S`` old by its own clock at
+once, else waits for two looks (at most ``MAX_SETTLE_WAIT_S``, then it refuses to start).
 
 A file that becomes unreadable or invalid leaves the last good key set in place; the error is
 logged once per distinct file state and counted in ``rayllm_auth_key_reloads{outcome=
@@ -48,8 +50,9 @@ RELOAD_INTERVAL_VAR = "RAY_LLM_AUTH_RELOAD_INTERVAL_S"
 DEFAULT_RELOAD_INTERVAL_S = 5.0
 #: A changed key file is taken once it has been unchanged this long (seconds).
 SETTLE_S = 1.0
-#: How long a starting replica waits for a key file that keeps changing before it gives up.
-MAX_START_WAIT_S = 10 * SETTLE_S
+#: How long a starting replica waits for a key file that keeps changing before it refuses to
+#: start; a serving replica reports such a file as a failed reload after as long.
+MAX_SETTLE_WAIT_S = 10 * SETTLE_S
 
 
 def reload_interval(environ: Mapping[str, str]) -> float:
@@ -120,9 +123,10 @@ class KeyStore:
     """Current keys of this process.
 
     Raises ConfigError when built if no key source is set, any source is unusable, or the
-    key file keeps changing for ``MAX_START_WAIT_S``: a replica never starts on a partial,
-    empty or half-written key set. ``clock`` (monotonic) paces reloads; ``wall_clock``
-    (Unix time) judges whether the file has settled; ``sleep`` waits for it at start.
+    key file keeps changing for ``MAX_SETTLE_WAIT_S``: a replica never starts on a partial,
+    empty or half-written key set. ``clock`` (monotonic) paces reloads and judges whether a
+    changed file has settled; ``wall_clock`` (Unix time) lets a starting replica take a file
+    whose ctime is old at once; ``sleep`` waits for the file at start.
     ``watch=False`` reads the sources once and never reloads or publishes metrics.
     """
 
@@ -148,6 +152,7 @@ class KeyStore:
         self._file: Optional[KeyFile] = None
         self._failed_signature: Optional[object] = None
         self._unsettled: Optional[tuple[Signature, float]] = None  # (signature, first seen)
+        self._changing_since: Optional[float] = None  # first look at an unsettled change
         if RAY_LLM_API_KEYS_FILE in environ:
             path = key_file_path(environ)
             self._interval = reload_interval(environ)
@@ -175,23 +180,25 @@ class KeyStore:
             entries.extend(key_file.entries)
         return KeySet(entries, self._sources)
 
-    def _time_to_settle(self, signature: Signature, now: float) -> float:
-        """0 once the file has been in state ``signature`` for SETTLE_S, judged by its ctime
-        or, if the clocks disagree, by our own looks at it; else how long to wait."""
-        by_ctime = SETTLE_S - (self._wall_clock() - signature.ctime_ns / 1e9)
+    def _time_to_settle(self, signature: Signature, now: float, *, at_start: bool) -> float:
+        """0 once the file has stayed in state ``signature`` for SETTLE_S, else how long to
+        wait before looking again. Judged by our own looks (two, SETTLE_S apart), which no
+        clock skew can fool; at start, a ctime at least SETTLE_S old by this node's clock is
+        enough too, so a replica does not wait for a file that has not changed."""
         if self._unsettled is None or self._unsettled[0] != signature:
-            self._unsettled = (signature, now)
-        by_looks = SETTLE_S - (now - self._unsettled[1])
-        return max(0.0, min(by_ctime, by_looks))
+            self._unsettled = (signature, now)  # the first look at this state
+        if at_start and self._wall_clock() - signature.ctime_ns / 1e9 >= SETTLE_S:
+            return 0.0
+        return max(0.0, SETTLE_S - (now - self._unsettled[1]))
 
     def _read_when_settled(self, path: str, sleep: Callable[[float], None]) -> KeyFile:
-        deadline = self._clock() + MAX_START_WAIT_S
+        deadline = self._clock() + MAX_SETTLE_WAIT_S
         while True:
             try:
                 signature = file_signature(path)
             except OSError:
                 return read_key_file(path)  # raises ConfigError naming the file
-            wait = self._time_to_settle(signature, self._clock())
+            wait = self._time_to_settle(signature, self._clock(), at_start=True)
             if not wait:
                 key_file = read_key_file(path)
                 if key_file.signature == signature:
@@ -199,7 +206,7 @@ class KeyStore:
                     return key_file
             elif self._clock() + wait > deadline:
                 raise ConfigError(f"{RAY_LLM_API_KEYS_FILE} ({path}) kept changing for "
-                                  f"{MAX_START_WAIT_S:.0f} s; write it atomically (rename)")
+                                  f"{MAX_SETTLE_WAIT_S:.0f} s; write it atomically (rename)")
             sleep(wait)
 
     def _refresh(self, now: float) -> None:
@@ -209,14 +216,20 @@ class KeyStore:
             message = f"{RAY_LLM_API_KEYS_FILE} ({self._path}) cannot be read: {exc.strerror}"
             return self._failed(("unreadable", exc.errno), message)
         if signature == self._file.signature:
-            self._unsettled = None
+            self._unsettled = self._changing_since = None
             return
-        wait = self._time_to_settle(signature, now)
+        wait = self._time_to_settle(signature, now, at_start=False)
         if wait:
-            # Still changing, or changed too recently to tell: look again once it may have
-            # settled, so a rotation takes at most interval + SETTLE_S.
+            # Changed since the last look: look again once it may have settled, so a
+            # rotation takes at most interval + SETTLE_S. One that never settles is reported.
             self._next_check = now + wait
+            if self._changing_since is None:
+                self._changing_since = now
+            if now - self._changing_since >= MAX_SETTLE_WAIT_S:
+                self._failed(("changing",), f"{RAY_LLM_API_KEYS_FILE} ({self._path}) has kept "
+                             f"changing for {MAX_SETTLE_WAIT_S:.0f} s; write it atomically")
             return
+        self._changing_since = None  # settled: read it, whatever it holds
         try:
             key_file = read_key_file(self._path)
             if key_file.signature != signature:

@@ -18,7 +18,9 @@ Ray exports them with its ``ray_`` prefix (and ``_total`` for counters).
 Recording a request costs one dict update: a ``Counter.inc`` call takes about 2 µs, as much
 as the whole auth check, so counts are added up in the process and handed to Ray at most
 once per second per label set, from the event loop that served the requests (no thread, no
-lock). If Ray's metrics API is unavailable (no Ray, a test), counts are kept and dropped.
+lock). The expiry gauge is set again every second while it has values, even with no
+traffic: Ray drops a gauge series that has not been set for two export intervals. If Ray's
+metrics API is unavailable (no Ray, a test), counts are kept and dropped.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ _EXPIRY = ("rayllm_auth_key_expiry_timestamp_seconds",
 _requests: dict[tuple[str, str], int] = {}  # (outcome, key_id) -> count not yet handed to Ray
 _ok: dict[str, int] = {}  # key_id -> count of ("ok", key_id): the hot path's own dict
 _reloads: dict[tuple[str], int] = {}  # (outcome,) -> count not yet handed to Ray
-_expiries: dict[tuple[str], float] = {}  # (key_id,) -> gauge value not yet handed to Ray
-_published_expiries: set[str] = set()  # key ids whose gauge this process has set
+# (key_id,) -> the expiry gauge's value, handed to Ray again on every flush: Ray 2.60 drops a
+# gauge series that has not been set for two export intervals (about 20 s here).
+_expiries: dict[tuple[str], float] = {}
 _metrics: dict[str, object] = {}  # metric name -> Ray Counter/Gauge, or None without Ray
 _flush_loop: Optional[asyncio.AbstractEventLoop] = None  # where a flush is scheduled
 
@@ -80,16 +83,16 @@ def publish_expiries(keys) -> None:
     for grant in keys.grants:
         if grant.expires is not None:
             earliest[grant.key_id] = min(grant.expires, earliest.get(grant.key_id, grant.expires))
-    for key_id in _published_expiries - earliest.keys():
-        _expiries[(key_id,)] = 0.0
+    for label in _expiries:
+        _expiries[label] = 0.0  # no longer configured, unless set again just below
     for key_id, expires in earliest.items():
         _expiries[(key_id,)] = expires
-    _published_expiries.update(earliest)
     _schedule_flush()
 
 
 def pending() -> dict[tuple[str, tuple], float]:
-    """Values not yet handed to Ray, by (metric name, tag values). For tests."""
+    """Counts not yet handed to Ray and the gauge's current values, by (metric name, tag
+    values). For tests."""
     return {(spec[0], label): n for spec, values in _pending_batches()
             for label, n in values.items()}
 
@@ -115,11 +118,14 @@ def _schedule_flush() -> None:
 
 
 def flush() -> None:
-    """Hand every pending count and gauge value to Ray's metrics API."""
+    """Hand every pending count and the gauge's values to Ray's metrics API; while the gauge
+    has values, flush again every FLUSH_INTERVAL_S, so Ray keeps exporting them."""
     global _flush_loop
     _flush_loop = None
+    if _expiries:
+        _schedule_flush()
     batches = _pending_batches()
-    for values in (_ok, _requests, _reloads, _expiries):
+    for values in (_ok, _requests, _reloads):
         values.clear()
     for spec, values in batches:
         metric = _metric(spec) if values else None

@@ -32,7 +32,6 @@ from rayllm_auth import metrics
 from rayllm_auth.audit import DenialLog
 from rayllm_auth.credentials import take_key, without_credentials
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.keys import KeySet
 from rayllm_auth.keystore import KeyStore
 from rayllm_auth.model_scope import ModelScope
 from rayllm_auth.refusals import Answers, Refusal
@@ -117,14 +116,14 @@ class ApiKeyMiddleware:
                 return await self.app(scope, receive, send)
             raise ValueError(f"rayllm-auth: refusing unknown ASGI scope type {kind!r}")
         keys = self._store.current() if self._reloading else self._keys
-        key, other_headers = take_key(scope["headers"])
-        key_id = ""
+        key, other_headers = take_key(scope["headers"])  # the key, or the Refusal saying why not
+        refusal, key_id = key, ""
         if key.__class__ is bytes:
             grant = keys.lookup(key)
             if grant is None:
-                key = Refusal.INVALID
+                refusal = Refusal.INVALID
             elif grant.expires is not None and self._wall_clock() >= grant.expires:
-                key, key_id = Refusal.EXPIRED, grant.key_id
+                refusal, key_id = Refusal.EXPIRED, grant.key_id
             else:
                 # The key stops here: Ray copies every request header into the RawRequestInfo
                 # it pickles to the LLMServer replica, and engines see them too.
@@ -139,26 +138,26 @@ class ApiKeyMiddleware:
                     except KeyError:
                         metrics.record_ok(grant.key_id)
                     return await self.app(scope, receive, send)
-                return await self._call_limited(grant, keys, scope, receive, send)
+                return await self._call_limited(grant, scope, receive, send)
         if self._exempt and self._is_exempt(scope):
             scope["headers"] = without_credentials(scope["headers"])  # exempt, not a key relay
             metrics.record_request("exempt")
             return await self.app(scope, receive, send)
-        await self._refuse(key, keys, key_id, scope, receive, send)
+        await self._refuse(refusal, key_id, scope, receive, send)
 
-    async def _call_limited(self, grant, keys: KeySet, scope, receive, send):
+    async def _call_limited(self, grant, scope, receive, send):
         verdict = await self._model_scope.admit(grant, scope, receive, send)
         if verdict is None:
             return  # the client went away while sending its body: nobody to answer
         if verdict.__class__ is Refusal:
-            return await self._refuse(verdict, keys, grant.key_id, scope, receive, send)
+            return await self._refuse(verdict, grant.key_id, scope, receive, send)
         metrics.record_request("ok", grant.key_id)
         await self.app(scope, *verdict)
 
-    async def _refuse(self, refusal: Refusal, keys: KeySet, key_id: str, scope, receive, send):
+    async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send):
         """Count, log and answer one refusal: the only way a request is refused."""
         metrics.record_request(refusal.outcome, key_id)
-        self._denials.refused(refusal.outcome, scope, keys, key_id)
+        self._denials.refused(refusal.outcome, scope, key_id)
         await self._answers(refusal, scope)(scope, receive, send)
 
     def _is_exempt(self, scope) -> bool:

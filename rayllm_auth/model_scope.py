@@ -44,7 +44,7 @@ from starlette.datastructures import Headers, QueryParams
 from rayllm_auth.keys import Grant
 from rayllm_auth.refusals import Refusal
 
-__all__ = ["ModelScope", "Source", "ROUTES", "MAX_SCOPED_BODY_BYTES"]
+__all__ = ["ModelScope", "Source", "ROUTES", "MODEL_PREFIX", "MAX_SCOPED_BODY_BYTES"]
 
 #: Largest request body read to find the model (OpenAI's audio upload limit is 25 MB).
 MAX_SCOPED_BODY_BYTES = 64 * 1024 * 1024
@@ -85,7 +85,7 @@ ROUTES: dict[str, tuple[Source, frozenset[str]]] = {
         "/invocations", "/pooling", "/classify", "/score", "/rerank", "/v1/rerank", "/v2/rerank",
     )},
 }
-_MODEL_PREFIX = "/v1/models/"  # GET /v1/models/{model:path}
+MODEL_PREFIX = "/v1/models/"  # GET /v1/models/{model:path}
 
 # What admit() returns: a Refusal, None when the client went away while sending its body
 # (nothing to answer), or the (receive, send) pair to call the app with.
@@ -114,7 +114,7 @@ class ModelScope:
         if source is None:
             return (receive, send) if self._served is not None else Refusal.ROUTE_DENIED
         if source is Source.PATH:
-            model = path[len(_MODEL_PREFIX):]
+            model = path[len(MODEL_PREFIX):]
             # Ray's ingress serves the card of replace_prefix(id): '--' read as '/'.
             named = [model if self._served is not None else model.replace("--", "/")]
         elif source is Source.QUERY:
@@ -140,7 +140,7 @@ def _source(path: str, method: str) -> Optional[Source]:
     """Where the route at ``path`` takes its model from; None if the route is not known, or
     does not serve ``method``."""
     source, methods = ROUTES.get(path) or (
-        (Source.PATH, _GET) if path.startswith(_MODEL_PREFIX) else (None, ()))
+        (Source.PATH, _GET) if path.startswith(MODEL_PREFIX) else (None, ()))
     return source if method in methods else None
 
 

@@ -61,7 +61,7 @@ def fresh_metrics():
     from rayllm_auth import metrics
 
     metrics.flush()
-    metrics._published_expiries.clear()  # as in a fresh replica process
+    metrics._expiries.clear()  # as in a fresh replica process
     yield
     metrics.flush()
 

@@ -81,11 +81,12 @@ def hostile_credential(draw):
         "bearer": b"Bearer " + token, "basic": b"Basic " + token, "bare": token,
         "bearer-no-space": b"Bearer" + token, "quoted": b'Bearer "' + token + b'"',
     }[shape]
-    if name in ("authorization", "x-api-key") and shape in ("bearer", "bare"):
+    if name.lower() in ("authorization", "x-api-key") and shape in ("bearer", "bare"):
         stripped = token.strip(b" \t")
         if stripped in {k.encode() for k in KEYS}:
             value = b"Bearer " + token + b"x"  # the mutation happened to rebuild a key
-    return (name.encode(), value)  # raw ASGI names; servers lower-case them, this one may not
+    # Raw ASGI names; servers lower-case them, this one may not: names match in any case.
+    return (name.encode(), value)
 
 
 def route_paths():
@@ -133,7 +134,8 @@ def request(draw):
     hostile = draw(st.lists(hostile_credential(), max_size=2))
     credentials = clean + hostile
     draw(st.randoms()).shuffle(credentials)
-    expect_pass = bool(clean) and not any(h[0] in (b"authorization", b"x-api-key") for h in hostile)
+    expect_pass = bool(clean) and not any(
+        h[0].lower() in (b"authorization", b"x-api-key") for h in hostile)
     return method, path, root, headers + credentials, expect_pass
 
 

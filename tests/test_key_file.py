@@ -4,6 +4,7 @@ corruption, removal), with a controlled clock and real files."""
 import hashlib
 import logging
 import os
+import time
 
 import pytest
 
@@ -13,7 +14,7 @@ from rayllm_auth.keyfile import parse_key_file
 from rayllm_auth.keys import KEY_SOURCES
 from rayllm_auth.keystore import load_keys as load_key_set
 from rayllm_auth.keystore import SETTLE_S, KeyStore
-from rayllm_auth.testing.secret_mount import SecretMount
+from tests.support.secret_mount import SecretMount
 from tests.conftest import new_key
 
 pytestmark = pytest.mark.usefixtures("fresh_metrics")
@@ -121,7 +122,7 @@ def test_file_and_variables_combine(env):
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "7200"])
 def test_bad_reload_interval_is_an_error(env, value):
     path, environ = env
-    path.write_text(f"{new_key()}\n")
+    path.write_text(f"k:{new_key()}\n")
     with pytest.raises(ConfigError, match="RAY_LLM_AUTH_RELOAD_INTERVAL_S"):
         KeyStore({**environ, "RAY_LLM_AUTH_RELOAD_INTERVAL_S": value})
 
@@ -149,7 +150,7 @@ def test_edit_is_picked_up_after_the_interval_and_revokes_dropped_keys(env):
 
 def test_unchanged_file_is_not_read_again(env, monkeypatch):
     path, environ = env
-    path.write_text(f"{new_key()}\n")
+    path.write_text(f"k:{new_key()}\n")
     clock = Clock()
     store = store_for(environ, clock)
     reads = []
@@ -331,3 +332,60 @@ def test_expiry_is_published_for_prometheus_and_zeroed_when_gone(env):
 def expiry_gauge():
     return {tags[0]: value for (name, tags), value in metrics.pending().items()
             if name == "rayllm_auth_key_expiry_timestamp_seconds"}
+
+
+# -- stray words never become keys; skewed clocks never hurry a reload (adversarial review) --
+
+
+@pytest.mark.parametrize("text", [
+    "team-b:sha256:{digest}   models=qwen2.5-7b-instruct,\nllama-3.1-8b-instruct\n",
+    "team-b:sha256:{digest}   models=qwen\nModels=llama\n",
+    "team-b:sha256:{digest}   models=qwen,\nllama:sql-adapter\n",
+    "team-b:sha256:{digest}\n{key}\n",  # a plain key without an id: a stray word, or a key?
+    "team-b:sha256:{digest}\nteam-c:short-key\n",
+])
+def test_no_stray_word_is_taken_for_a_key(text):
+    # A model id is public: as a key of its own it would open every model to anyone.
+    key = new_key()
+    with pytest.raises(ConfigError, match="line [12] of f") as caught:
+        parse_key_file(text.format(digest=sha(new_key()), key=key), "f")
+    assert key not in str(caught.value)
+
+
+@pytest.mark.parametrize("skew", [0.0, 3.0, -3.0], ids=["same clock", "file clock behind",
+                                                        "file clock ahead"])
+def test_a_skewed_file_clock_never_hurries_a_half_written_file(env, skew):
+    path, environ = env
+    old, limited = new_key(), new_key()
+    path.write_text(f"old:{old}\n")
+    clock = Clock()
+    store = KeyStore(environ, clock, sleep=clock.sleep, wall_clock=lambda: time.time() + skew)
+    with open(path, "r+") as f:
+        f.truncate(0)
+        f.write(f"team:{limited}")
+        f.flush()
+        for _ in range(3):  # looks while the writer is between its two writes
+            clock.now += 2.1 if _ == 0 else 0.3
+            assert store.current().lookup(limited.encode()) is None
+        f.write("   models=llama\n")
+    for _ in range(4):
+        clock.now += 1.1
+        grant = store.current().lookup(limited.encode())
+        assert grant is None or grant.models == {"llama"}
+    assert grant is not None
+
+
+def test_a_file_that_never_settles_is_reported_once(env, caplog):
+    path, environ = env
+    key = new_key()
+    path.write_text(f"team:{key}\n")
+    clock = Clock()
+    store = store_for(environ, clock)
+    with caplog.at_level(logging.ERROR, logger="rayllm_auth"):
+        for i in range(40):  # rewritten every 0.5 s for 20 s
+            path.write_text(f"team:{key}\n# edit {i}\n")
+            clock.now += 0.5 if i else 2.1
+            assert store.current().lookup(key.encode()).key_id == "team"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "has kept changing for 10 s" in errors[0]
+    assert reloads() == {"failed": 1}

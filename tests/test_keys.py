@@ -133,3 +133,18 @@ def test_key_set_holds_only_digests_and_refuses_pickling():
     assert all(len(d) == 32 for d in keys._grants)
     with pytest.raises(TypeError, match="must not be pickled"):
         pickle.dumps(keys)
+
+
+@pytest.mark.parametrize("entry", ["Models=qwen", "models=qwen", "EXPIRES=2027-01-01T00:00:00Z"])
+def test_an_option_in_the_variable_is_an_error_in_any_case(entry):
+    with pytest.raises(ConfigError, match="entry 2 of RAY_LLM_API_KEYS looks like an option"):
+        keys_from(RAY_LLM_API_KEYS=f"team-b:{new_key()},{entry}")
+
+
+@pytest.mark.parametrize("variable", ["RAY_LLM_API_KEYS", "VLLM_API_KEY"])
+def test_a_byte_that_is_not_utf8_is_a_config_error_that_quotes_nothing(variable):
+    # os.environ holds an undecodable byte (from a Secret) as a lone surrogate.
+    key = new_key()
+    with pytest.raises(ConfigError, match="not a usable key") as caught:
+        keys_from(**{variable: key[:20] + "\udcff" + key[20:]})
+    assert key[:20] not in str(caught.value) and "\udcff" not in str(caught.value)

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import new_key
-from rayllm_auth.testing.local_cluster import MODEL, SERVE_URL, LocalCluster, application
+from tests.support.local_cluster import MODEL, SERVE_URL, LocalCluster, application
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +98,7 @@ def test_model_limits_hold_on_routes_that_name_no_model(cluster):
         reply = request(method, path, {"x-api-key": OTHER_MODEL_KEY})
         assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
     assert request("GET", "/metrics", {"x-api-key": ALLOWED_KEY}).status_code == 200
-    assert request("GET", "/health", {"x-api-key": OTHER_MODEL_KEY}).status_code == 200
+    assert request("GET", "/version", {"x-api-key": OTHER_MODEL_KEY}).status_code == 200
 
 
 def test_hashed_key_and_x_api_key_work_where_vllms_own_check_would_refuse(cluster):
