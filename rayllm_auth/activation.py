@@ -16,7 +16,6 @@ checks that its target is not already wrapped.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 
@@ -24,20 +23,15 @@ import wrapt
 
 from rayllm_auth import __version__
 from rayllm_auth._bootstrap import block_serve_llm
-from rayllm_auth.support import (
-    ALLOW_UNTESTED_RAY,
-    SUPPORTED_RAY,
-    layout_for,
-    nearest_older_layout,
-    untested_ray_allowed,
-)
+from rayllm_auth.patching import apply
+from rayllm_auth.support import ALLOW_UNTESTED_RAY, SUPPORTED_RAY, choose_layout
 
 __all__ = ["activate", "install"]
 
 logger = logging.getLogger("rayllm_auth")
 
 _lock = threading.Lock()
-_registered: set[tuple[str, str, bool]] = set()  # (module, hook, enforce) given to wrapt
+_registered: set[tuple[str, bool]] = set()  # (module, enforce) given to wrapt
 
 
 def install() -> None:
@@ -51,19 +45,11 @@ def install() -> None:
 
 
 def activate(*, enforce: bool) -> None:
-    """Register the patch hooks for the running Ray (see module docstring)."""
+    """Register the patch hooks of the running Ray's layout (see module docstring)."""
     import ray
 
     version = getattr(ray, "__version__", "unknown")
-    layout = layout_for(version)
-    if layout is None and enforce and untested_ray_allowed():
-        layout = nearest_older_layout(version)
-        if layout is not None:
-            logger.warning(
-                "rayllm-auth: Ray %s is not in the support table (ray %s); %s is set, so "
-                "trying the patches for ray %s. Every patch target is still checked: a missing "
-                "one disables Serve LLM here", version, SUPPORTED_RAY, ALLOW_UNTESTED_RAY,
-                layout.ray)
+    layout, untested = choose_layout(version, enforce=enforce)
     if layout is None:
         if enforce:
             block_serve_llm(
@@ -74,28 +60,28 @@ def activate(*, enforce: bool) -> None:
             )
         logger.debug("rayllm-auth: Ray %s unsupported; auth stays off", version)
         return
-    patches = importlib.import_module(layout.patch_module)
-    hooks = dict(patches.REPLICA_HOOKS)
-    if enforce:
-        hooks.update(patches.BUILDER_HOOKS)
+    if untested:
+        logger.warning(
+            "rayllm-auth: Ray %s is not in the support table (ray %s); %s is set, so trying "
+            "the patches for ray %s. Every patch target is still checked: a missing one "
+            "disables Serve LLM here", version, SUPPORTED_RAY, ALLOW_UNTESTED_RAY, layout.ray)
     with _lock:
-        new = {m: h for m, h in hooks.items() if (m, h, enforce) not in _registered}
-        _registered.update((m, h, enforce) for m, h in new.items())
+        new = [m for m in layout.modules(builder_side=enforce) if (m, enforce) not in _registered]
+        _registered.update((m, enforce) for m in new)
     # Outside the lock: wrapt runs a hook at once if its module is already imported.
-    for module_name, hook_name in new.items():
-        wrapt.register_post_import_hook(
-            _hook(getattr(patches, hook_name), version, enforce), module_name
-        )
+    for module_name in new:
+        wrapt.register_post_import_hook(_hook(layout, version, enforce), module_name)
 
 
-def _hook(patch, ray_version: str, enforce: bool):
-    """Run ``patch(module)``; if it fails, fail closed (enforce) or leave Ray stock (report)."""
+def _hook(layout, ray_version: str, enforce: bool):
+    """Apply ``layout`` to a module; if that fails, fail closed (enforce) or leave Ray stock
+    (report)."""
 
     def hook(module):
         try:
-            patch(module)
+            apply(layout, module, builder_side=enforce)
         except Exception as exc:
-            where = f"{patch.__module__}.{patch.__name__} on {module.__name__} of Ray {ray_version}"
+            where = f"patching {module.__name__} of Ray {ray_version} ({layout.name})"
             if not enforce:
                 logger.warning("rayllm-auth: %s failed (%s); auth stays off", where, exc)
                 return

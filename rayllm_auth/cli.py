@@ -251,13 +251,8 @@ def _report_activation(report: _Report) -> None:
 
 
 def _report_ray(report: _Report) -> None:
-    from rayllm_auth.support import (
-        ALLOW_UNTESTED_RAY,
-        SUPPORTED_RAY,
-        layout_for,
-        nearest_older_layout,
-        untested_ray_allowed,
-    )
+    from rayllm_auth.patching import missing_attributes
+    from rayllm_auth.support import ALLOW_UNTESTED_RAY, SUPPORTED_RAY, choose_layout
 
     try:
         import ray
@@ -265,27 +260,22 @@ def _report_ray(report: _Report) -> None:
         report.problem("ray", f"Ray cannot be imported here ({exc})")
         return
     version = getattr(ray, "__version__", "unknown")
-    layout = layout_for(version)
-    if layout is not None:
-        report.line("ray", f"{version}, supported ({layout.ray}: {layout.patch_module}; "
-                           f"verified {layout.verified})")
-    elif untested_ray_allowed() and nearest_older_layout(version) is not None:
-        layout = nearest_older_layout(version)
-        report.line("ray", f"{version}, NOT in the support table (ray {SUPPORTED_RAY}); "
-                           f"{ALLOW_UNTESTED_RAY} is set: trying {layout.patch_module}")
-    else:
+    layout, untested = choose_layout(version, enforce=True)
+    if layout is None:
         report.problem("ray", f"Ray {version} is not supported (supported: ray {SUPPORTED_RAY})")
         return
-    patches = importlib.import_module(layout.patch_module)
-    from rayllm_auth.patching import missing_attribute
-
-    for module_name, paths in patches.TARGETS.items():
+    if untested:
+        report.line("ray", f"{version}, NOT in the support table (ray {SUPPORTED_RAY}); "
+                           f"{ALLOW_UNTESTED_RAY} is set: trying {layout.name}")
+    else:
+        report.line("ray", f"{version}, supported ({layout.ray}: {layout.name})")
+    for module_name, paths in layout.required().items():
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
             report.problem("patch targets", f"{module_name} cannot be imported ({exc})")
             continue
-        missing = [p for p in paths if missing_attribute(module, p)]
+        missing = missing_attributes(module, paths)
         if missing:
             report.problem("patch targets", f"{module_name} has no {', '.join(missing)} "
                                             f"(Ray {version} changed its layout)")

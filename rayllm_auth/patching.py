@@ -1,35 +1,30 @@
-"""What every patch module is made of: exact target checks, wrap-once, and the two wrappers.
+"""Applying a layout record (:class:`~rayllm_auth.layout.Layout`): exact target checks, wrap
+once, and one wrapper per kind of target.
 
-* :func:`protect_returned_app` / :func:`protect_app_argument` run where Serve LLM builds its
-  FastAPI app, before ``serve.ingress`` freezes (pickles) it: the middleware then travels
-  inside the deployment to every replica.
-* :func:`replica_app_guard` runs where a Serve replica receives its ASGI app, so a replica
+* :attr:`Wrap.RETURNED_APP` / :attr:`Wrap.APP_ARGUMENT` / :attr:`Wrap.MODULE_APP` run where
+  Serve LLM builds its FastAPI app, before ``serve.ingress`` freezes (pickles) it: the
+  middleware then travels inside the deployment to every replica.
+* :attr:`Wrap.REPLICA_APP` runs where a Serve replica receives its ASGI app, so a replica
   with keys protects an app that was built by a process without rayllm-auth.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
-from typing import Any, Iterable
+from typing import Any
 
 import wrapt
 
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.keys import KEY_SOURCES
 from rayllm_auth.keystore import load_keys
+from rayllm_auth.layout import Layout, Wrap
 from rayllm_auth.protect import is_protected, protect_app
 
-__all__ = [
-    "LayoutMismatch",
-    "require",
-    "wrap_once",
-    "protect_returned_app",
-    "protect_app_argument",
-    "protect_module_app",
-    "replica_app_guard",
-]
+__all__ = ["LayoutMismatch", "apply", "missing_attributes", "replica_guard"]
 
 logger = logging.getLogger("rayllm_auth")
 
@@ -38,23 +33,40 @@ class LayoutMismatch(AttributeError):
     """A patch target is not where the patch module expects it (Ray changed its code)."""
 
 
-def require(owner: Any, *paths: str) -> None:
-    """Raise LayoutMismatch naming every attribute path (``a`` or ``A.b``) of ``owner``
-    that is missing."""
-    missing = [p for p in paths if missing_attribute(owner, p)]
+def apply(layout: Layout, module, *, builder_side: bool) -> None:
+    """Wrap the targets of ``layout`` in ``module``, which has just been imported: the
+    replica-side target always, builder-side ones only when ``builder_side``. Every attribute
+    the layout requires of the module is checked first: LayoutMismatch names each one missing,
+    and nothing is wrapped then. Wrapping twice is a no-op."""
+    missing = missing_attributes(module, layout.required().get(module.__name__, ()))
     if missing:
-        raise LayoutMismatch(f"{getattr(owner, '__name__', owner)} has no {', '.join(missing)}")
+        raise LayoutMismatch(f"{module.__name__} has no {', '.join(missing)}")
+    for target in layout.targets:
+        if target.module != module.__name__ or (target.builder_side and not builder_side):
+            continue
+        owner_path, _, name = target.attribute.rpartition(".")
+        owner = _resolve(module, owner_path)
+        if target.wrap is Wrap.MODULE_APP:
+            _protect_where_built(getattr(owner, name))
+        else:
+            _wrap_once(owner, name, _WRAPPERS.get(target.wrap) or replica_guard(layout))
 
 
-def missing_attribute(owner: Any, path: str) -> bool:
-    for name in path.split("."):
-        if not hasattr(owner, name):
-            return True
-        owner = getattr(owner, name)
-    return False
+def missing_attributes(module, paths) -> list[str]:
+    """The attribute paths (``a`` or ``A.b``) in ``paths`` that ``module`` lacks."""
+    return [path for path in paths if _resolve(module, path) is None]
 
 
-def wrap_once(owner: Any, name: str, wrapper) -> None:
+def _resolve(owner: Any, path: str) -> Any:
+    """The attribute at ``path`` of ``owner`` (``a`` or ``A.b``; ``""`` is ``owner``), or None."""
+    for name in filter(None, path.split(".")):
+        owner = getattr(owner, name, None)
+        if owner is None:
+            return None
+    return owner
+
+
+def _wrap_once(owner: Any, name: str, wrapper) -> None:
     """``wrapt.wrap_function_wrapper(owner, name, wrapper)`` unless already done."""
     current = inspect.getattr_static(owner, name)
     if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is wrapper:
@@ -70,18 +82,12 @@ def _protect_where_built(app):
     return protect_app(app)
 
 
-def protect_returned_app(wrapped, instance, args, kwargs):
-    """For a function that creates the ingress app (Ray 2.51+: ``ingress.init``)."""
+def _protect_returned_app(wrapped, instance, args, kwargs):
+    """For a function that creates the ingress app (``ingress.init``)."""
     return _protect_where_built(wrapped(*args, **kwargs))
 
 
-def protect_module_app(module, name: str) -> None:
-    """For an app created while its module is imported (Ray 2.44-2.49's
-    ``fastapi_router_app``): protect it in place, before anything freezes it."""
-    _protect_where_built(getattr(module, name))
-
-
-def protect_app_argument(wrapped, instance, args, kwargs):
+def _protect_app_argument(wrapped, instance, args, kwargs):
     """For a function that freezes a caller's app (``make_fastapi_ingress(cls, app=...)``)."""
     app = kwargs.get("app")
     if app is not None:
@@ -89,15 +95,19 @@ def protect_app_argument(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def replica_app_guard(client_facing: Iterable[tuple[str, str, bool]], argument: str = "app"):
-    """Wrapper for the method that hands a Serve replica its ASGI app (``self``, then the app
-    as the first argument, named ``argument``). The app may also be a plain function that
-    builds it (``ASGIAppReplicaWrapper.__init__(app_or_func)`` in Ray before 2.60): then the
-    app it builds is guarded.
+_WRAPPERS = {Wrap.RETURNED_APP: _protect_returned_app, Wrap.APP_ARGUMENT: _protect_app_argument}
 
-    Only replicas whose deployment class derives from one of ``client_facing``
-    (``(module, class name, serves one model)``) are touched, so internal ingresses such as
-    the direct-streaming ``LLMRouter`` stay as Ray made them. For those replicas:
+
+@functools.cache  # one guard per layout: _wrap_once recognises it
+def replica_guard(layout: Layout):
+    """Wrapper for the method that hands a Serve replica its ASGI app (``self``, then the app
+    as the first argument, named ``layout.replica_app_argument``). The app may also be a plain
+    function that builds it (``ASGIAppReplicaWrapper.__init__(app_or_func)`` in Ray before
+    2.60): then the app it builds is guarded.
+
+    Only replicas whose deployment class derives from one of ``layout.client_facing`` are
+    touched, so internal ingresses such as the direct-streaming ``LLMRouter`` stay as Ray
+    made them. For those replicas:
 
     * keys configured here: the app is protected (no-op if the builder already did it); a
       class that serves one model (direct streaming's ``LLMServer``) tells the middleware
@@ -106,13 +116,11 @@ def replica_app_guard(client_facing: Iterable[tuple[str, str, bool]], argument: 
     * no keys, but the app carries the middleware: ConfigError (it was meant to be protected);
     * no keys and no middleware: stock behaviour, with one log line saying auth is off.
     """
-    client_facing = tuple(client_facing)
-
     def guard(wrapped, instance, args, kwargs):
-        serves_one_model = _client_facing(instance, client_facing)
+        serves_one_model = _client_facing(instance, layout)
         if serves_one_model is None:
             return wrapped(*args, **kwargs)
-        app, rest = (args[0], args[1:]) if args else (kwargs.pop(argument), ())
+        app, rest = (args[0], args[1:]) if args else (kwargs.pop(layout.replica_app_argument), ())
         served_model = _served_model(instance) if serves_one_model else None
         if inspect.isfunction(app) and not inspect.iscoroutinefunction(app):  # a builder
             build = app
@@ -142,16 +150,16 @@ def _guard_app(app, instance, served_model):
     return app
 
 
-def _client_facing(instance: Any, classes: tuple[tuple[str, str, bool], ...]):
+def _client_facing(instance: Any, layout: Layout):
     """None if ``instance`` is not client-facing, else whether its class serves one model."""
     if instance is None:
         return None
     # Look classes up in sys.modules instead of importing them: a class that is not
     # imported cannot be a base of this instance, and importing it could pull in vLLM.
-    for module_name, class_name, serves_one_model in classes:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
+    for client_facing in layout.client_facing:
+        cls = getattr(sys.modules.get(client_facing.module), client_facing.name, None)
         if isinstance(cls, type) and isinstance(instance, cls):
-            return serves_one_model
+            return client_facing.serves_one_model
     return None
 
 

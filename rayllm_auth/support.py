@@ -1,63 +1,69 @@
-"""Which Ray releases rayllm-auth supports, and which patch module serves each.
+"""Which Ray releases rayllm-auth supports, and which layout record serves each.
 
-One row per Ray code layout. A Ray version outside every row is refused when keys are
-configured (see :mod:`rayllm_auth.activation`). The same range is published as the
-``ray`` extra in the package metadata (``pip install 'rayllm-auth[ray]'``), so tools can
-read it without importing anything; a test keeps the two equal.
+:data:`LAYOUTS` holds one record per Ray code layout (from ``patches/``); its ``ray``
+specifiers are the supported releases. :func:`choose_layout` is the one place that picks a
+record for a Ray version (activation and ``doctor`` both call it). The same range is published
+as the ``ray`` extra in the package metadata (``pip install 'rayllm-auth[ray]'``) and as the
+README's support table; tests keep both equal to this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import os
+from typing import Mapping, NamedTuple, Optional
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-__all__ = ["Layout", "LAYOUTS", "SUPPORTED_RAY", "supported_specifier", "layout_for",
-           "nearest_older_layout",
-           "ALLOW_UNTESTED_RAY", "untested_ray_allowed"]
+from rayllm_auth.layout import Layout
+from rayllm_auth.patches import core_ingress_init_layout, core_ingress_layout, router_module_layout
 
-#: Set to 1/true/yes to try the nearest older layout on a Ray release the table does not list
-#: (off by default; the patches still check every target and fail closed if one is missing).
+__all__ = ["LAYOUTS", "SUPPORTED_RAY", "Choice", "choose_layout", "supported_specifier",
+           "ALLOW_UNTESTED_RAY"]
+
+#: Set to 1/true/yes to try the nearest older layout on a Ray release newer than every row
+#: (off by default; every target is still checked, and a missing one fails closed).
 ALLOW_UNTESTED_RAY = "RAY_LLM_AUTH_ALLOW_UNTESTED_RAY"
 
-
-@dataclass(frozen=True)
-class Layout:
-    ray: str  #: PEP 440 specifier of the Ray releases this row covers
-    patch_module: str  #: module with BUILDER_HOOKS / REPLICA_HOOKS for that layout
-    verified: str  #: what was run end to end, and when
-
-
-LAYOUTS = (
-    Layout(
-        ray=">=2.49,<2.50",
-        patch_module="rayllm_auth.patches.router_module_layout",
-        verified="Ray 2.49.2 with vLLM 0.10.0, tests/compat/run.py (18 of 18), 2026-11-26",
-    ),
-    Layout(
-        ray=">=2.54,<2.55",
-        patch_module="rayllm_auth.patches.core_ingress_init_layout",
-        verified="Ray 2.54.1 with vLLM 0.15.0, tests/compat/run.py (18 of 18), 2026-11-27",
-    ),
-    Layout(
-        ray=">=2.60,<2.61",
-        patch_module="rayllm_auth.patches.core_ingress_layout",
-        verified="Ray 2.60.0 with vLLM 0.29.0, full suite (CI) and tests/compat/run.py, 2026-11-27",
-    ),
+#: Oldest row first.
+LAYOUTS: tuple[Layout, ...] = (
+    router_module_layout.LAYOUT,
+    core_ingress_init_layout.LAYOUT,
+    core_ingress_layout.LAYOUT,
 )
 
 #: Human-readable union of every row, for messages and docs.
 SUPPORTED_RAY = " or ".join(layout.ray for layout in LAYOUTS)
 
 
+class Choice(NamedTuple):
+    layout: Optional[Layout]  #: None: this Ray is not supported
+    untested: bool  #: True if chosen by the ALLOW_UNTESTED_RAY escape hatch
+
+
+def choose_layout(ray_version: str, *, enforce: bool,
+                  environ: Mapping[str, str] = os.environ) -> Choice:
+    """The layout record for ``ray_version``: the row that covers it; else, only when keys
+    are enforced and ALLOW_UNTESTED_RAY is set, the nearest row below it (a newer Ray most
+    likely kept the layout of the release before it; never for a Ray older than every row);
+    else none."""
+    version = _version(ray_version)
+    if version is None:
+        return Choice(None, False)
+    for layout in LAYOUTS:
+        if SpecifierSet(layout.ray).contains(version, prereleases=True):
+            return Choice(layout, False)
+    hatch = environ.get(ALLOW_UNTESTED_RAY, "").strip().lower() in ("1", "true", "yes")
+    below = [layout for layout in LAYOUTS if _lower_bound(layout) <= version]
+    if enforce and hatch and below:
+        return Choice(max(below, key=_lower_bound), True)
+    return Choice(None, False)
+
+
 def supported_specifier() -> SpecifierSet:
     """Every row as one PEP 440 specifier (the span of the rows, minus the minor releases
     between them): what the package's ``ray`` extra publishes."""
-    minors = sorted({(v.major, v.minor) for layout in LAYOUTS
-                     for v in [Version(s.version) for s in SpecifierSet(layout.ray)
-                               if s.operator == ">="]})
+    minors = sorted({minor for layout in LAYOUTS for minor in _minors(layout)})
     low, high = minors[0], minors[-1]
     parts = [f">={low[0]}.{low[1]}", f"<{high[0]}.{high[1] + 1}"]
     parts += [f"!={low[0]}.{m}.*" for m in range(low[1] + 1, high[1])
@@ -65,38 +71,21 @@ def supported_specifier() -> SpecifierSet:
     return SpecifierSet(",".join(parts))
 
 
-def untested_ray_allowed(environ=None) -> bool:
-    import os
+def _minors(layout: Layout) -> list[tuple[int, int]]:
+    """The (major, minor) release lines a row covers: from its ``>=`` bound up to, not
+    including, its ``<`` bound (rows are written ``>=X.A,<X.B``)."""
+    low = _lower_bound(layout)
+    (high,) = [Version(s.version) for s in SpecifierSet(layout.ray) if s.operator == "<"]
+    return [(low.major, minor) for minor in range(low.minor, high.minor)]
 
-    environ = os.environ if environ is None else environ
-    return environ.get(ALLOW_UNTESTED_RAY, "").strip().lower() in ("1", "true", "yes")
 
-
-def nearest_older_layout(ray_version: str) -> Optional[Layout]:
-    """The row with the highest lower bound at or below ``ray_version`` (for the escape
-    hatch): a newer Ray most likely kept the layout of the release before it."""
+def _version(text: str) -> Optional[Version]:
     try:
-        version = Version(ray_version)
+        return Version(text)
     except InvalidVersion:
         return None
-    below = [(_lower_bound(layout), layout) for layout in LAYOUTS]
-    below = [(bound, layout) for bound, layout in below if bound is not None and bound <= version]
-    return max(below, key=lambda pair: pair[0])[1] if below else None
 
 
-def _lower_bound(layout: Layout) -> Optional[Version]:
-    bounds = [Version(spec.version) for spec in SpecifierSet(layout.ray)
-              if spec.operator in (">=", "==", "~=")]
-    return min(bounds) if bounds else None
-
-
-def layout_for(ray_version: str) -> Optional[Layout]:
-    """The row covering ``ray_version``, or None (also for an unparsable version)."""
-    try:
-        version = Version(ray_version)
-    except InvalidVersion:
-        return None
-    for layout in LAYOUTS:
-        if SpecifierSet(layout.ray).contains(version, prereleases=True):
-            return layout
-    return None
+def _lower_bound(layout: Layout) -> Version:
+    return min(Version(spec.version) for spec in SpecifierSet(layout.ray)
+               if spec.operator in (">=", "==", "~="))

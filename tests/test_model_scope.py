@@ -1,5 +1,6 @@
-"""Keys limited to some models, on the real app Ray's ingress.init() builds (no cluster); the
-same rules on a live cluster are in tests/e2e/test_key_management.py."""
+"""Keys limited to some models, on the real app Ray's ingress.init() builds and on vLLM's own
+app (no cluster); the same rules on live clusters are in tests/e2e/test_rayservice.py,
+test_serve_cluster.py (DevIngress) and test_direct_streaming.py."""
 
 import json
 
@@ -314,7 +315,8 @@ def vllm_app(keys, reached):
 
     from ray.llm._internal.serve.core.server.llm_server import LLMServer
 
-    from rayllm_auth.patches.core_ingress_layout import _guard_replica_app
+    from rayllm_auth.patches.core_ingress_layout import LAYOUT
+    from rayllm_auth.patching import replica_guard
     from rayllm_auth.testing.vllm_app import build_vllm_app
 
     app = build_vllm_app(types.SimpleNamespace(model_id="llama"))
@@ -327,7 +329,7 @@ def vllm_app(keys, reached):
     server = object.__new__(LLMServer)
     server._llm_config = types.SimpleNamespace(model_id="llama")
     received = []
-    _guard_replica_app(received.append, server, (app,), {})
+    replica_guard(LAYOUT)(received.append, server, (app,), {})
     return received[0]
 
 

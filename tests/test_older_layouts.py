@@ -1,7 +1,7 @@
 """The patch modules for older Ray layouts, on stand-ins of the Ray modules they patch (the
 installed Ray is 2.60; tests/compat/run.py runs the real end-to-end suite on each older Ray).
 
-Each stand-in module has exactly the names the layout's TARGETS list, shaped as in that Ray
+Each stand-in module has exactly the names the layout record requires, shaped as in that Ray
 release: Ray 2.44-2.49 create ``fastapi_router_app`` while ``router.py`` is imported, and Ray
 before 2.60 hands a replica its app (or a function building it) in
 ``ASGIAppReplicaWrapper.__init__(app_or_func)``."""
@@ -14,9 +14,11 @@ from fastapi import FastAPI
 
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.patches import core_ingress_init_layout, router_module_layout
-from rayllm_auth.patching import LayoutMismatch
+from rayllm_auth.patching import LayoutMismatch, apply
 from rayllm_auth.protect import is_protected
-from rayllm_auth.support import layout_for
+from rayllm_auth.support import choose_layout
+
+ROUTER = router_module_layout.LAYOUT
 
 
 def fake_module(monkeypatch, name: str, **attrs) -> types.ModuleType:
@@ -47,10 +49,11 @@ def replica(http_util, client_class, app_or_func):
     return Replica()
 
 
-def test_versions_select_these_modules():
-    assert layout_for("2.49.2").patch_module.endswith("router_module_layout")
-    assert layout_for("2.54.1").patch_module.endswith("core_ingress_init_layout")
-    assert layout_for("2.50.0") is None and layout_for("2.55.0") is None
+def test_versions_select_these_records():
+    assert choose_layout("2.49.2", enforce=True).layout is ROUTER
+    assert choose_layout("2.54.1", enforce=True).layout is core_ingress_init_layout.LAYOUT
+    assert choose_layout("2.50.0", enforce=True) == (None, False)
+    assert choose_layout("2.55.0", enforce=True) == (None, False)
 
 
 def test_router_layout_protects_the_module_level_app_once(key_env, monkeypatch):
@@ -59,8 +62,8 @@ def test_router_layout_protects_the_module_level_app_once(key_env, monkeypatch):
 
     router = fake_module(monkeypatch, router_module_layout.ROUTER_MODULE,
                          fastapi_router_app=FastAPI(), LLMRouter=LLMRouter)
-    router_module_layout.patch_router_app(router)
-    router_module_layout.patch_router_app(router)
+    apply(ROUTER, router, builder_side=True)
+    apply(ROUTER, router, builder_side=True)
     assert is_protected(router.fastapi_router_app)
     names = [m.cls.__name__ for m in router.fastapi_router_app.user_middleware]
     assert names.count("ApiKeyMiddleware") == 1 and names[0] == "ApiKeyMiddleware"
@@ -69,7 +72,7 @@ def test_router_layout_protects_the_module_level_app_once(key_env, monkeypatch):
 def test_router_layout_fails_closed_when_the_app_moved(key_env, monkeypatch):
     router = fake_module(monkeypatch, router_module_layout.ROUTER_MODULE, LLMRouter=object)
     with pytest.raises(LayoutMismatch, match="has no fastapi_router_app"):
-        router_module_layout.patch_router_app(router)
+        apply(ROUTER, router, builder_side=True)
 
 
 def test_router_layout_refuses_an_unusable_key_variable(monkeypatch):
@@ -77,18 +80,18 @@ def test_router_layout_refuses_an_unusable_key_variable(monkeypatch):
     router = fake_module(monkeypatch, router_module_layout.ROUTER_MODULE,
                          fastapi_router_app=FastAPI(), LLMRouter=object)
     with pytest.raises(ConfigError, match="RAY_LLM_API_KEYS is set but holds no key"):
-        router_module_layout.patch_router_app(router)
+        apply(ROUTER, router, builder_side=True)
 
 
-@pytest.mark.parametrize("layout", [router_module_layout, core_ingress_init_layout])
+@pytest.mark.parametrize("layout", [ROUTER, core_ingress_init_layout.LAYOUT], ids=lambda l: l.name)
 @pytest.mark.parametrize("built_in_replica", [False, True], ids=["frozen app", "app builder"])
 def test_replica_side_protects_client_facing_replicas_only(key_env, monkeypatch, http_util,
                                                           layout, built_in_replica):
-    (module_name, class_name, _), = layout.CLIENT_FACING_CLASSES
-    client_facing = type(class_name, (), {})
-    fake_module(monkeypatch, module_name, **{class_name: client_facing})
-    layout.patch_replica_wrapper(http_util)
-    layout.patch_replica_wrapper(http_util)  # idempotent
+    (cls,) = layout.client_facing
+    client_facing = type(cls.name, (), {})
+    fake_module(monkeypatch, cls.module, **{cls.name: client_facing})
+    apply(layout, http_util, builder_side=False)
+    apply(layout, http_util, builder_side=True)  # idempotent; the builder side is elsewhere
 
     def app_or_func():
         return FastAPI()
@@ -105,7 +108,7 @@ def test_replica_side_without_keys_refuses_an_app_built_to_be_protected(
         no_key_env, monkeypatch, http_util):
     client_facing = type("LLMRouter", (), {})
     fake_module(monkeypatch, router_module_layout.ROUTER_MODULE, LLMRouter=client_facing)
-    router_module_layout.patch_replica_wrapper(http_util)
+    apply(ROUTER, http_util, builder_side=False)
     from rayllm_auth.protect import protect_app
 
     monkeypatch.setenv("RAY_LLM_API_KEYS", "sk-only-to-build-0123456789abcdef")

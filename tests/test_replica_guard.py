@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.middleware import ApiKeyMiddleware
-from rayllm_auth.patches import core_ingress_layout as layout
+from rayllm_auth.patches.core_ingress_layout import LAYOUT
+from rayllm_auth.patching import replica_guard
 from rayllm_auth.protect import is_protected, protect_app
 
 
@@ -42,7 +43,7 @@ def ray_classes():
 
 def guard(instance, app):
     received = []
-    layout._guard_replica_app(lambda a: received.append(a), instance, (app,), {})
+    replica_guard(LAYOUT)(lambda a: received.append(a), instance, (app,), {})
     return received[0]
 
 
@@ -113,7 +114,7 @@ def test_no_keys_anywhere_is_stock_with_one_log_line(no_key_env, ray_classes, ca
 
 def test_app_passed_by_keyword_is_protected_too(key_env, ray_classes):
     received = []
-    layout._guard_replica_app(lambda app: received.append(app), instance_of(ray_classes[0][0]),
+    replica_guard(LAYOUT)(lambda app: received.append(app), instance_of(ray_classes[0][0]),
                               (), {"app": FastAPI()})
     assert is_protected(received[0])
 
@@ -129,7 +130,7 @@ def test_any_asgi_callable_is_wrapped(key_env, ray_classes):
 def test_app_builder_function_gets_its_app_protected(key_env, ray_classes):
     # Ray before 2.60 hands ASGIAppReplicaWrapper.__init__ an app *or a function building it*.
     received = []
-    layout._guard_replica_app(lambda app_or_func: received.append(app_or_func),
+    replica_guard(LAYOUT)(lambda app_or_func: received.append(app_or_func),
                               instance_of(ray_classes[0][0]), (lambda: FastAPI(),), {})
     (builder,) = received
     assert inspect.isfunction(builder) and is_protected(builder())

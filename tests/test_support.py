@@ -1,0 +1,54 @@
+"""The support table: one place (the layout records), and everything derived from it agrees."""
+
+import re
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from rayllm_auth.layout import Wrap
+from rayllm_auth.support import LAYOUTS, choose_layout, supported_specifier
+from tests.compat import support_table
+from tests.support.docs import marked_section
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_readme_support_table_is_generated_from_the_records():
+    assert marked_section(REPO / "README.md", "support") == support_table.render(), (
+        "run: .venv/bin/python tests/compat/support_table.py")
+
+
+def test_the_ray_extra_publishes_exactly_the_supported_releases():
+    text = (REPO / "pyproject.toml").read_text()
+    (line,) = re.findall(r'^ray = \["(.*)"\]$', text, re.M)
+    assert Requirement(line).specifier == supported_specifier()
+
+
+def test_ci_tests_a_supported_release():
+    assert choose_layout(support_table.ci_ray(), enforce=True).layout is LAYOUTS[-1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
+def test_every_record_has_one_replica_target_and_a_client_facing_ingress(layout):
+    assert [t.wrap for t in layout.targets].count(Wrap.REPLICA_APP) == 1
+    assert any(t.builder_side for t in layout.targets)
+    assert not layout.client_facing[0].serves_one_model  # the ingress comes first
+    (ingress_module,) = {t.module for t in layout.targets if t.builder_side}
+    assert layout.client_facing[0].name in layout.required()[ingress_module]
+
+
+def test_rows_do_not_overlap_and_unknown_versions_are_refused():
+    for version in ("2.49.2", "2.54.1", "2.60.0", "2.60.7"):
+        assert sum(SpecifierSet(layout.ray).contains(version) for layout in LAYOUTS) == 1
+    for version in ("2.48.0", "2.50.0", "2.61.0", "3.0.0", "nonsense", "2.60.0rc1x"):
+        assert choose_layout(version, enforce=True) == (None, False)
+
+
+def test_escape_hatch_picks_the_nearest_older_row_only_when_asked():
+    hatch = {"RAY_LLM_AUTH_ALLOW_UNTESTED_RAY": "1"}
+    assert choose_layout("2.61.0", enforce=True, environ=hatch) == (LAYOUTS[-1], True)
+    assert choose_layout("2.55.0", enforce=True, environ=hatch) == (LAYOUTS[1], True)
+    assert choose_layout("2.61.0", enforce=False, environ=hatch) == (None, False)
+    assert choose_layout("2.48.0", enforce=True, environ=hatch) == (None, False)
