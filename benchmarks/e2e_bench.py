@@ -47,13 +47,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.load import run_load  # noqa: E402
 from benchmarks.machine import write_results  # noqa: E402
-from rayllm_auth.testing.local_cluster import (  # noqa: E402
-    DASHBOARD,
+from tests.support.local_cluster import (  # noqa: E402
     MODEL,
     SERVE_URL,
     LocalCluster,
     application,
     build_wheel,
+    ingress_pids,
 )
 
 STACKS = ("stock", "plugin")
@@ -72,24 +72,6 @@ def deploy(cluster: LocalCluster, wheel: Path, token_delay: float, max_batch: in
                                     runtime_env={"pip": [str(wheel)], "env_vars": env}))
     cluster.deploy(apps)
     cluster.wait_for({a["name"]: {"RUNNING"} for a in apps})
-
-
-#: The ingress deployment's class name: OpenAiIngress from Ray 2.51, LLMRouter before.
-INGRESS_CLASSES = (":OpenAiIngress", ":LLMRouter")
-
-
-def ingress_pids() -> dict[str, int]:
-    """{application name: pid of its ingress replica}, from Ray's state API."""
-    reply = httpx.get(f"{DASHBOARD}/api/v0/actors", timeout=30, params={
-        "detail": "1", "limit": "10000", "filter_keys": "state", "filter_predicates": "=",
-        "filter_values": "ALIVE"})
-    reply.raise_for_status()
-    pids = {}
-    for actor in reply.json()["data"]["result"]["result"]:
-        name = actor.get("class_name", "")  # ServeReplica:<app>:OpenAiIngress
-        if name.endswith(INGRESS_CLASSES):
-            pids[name.split(":")[1]] = actor["pid"]
-    return pids
 
 
 def cpu_seconds(pid: int) -> float:

@@ -17,7 +17,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+sys.path.insert(0, str(HERE.parent))
+from tests.support.docs import rewrite_marked_section  # noqa: E402
+
 
 def load(name: str):
     path = RESULTS / f"{name}.json"
@@ -140,7 +143,7 @@ def charts(e2e, mw) -> None:
 def main() -> int:
     e2e, mw, st = load("e2e"), load("middleware"), load("startup")
     charts(e2e, mw)
-    out = [START, ""]
+    out = [""]
     if e2e:
         out += ["### End to end: plugin / stock (median of rounds, min-max)", "",
                 machine_line(e2e), "", *e2e_table(e2e), "", "![end to end](results/e2e.png)", ""]
@@ -150,11 +153,7 @@ def main() -> int:
                 "![middleware](results/middleware.png)", ""]
     if st:
         out += ["### Interpreter start-up", "", machine_line(st), "", *startup_table(st), ""]
-    out.append(END)
-    text = README.read_text()
-    before, _, rest = text.partition(START)
-    _, _, after = rest.partition(END)
-    README.write_text(before + "\n".join(out) + after)
+    rewrite_marked_section(README, "results", "\n".join(out) + "\n")
     print(f"updated {README} and charts in {RESULTS}")
     return 0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import write_results  # noqa: E402
-from rayllm_auth.testing.local_cluster import build_wheel  # noqa: E402
+from tests.support.local_cluster import build_wheel  # noqa: E402
 
 RAY_SITE = Path(sys.executable).resolve().parent.parent / "lib" / (
     f"python{sys.version_info.major}.{sys.version_info.minor}") / "site-packages"

@@ -29,7 +29,7 @@ import openai
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rayllm_auth.testing.local_cluster import (  # noqa: E402
+from tests.support.local_cluster import (  # noqa: E402
     MODEL,
     SERVE_URL,
     LocalCluster,

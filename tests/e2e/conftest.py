@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import new_key
-from rayllm_auth.testing.local_cluster import build_wheel
+from tests.support.local_cluster import build_wheel
 
 
 @pytest.fixture(scope="session")

@@ -39,17 +39,17 @@ import pytest
 import yaml
 from hypothesis import given
 
-from benchmarks.e2e_bench import ingress_pids
-from rayllm_auth.testing.local_cluster import (
+from tests.support.local_cluster import (
     MODEL,
     SERVE_URL,
     LocalCluster,
     application,
     cpu_only,
+    ingress_pids,
     llm_config,
 )
 from rayllm_auth.keystore import SETTLE_S
-from rayllm_auth.testing.secret_mount import SecretMount
+from tests.support.secret_mount import SecretMount
 from tests.conftest import near_miss, new_key
 from tests.test_hostile_inputs import generated, is_preflight
 from tests.test_hostile_inputs import request as hostile_request

@@ -5,6 +5,7 @@ every call it receives."""
 
 import http.client
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from rayllm_auth.testing.local_cluster import MODEL, SERVE_URL, LocalCluster, application, llm_config
+from tests.support.local_cluster import MODEL, SERVE_URL, LocalCluster, application, llm_config
 from tests.conftest import new_key
 
 pytestmark = pytest.mark.e2e
@@ -331,16 +332,32 @@ def test_zz_no_key_appears_in_ray_logs_status_or_metrics(cluster, keys):
     assert cluster.places_holding([*keys.values(), *LIMITED.values()]) == []
 
 
+BENCHMARK_SMOKE = """
+import asyncio, json, os, sys
+sys.path.insert(0, os.environ["REPO"])  # this checkout's benchmarks/, whatever else is installed
+from benchmarks.e2e_bench import one_run, ratios
+from tests.support.local_cluster import ingress_pids
+pids, key = ingress_pids(), os.environ["KEY"]
+runs = {app: asyncio.run(one_run(prefix, pids[app], key, 2, stream, 1.0, 4))
+        for app, prefix, stream in (("stock", "/stock", True), ("main", "", False))}
+print(json.dumps({"runs": runs, "ratios": ratios([(runs["stock"], runs["main"])])}))
+"""
+
+
 def test_e2e_benchmark_harness_runs_against_this_cluster(cluster, keys):
     """Smoke run of benchmarks/e2e_bench.py's pieces (no thresholds): same request, stock
-    (kill switch) and plugin app, ingress pids and CPU time from Ray's state API and /proc."""
-    import asyncio
+    (kill switch) and plugin app, ingress pids and CPU time from Ray's state API and /proc.
+    In its own interpreter: the benchmarks package is never imported by the test process."""
+    import subprocess
+    import sys
 
-    from benchmarks.e2e_bench import ingress_pids, one_run, ratios
-
-    pids = ingress_pids()
-    runs = {app: asyncio.run(one_run(prefix, pids[app], keys["team-a"], 2, stream, 1.0, 4))
-            for app, prefix, stream in (("stock", "/stock", True), ("main", "", False))}
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", BENCHMARK_SMOKE], capture_output=True,
+                            text=True, timeout=300, cwd=repo,
+                            env={**os.environ, "REPO": str(repo), "KEY": keys["team-a"]})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    runs = report["runs"]
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs.values()), runs
     assert all(r["ingress_cpu_s"] > 0 for r in runs.values())
-    assert "requests_per_s" in ratios([(runs["stock"], runs["main"])])
+    assert "requests_per_s" in report["ratios"]

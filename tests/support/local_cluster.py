@@ -201,3 +201,21 @@ class LocalCluster:
         }
         places += [name for name, text in outputs.items() if any(s in text for s in secrets)]
         return places
+
+
+#: The ingress deployment's class name: OpenAiIngress from Ray 2.51, LLMRouter before.
+INGRESS_CLASSES = (":OpenAiIngress", ":LLMRouter")
+
+
+def ingress_pids() -> dict[str, int]:
+    """{application name: pid of its ingress replica}, from Ray's state API."""
+    reply = httpx.get(f"{DASHBOARD}/api/v0/actors", timeout=30, params={
+        "detail": "1", "limit": "10000", "filter_keys": "state", "filter_predicates": "=",
+        "filter_values": "ALIVE"})
+    reply.raise_for_status()
+    pids = {}
+    for actor in reply.json()["data"]["result"]["result"]:
+        name = actor.get("class_name", "")  # ServeReplica:<app>:OpenAiIngress
+        if name.endswith(INGRESS_CLASSES):
+            pids[name.split(":")[1]] = actor["pid"]
+    return pids
