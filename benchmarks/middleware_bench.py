@@ -11,7 +11,9 @@ fresh scope per request. Variants:
 * ``vllm``: vLLM's own ``AuthenticationMiddleware`` from the installed vLLM (on a /v1 path,
   the only paths it checks);
 * ``forum``: the approach from the forum thread, a ``BaseHTTPMiddleware`` whose dispatch
-  compares the header with a set of accepted values.
+  compares the header with a set of accepted values;
+* ``rayllm-auth (previous)``, with ``--compare CHECKOUT``: another checkout's middleware (e.g.
+  a ``git worktree`` of the previous commit), measured in the same rounds.
 
 Cases: a valid, an invalid and a missing key, with 1, 16, 1,000 and 10,000 configured keys;
 a valid key on a 256-chunk SSE response, to get the cost per streamed chunk; and a key
@@ -83,6 +85,9 @@ def middleware_from_file(inner, lines: list[str]):
             os.environ["RAY_LLM_API_KEYS"] = saved
 
 
+PREVIOUS = None  # another checkout's rayllm_auth (--compare), loaded by main()
+
+
 def make_variants(inner, keys: list[str]) -> dict:
     os.environ.pop("VLLM_API_KEY", None)
     os.environ.pop("RAY_LLM_API_KEYS_FILE", None)
@@ -100,9 +105,12 @@ def make_variants(inner, keys: list[str]) -> dict:
             return JSONResponse({"detail": "Invalid or missing API key"}, status_code=401)
         return await call_next(request)
 
+    previous = {} if PREVIOUS is None else {
+        "rayllm-auth (previous)": PREVIOUS.ApiKeyMiddleware(inner)}
     return {
         "none": inner,
         "rayllm-auth": ApiKeyMiddleware(inner),
+        **previous,
         "rayllm-auth-file": middleware_from_file(inner, [f"k{i}:{k}" for i, k in enumerate(keys)]),
         "vllm": AuthenticationMiddleware(inner, tokens=keys),
         "forum": BaseHTTPMiddleware(inner, dispatch=forum_dispatch),
@@ -218,7 +226,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: few rounds, no file")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                        help="also run the rayllm_auth of another checkout (e.g. a worktree "
+                             "of the previous commit), as variant 'rayllm-auth (previous)'")
     args = parser.parse_args()
+    if args.compare:
+        global PREVIOUS
+        from benchmarks.previous import load
+
+        PREVIOUS = load(args.compare)
     if args.quick:
         args.rounds, args.batch = 3, 50
     key_counts = (1, 1_000) if args.quick else KEY_COUNTS

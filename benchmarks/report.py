@@ -80,6 +80,18 @@ def middleware_table(mw: dict) -> list[str]:
     return lines
 
 
+def in_app_table(in_app: dict) -> list[str]:
+    lines = ["| variant | added over stock, us: median (p25-p75) | processes' own medians |",
+             "|---|---|---|"]
+    for r in in_app["rows"]:
+        medians = r.get("process_medians_us") or [r["median_us"]]
+        figure = f"{r['median_us']:.2f} ({r['p25_us']:.2f}-{r['p75_us']:.2f})"
+        if r["variant"] == "stock":
+            figure = f"{r['median_us']:.0f} us per request (the baseline)"
+        lines.append(f"| {r['variant']} | {figure} | {min(medians):.1f} to {max(medians):.1f} |")
+    return lines
+
+
 def startup_table(st: dict) -> list[str]:
     lines = ["| variant | python -c pass, median ms (p25-p75) | added vs baseline | "
              "rayllm_auth imports (-X importtime) |", "|---|---|---|---|"]
@@ -141,7 +153,7 @@ def charts(e2e, mw) -> None:
 
 
 def main() -> int:
-    e2e, mw, st = load("e2e"), load("middleware"), load("startup")
+    e2e, mw, st, in_app = load("e2e"), load("middleware"), load("startup"), load("in_app")
     charts(e2e, mw)
     out = [""]
     if e2e:
@@ -151,6 +163,9 @@ def main() -> int:
         out += ["### Middleware: microseconds added per request over a bare ASGI app "
                 "(median, p25-p75)", "", machine_line(mw), "", *middleware_table(mw), "",
                 "![middleware](results/middleware.png)", ""]
+    if in_app:
+        out += ["### In Ray's ingress app: microseconds added per request over the stock app",
+                "", machine_line(in_app), "", *in_app_table(in_app), ""]
     if st:
         out += ["### Interpreter start-up", "", machine_line(st), "", *startup_table(st), ""]
     rewrite_marked_section(README, "results", "\n".join(out) + "\n")

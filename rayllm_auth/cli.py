@@ -7,7 +7,8 @@
 
 ``doctor`` exits 1 when keys are configured but would not be enforced in this process
 (unsupported Ray, a patch target missing, an unusable key source, auto-activation off) or
-when every configured key has expired, 0 otherwise; it lists keys that expire within 7 days. Run it where the replicas run, i.e. in the application's runtime_env (see README).
+when every configured key has expired, 0 otherwise; it lists keys that expire within 7 days.
+Run it where the replicas run, i.e. in the application's runtime_env (see README).
 Nothing here prints key material except ``keygen``, which prints the key it just made.
 """
 
@@ -229,7 +230,8 @@ def _report_expiry(report: _Report, grants: list, now: Optional[float] = None) -
     now = time.time() if now is None else now
     expiring = sorted((g.expires, g.key_id) for g in grants if g.expires is not None)
     expired = [key_id for at, key_id in expiring if at <= now]
-    soon = [f"{key_id} at {_iso(at)}" for at, key_id in expiring if now < at <= now + EXPIRY_WARNING_S]
+    soon = [f"{key_id} at {_iso(at)}" for at, key_id in expiring
+            if now < at <= now + EXPIRY_WARNING_S]
     if expired:
         report.line("expired keys", ", ".join(expired))
     if soon:

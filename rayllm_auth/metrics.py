@@ -3,9 +3,9 @@ wherever Ray's metrics are scraped (KubeRay pods' metrics port, Ray's Prometheus
 
 ``rayllm_auth_requests`` (Counter; tags ``outcome``, ``key_id``)
     One per auth decision. ``outcome``: ``ok``, ``missing``, ``malformed``, ``conflicting``,
-    ``invalid``, ``expired``, ``model_denied``, ``exempt``, or ``config_error`` (a replica that refused
-    to start because its key configuration is unusable). ``key_id`` is the key's non-secret
-    id when the key was recognised, else empty.
+    ``invalid``, ``expired``, ``model_denied``, ``exempt``, or ``config_error`` (a replica that
+    refused to start because its key configuration is unusable). ``key_id`` is the key's
+    non-secret id when the key was recognised, else empty.
 ``rayllm_auth_key_reloads`` (Counter; tag ``outcome``: ``ok`` or ``failed``)
     Key file reloads.
 ``rayllm_auth_key_expiry_timestamp_seconds`` (Gauge; tag ``key_id``)

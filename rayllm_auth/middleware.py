@@ -110,40 +110,53 @@ class ApiKeyMiddleware:
         )
 
     async def __call__(self, scope, receive, send):
-        kind = scope["type"]
-        if kind not in _CHECKED_SCOPES:
-            if kind == "lifespan":
-                return await self.app(scope, receive, send)
-            raise ValueError(f"rayllm-auth: refusing unknown ASGI scope type {kind!r}")
+        if scope["type"] not in _CHECKED_SCOPES:
+            return await self._unchecked_scope(scope, receive, send)
         keys = self._store.current() if self._reloading else self._keys
         key, other_headers = take_key(scope["headers"])  # the key, or the Refusal saying why not
-        refusal, key_id = key, ""
-        if key.__class__ is bytes:
-            grant = keys.lookup(key)
-            if grant is None:
-                refusal = Refusal.INVALID
-            elif grant.expires is not None and self._wall_clock() >= grant.expires:
-                refusal, key_id = Refusal.EXPIRED, grant.key_id
-            else:
-                # The key stops here: Ray copies every request header into the RawRequestInfo
-                # it pickles to the LLMServer replica, and engines see them too.
-                scope["headers"] = other_headers
-                state = scope.get("state")
-                if state is None:
-                    scope["state"] = state = {}
-                state["user_id"] = grant.key_id
-                if grant.models is None:
-                    try:  # counted without a function call: this is the per-request path
-                        self._ok_counts[grant.key_id] += 1
-                    except KeyError:
-                        metrics.record_ok(grant.key_id)
-                    return await self.app(scope, receive, send)
+        grant = keys.lookup(key) if key.__class__ is bytes else None
+        if grant is None or grant.models is not None or grant.expires is not None:
+            return await self._decide(key, grant, other_headers, scope, receive, send)
+        # A key for every model that never expires: nearly every request, so kept short.
+        self._admit(grant, other_headers, scope)
+        try:  # counted without a function call: this is the per-request path
+            self._ok_counts[grant.key_id] += 1
+        except KeyError:
+            metrics.record_ok(grant.key_id)
+        await self.app(scope, receive, send)
+
+    async def _decide(self, key, grant, other_headers, scope, receive, send):
+        """Every request but the common one: refused, expired, limited, or exempt."""
+        if grant is None:
+            refusal, key_id = (Refusal.INVALID if key.__class__ is bytes else key), ""
+        elif grant.expires is not None and self._wall_clock() >= grant.expires:
+            refusal, key_id = Refusal.EXPIRED, grant.key_id
+        else:
+            self._admit(grant, other_headers, scope)
+            if grant.models is not None:
                 return await self._call_limited(grant, scope, receive, send)
+            metrics.record_ok(grant.key_id)
+            return await self.app(scope, receive, send)
         if self._exempt and self._is_exempt(scope):
             scope["headers"] = without_credentials(scope["headers"])  # exempt, not a key relay
             metrics.record_request("exempt")
             return await self.app(scope, receive, send)
         await self._refuse(refusal, key_id, scope, receive, send)
+
+    @staticmethod
+    def _admit(grant, other_headers, scope) -> None:
+        # The key stops here: Ray copies every request header into the RawRequestInfo it
+        # pickles to the LLMServer replica, and engines see them too.
+        scope["headers"] = other_headers
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state["user_id"] = grant.key_id
+
+    async def _unchecked_scope(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            raise ValueError(f"rayllm-auth: refusing unknown ASGI scope type {scope['type']!r}")
+        await self.app(scope, receive, send)
 
     async def _call_limited(self, grant, scope, receive, send):
         verdict = await self._model_scope.admit(grant, scope, receive, send)

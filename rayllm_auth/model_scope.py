@@ -146,7 +146,8 @@ def _source(path: str, method: str) -> Optional[Source]:
 
 def _query_models(scope) -> list[str]:
     # Starlette's own parser, as FastAPI's Query() uses: the same decoding, every repeat.
-    return QueryParams(scope.get("query_string", b"")).getlist("model")
+    query = scope.get("query_string")
+    return QueryParams(query).getlist("model") if query else []
 
 
 async def _read_body(receive) -> Optional[bytes]:
@@ -197,6 +198,12 @@ async def _body_models(scope, body: bytes) -> list[str]:
                 models = form.getlist("model")
             finally:
                 await form.close()
+        elif body.isascii() and body.count(b"model") <= 1 and b"\\u" not in body:
+            # A second "model" name could only be written with those bytes again or with a
+            # \u escape: without either, the plain (fast) parse sees every model field.
+            document = json.loads(body)
+            is_object = isinstance(document, dict)
+            models = [document["model"]] if is_object and "model" in document else []
         else:
             objects = []  # the pairs of every JSON object, in the order they close
             document = json.loads(

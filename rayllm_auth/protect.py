@@ -40,7 +40,9 @@ def protect_app(app: Any, served_model: Optional[str] = None) -> Any:
     keys where it runs.
     """
     if not isinstance(app, Starlette):
-        return app if isinstance(app, ApiKeyMiddleware) else ApiKeyMiddleware(app, None, served_model)
+        if isinstance(app, ApiKeyMiddleware):
+            return app
+        return ApiKeyMiddleware(app, None, served_model)
     existing = next((m for m in app.user_middleware if m.cls is ApiKeyMiddleware), None)
     if existing is not None:
         if served_model is not None and existing.kwargs.get("served_model") != served_model:

@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.mark.parametrize("script, expected", [
     ("middleware_bench.py", ["1000 keys, valid", "added per streamed chunk: rayllm-auth"]),
     ("startup_bench.py", ["plugin, key set", "rayllm_auth imports"]),
+    ("in_app_bench.py", ["stock", "minimal", "rayllm-auth"]),
 ])
 def test_quick_run(script, expected):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"],

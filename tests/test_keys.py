@@ -148,3 +148,10 @@ def test_a_byte_that_is_not_utf8_is_a_config_error_that_quotes_nothing(variable)
     with pytest.raises(ConfigError, match="not a usable key") as caught:
         keys_from(**{variable: key[:20] + "\udcff" + key[20:]})
     assert key[:20] not in str(caught.value) and "\udcff" not in str(caught.value)
+
+
+def test_the_per_request_hash_is_sha256():
+    from rayllm_auth.keys import _request_sha256
+
+    for data in (b"", b"sk-" + bytes(range(0x21, 0x7f)), new_key().encode() * 9):
+        assert _request_sha256(data).digest() == hashlib.sha256(data).digest()
