@@ -1,5 +1,6 @@
 """Shared fixtures. Keys are random per run, so a leak audit can search for them."""
 
+import json
 import os
 import secrets
 import sys
@@ -66,8 +67,8 @@ def fresh_metrics():
     metrics.flush()
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Say how many hostile inputs the property tests generated in this run."""
+def _hostile_counts() -> dict:
+    """How many hostile inputs this process's property tests generated."""
     # The module can be imported twice (as collected, and as tests.test_hostile_inputs by the
     # modules that reuse its strategies): add up every copy's counts.
     counts = {"requests": 0, "websockets": 0}
@@ -75,6 +76,25 @@ def pytest_terminal_summary(terminalreporter):
         if name.rsplit(".", 1)[-1] == "test_hostile_inputs":
             for kind in counts:
                 counts[kind] += getattr(module, "GENERATED", {}).get(kind, 0)
+    return counts
+
+
+_from_workers = {"requests": 0, "websockets": 0}  # pytest-xdist: what each worker reported
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: report to the controller
+        session.config.workeroutput["hostile_counts"] = json.dumps(_hostile_counts())
+
+
+def pytest_testnodedown(node, error):  # pytest-xdist hook, in the controller
+    for kind, n in json.loads(node.workeroutput.get("hostile_counts", "{}")).items():
+        _from_workers[kind] += n
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many hostile inputs the property tests generated in this run."""
+    counts = {kind: n + _from_workers[kind] for kind, n in _hostile_counts().items()}
     if any(counts.values()):
         terminalreporter.write_line(
             f"hostile inputs generated: {counts['requests']:,} HTTP requests and "
