@@ -22,10 +22,13 @@ async def test_01_non_constant_time_comparison(key_env, monkeypatch):
     # vLLM CVE-2025-59425: keys compared byte by byte. Here no configured key is ever
     # compared with what a client sent: the client's value is hashed, and only the digest
     # is looked up.
+    from rayllm_auth import keys as keys_module
+
     keys = load_key_set()
     hashed = []
-    real_sha256 = hashlib.sha256
-    monkeypatch.setattr(hashlib, "sha256", lambda data=b"": hashed.append(data) or real_sha256(data))
+    real_sha256 = keys_module._request_sha256
+    monkeypatch.setattr(keys_module, "_request_sha256",
+                        lambda data=b"": hashed.append(data) or real_sha256(data))
     presented = key_env["team-a"].encode()
     assert keys.lookup(presented).key_id == "team-a" and hashed == [presented]
     assert all(isinstance(d, bytes) and len(d) == 32 for d in keys._grants)
