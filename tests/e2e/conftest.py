@@ -8,6 +8,7 @@ from tests.conftest import new_key
 from tests.support.local_cluster import build_wheel
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Every end-to-end test on one pytest-xdist worker, in file order: local clusters use
     fixed ports (8000, 8265), so only one may run at a time; the unit tests run beside them."""
