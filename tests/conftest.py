@@ -79,6 +79,24 @@ def _hostile_counts() -> dict:
     return counts
 
 
+E2E_DIR = "tests/e2e/"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist: every end-to-end test on one worker, in file order, the unit tests
+    spread over the others. Local clusters use fixed ports (8000, 8265), so only one may run
+    at a time. (xdist's ``loadgroup`` marks groups by renaming node ids, which pytest 9.2
+    ignores; choosing the scope here does not depend on that.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EndToEndOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return E2E_DIR if nodeid.startswith(E2E_DIR) else nodeid
+
+    return EndToEndOnOneWorker(config, log)
+
+
 _from_workers = {"requests": 0, "websockets": 0}  # pytest-xdist: what each worker reported
 
 

@@ -8,15 +8,6 @@ from tests.conftest import new_key
 from tests.support.local_cluster import build_wheel
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """Every end-to-end test on one pytest-xdist worker, in file order: local clusters use
-    fixed ports (8000, 8265), so only one may run at a time; the unit tests run beside them."""
-    for item in items:
-        if item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.xdist_group("local-ray-clusters"))
-
-
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
     return build_wheel(tmp_path_factory.mktemp("wheel"))
