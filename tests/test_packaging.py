@@ -75,9 +75,22 @@ def make_venv(path: Path) -> Path:
     return path / "bin" / "python"
 
 
-def pip(python, *args):
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *args], check=True,
-                   capture_output=True)
+def install_offline(python, wheel):
+    """Install one wheel with the venv's bundled pip and no index: the test needs no network.
+    Its dependencies (wrapt, packaging) are not installed; the metadata test checks them, and
+    what is probed here (the .pth and the CLI's hash command) imports neither."""
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    str(wheel)], check=True, capture_output=True)
+
+
+def build_editable(outdir: Path) -> Path:
+    """The PEP 660 wheel ``pip install -e`` would install, built with this environment's
+    hatchling (pip would fetch hatchling into an isolated build environment)."""
+    subprocess.run([sys.executable, "-c", "import sys; from hatchling.build import "
+                    "build_editable; build_editable(sys.argv[1])", str(outdir)],
+                   cwd=REPO, check=True, capture_output=True)
+    (wheel,) = outdir.glob("*.whl")
+    return wheel
 
 
 PROBE = """
@@ -98,7 +111,7 @@ def probe(python, cwd, **env):
 def test_regular_install_into_a_fresh_venv_activates_from_the_pth(dist, tmp_path):
     wheel, _ = dist
     python = make_venv(tmp_path / "venv")
-    pip(python, str(wheel))
+    install_offline(python, wheel)
     keyed = probe(python, tmp_path, RAY_LLM_API_KEYS="sk-packaging-0123456789abcdef")
     assert "loaded ['rayllm_auth', 'rayllm_auth._bootstrap']" in keyed
     assert "first finder _ServeLlmTrigger" in keyed
@@ -114,7 +127,7 @@ def test_regular_install_into_a_fresh_venv_activates_from_the_pth(dist, tmp_path
 
 def test_editable_install_reads_the_source_tree(tmp_path):
     python = make_venv(tmp_path / "venv")
-    pip(python, "-e", str(REPO))
+    install_offline(python, build_editable(tmp_path / "editable"))
     keyed = probe(python, tmp_path, RAY_LLM_API_KEYS="sk-packaging-0123456789abcdef")
     assert "first finder _ServeLlmTrigger" in keyed
     assert f"patches {REPO}/rayllm_auth/patches/__init__.py" in keyed
