@@ -125,6 +125,21 @@ def test_lookup_is_one_dict_probe_whatever_the_key_count():
     assert keys.lookup(many[-1].encode()[:-1]) is None
 
 
+def test_no_configured_key_is_ever_compared_with_what_a_client_sent(monkeypatch):
+    # Peer mistake 1 (vLLM CVE-2025-59425: byte-by-byte compare). The client's value is
+    # hashed once and only its digest is looked up; the set holds digests, never keys.
+    from rayllm_auth import keys as keys_module
+
+    key = new_key()
+    keys = keys_from(RAY_LLM_API_KEYS=f"team-a:{key}")
+    hashed = []
+    real_sha256 = keys_module._request_sha256
+    monkeypatch.setattr(keys_module, "_request_sha256",
+                        lambda data=b"": hashed.append(data) or real_sha256(data))
+    assert keys.lookup(key.encode()).key_id == "team-a" and hashed == [key.encode()]
+    assert all(isinstance(d, bytes) and len(d) == 32 for d in keys._grants)
+
+
 def test_key_set_holds_only_digests_and_refuses_pickling():
     key = new_key()
     keys = keys_from(RAY_LLM_API_KEYS=key)

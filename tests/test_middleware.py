@@ -93,12 +93,18 @@ async def test_missing_key_says_how_to_send_one(app, reached):
     assert reply.headers["www-authenticate"] == "Bearer"
 
 
-async def test_wrong_key_is_refused_and_never_echoed(app, key_env, reached):
+async def test_wrong_key_is_refused_and_never_echoed_or_logged(app, key_env, reached, caplog):
+    # Peer mistake 8 (SGLang logged keys; error messages echoed them).
     wrong = near_miss(key_env["team-a"])
-    reply = await call(app, headers=bearer(wrong))
+    with caplog.at_level(logging.DEBUG):
+        reply = await call(app, headers=bearer(wrong))
+        assert (await call(app, headers=bearer(key_env["team-a"]))).status == 200
+    reached.clear()
     assert_refused(reply, reached)
-    assert wrong.encode() not in reply.body and wrong[-12:].encode() not in reply.body
     assert reply.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    seen = caplog.text + reply.body.decode() + str(reply.headers)
+    for secret in [wrong, *key_env.values()]:
+        assert secret not in seen and secret[8:24] not in seen and secret[-12:] not in seen
 
 
 @pytest.mark.parametrize(
@@ -112,6 +118,9 @@ async def test_wrong_key_is_refused_and_never_echoed(app, key_env, reached):
         [("authorization", "")],
         [("x-api-key", "")],
         [("authorization", b"Bearer \xff\xfe\x00key")],
+        [("authorization", "Bearer ключ".encode())],  # peer mistake 7: non-ASCII made a 500
+        [("authorization", b"Bearer \xc3\xa9t\xc3\xa9")],
+        [("authorization", b"Bearer \x00\x01")],
         [("x-api-key", b"caf\xc3\xa9-key")],
         [("authorization", "Bearer " + "k" * 10_000)],
         [("x-api-key", "a\x01b")],
@@ -121,6 +130,13 @@ async def test_wrong_key_is_refused_and_never_echoed(app, key_env, reached):
 async def test_malformed_credentials_get_401_never_500(app, reached, headers):
     reply = await call(app, headers=headers)
     assert_refused(reply, reached)
+
+
+async def test_a_key_in_another_case_is_another_key(app, key_env, reached):
+    # Peer mistake 6 (TGI matched keys case-insensitively, shrinking the key space).
+    key = key_env["team-a"]
+    for variant in (key.upper(), key.lower(), key.swapcase()):
+        assert_refused(await call(app, headers=bearer(variant)), reached)
 
 
 async def test_conflicting_keys_are_refused_even_if_one_is_valid(app, key_env, reached):
@@ -155,6 +171,9 @@ def every_route_and_method():
     cases += [("GET", p) for p in ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")]
     cases += [(m, "/v1/models") for m in ("POST", "PUT", "DELETE", "PATCH", "TRACE", "HEAD")]
     cases += [("GET", "/"), ("GET", "/no/such/route"), ("POST", "/internal/route")]
+    # Peer mistake 2: vLLM guarded /v1, /v2, /inference and /cohere only.
+    cases += [("POST", p) for p in ("/invocations", "/pooling", "/score", "/metrics",
+                                    "/x/v1/models", "/v2/anything", "/inference/v1/generate")]
     return cases
 
 
@@ -209,6 +228,40 @@ async def test_exemption_follows_the_router_under_a_root_path(exempt_app, reache
     assert reply.status == 200 and reached == ["models"]
     reached.clear()
     assert_refused(await call(exempt_app, "GET", "/llm/v1/models/x", root_path="/llm"), reached)
+
+
+@pytest.mark.parametrize(
+    "method, path, root_path, routed_to_exempt_route",
+    [
+        ("GET", "/v1/v1/models", "/v1", True),  # the router serves /v1/models: exempt
+        ("GET", "/v1/models/x", "/v1/models", False),  # the router sees /x
+        ("GET", "/v1/models", "/v1/models", False),  # the router sees an empty path
+        ("POST", "/v1/chat/completions", "/v1", False),  # vLLM's removeprefix bypass
+        ("POST", "/v1/chat/completions", "/v1/chat/completions", False),
+    ],
+)
+async def test_exempt_exactly_when_the_router_sends_the_request_to_the_exempt_route(
+    monkeypatch, key_env, reached, method, path, root_path, routed_to_exempt_route
+):
+    # Peer mistake 3 (vLLM's --root-path removeprefix bypass; LiteLLM's Host header made the
+    # check see another route): the exemption is decided with the router's own path.
+    monkeypatch.setenv("RAY_LLM_AUTH_EXEMPT_PATHS", "/v1/models")
+    app = build_ray_app(reached)
+    reply = await call(app, method, path, root_path=root_path,
+                       headers=[("host", "localhost/v1/models")])
+    if routed_to_exempt_route:
+        assert reply.status == 200 and reached == ["models"]
+    else:
+        assert_refused(reply, reached)
+
+
+async def test_an_exemption_is_one_route_never_a_prefix(monkeypatch, key_env, reached):
+    # Peer mistake 4 (SGLang exempted /health*).
+    monkeypatch.setenv("RAY_LLM_AUTH_EXEMPT_PATHS", "/health")
+    app = build_ray_app(reached)
+    for path in ("/healthz", "/health/", "/health/../v1/models", "/health%2F..%2Fv1",
+                 "/health/v1/chat/completions", "/HEALTH"):
+        assert_refused(await call(app, "POST", path), reached)
 
 
 def test_exemption_list_rejects_patterns(monkeypatch, key_env, reached):

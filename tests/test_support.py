@@ -52,3 +52,10 @@ def test_escape_hatch_picks_the_nearest_older_row_only_when_asked():
     assert choose_layout("2.55.0", enforce=True, environ=hatch) == (LAYOUTS[1], True)
     assert choose_layout("2.61.0", enforce=False, environ=hatch) == (None, False)
     assert choose_layout("2.48.0", enforce=True, environ=hatch) == (None, False)
+
+
+def test_every_test_the_security_notes_cite_exists():
+    cited = set(re.findall(r"`(test_\w+)`", (REPO / "SECURITY.md").read_text()))
+    defined = {name for path in (REPO / "tests").rglob("test_*.py")
+               for name in re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M)}
+    assert len(cited) > 30 and cited <= defined, sorted(cited - defined)
