@@ -3,7 +3,8 @@ puts it through: key management (Secret rotation under load, a corrupted key fil
 models, metrics), mixed credentials at high concurrency, a property-based sample through the
 Serve proxy, an app built by a Python driver that lacks the plugin, an ingress replica killed
 mid-stream, a plaintext-key audit of everything Ray wrote, and the whole cluster restarted.
-One cluster for all of it; tests run in file order. Everything here uses only what every
+One cluster for all of it; each test puts in place the key file it needs, so any test runs
+alone or in any order (the plaintext audit means most after all the others). Everything here uses only what every
 supported Ray release has, so tests/compat/run.py runs this module against each of them.
 
 Deployment: the RayService's serveConfigV2 is extracted and deployed with `serve deploy` (the
@@ -116,6 +117,21 @@ def mount(tmp_path_factory):
     return mount
 
 
+def serve_key_file(mount: SecretMount, text: str, key: str, status: int = 200,
+                   saying: str = "") -> None:
+    """Put ``text`` in the Secret (if it is not there already) and wait until the cluster
+    answers ``key`` with ``status`` (and ``saying``): the new file is then in force."""
+    if mount.path("keys").read_text() != text:
+        mount.update({"keys": text})
+    asyncio.run(first_status(key, status, saying=saying))
+
+
+@pytest.fixture
+def example_keys(cluster, mount):
+    """The example's key file, as deployed (team-b is only in this one)."""
+    serve_key_file(mount, example_key_file(), KEYS["team-b"])
+
+
 def deploy_apps(cluster, wheel, names=("rayservice", "serve-config", "slow")):
     _, rayservice, _ = rayservice_parts()
     (service_app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
@@ -190,7 +206,7 @@ def test_examples_refuse_without_a_key_and_serve_with_one(cluster, prefix):
 # -- per-key models -----------------------------------------------------------------------
 
 
-def test_limited_key_uses_its_model_streaming_and_not(cluster):
+def test_limited_key_uses_its_model_streaming_and_not(cluster, example_keys):
     client = sdk(KEYS["team-b"])
     assert chat(client, QWEN).choices[0].message.content
     chunks = list(chat(client, QWEN, stream=True))
@@ -198,7 +214,7 @@ def test_limited_key_uses_its_model_streaming_and_not(cluster):
 
 
 @pytest.mark.parametrize("model", [LLAMA, "no-such-model", f"{LLAMA}:sql-adapter"])
-def test_limited_key_gets_model_not_found_for_any_other_model(cluster, model):
+def test_limited_key_gets_model_not_found_for_any_other_model(cluster, example_keys, model):
     before = len(cluster.engine_calls())
     with pytest.raises(openai.NotFoundError) as caught:
         chat(sdk(KEYS["team-b"]), model)
@@ -209,7 +225,7 @@ def test_limited_key_gets_model_not_found_for_any_other_model(cluster, model):
     assert len(cluster.engine_calls()) == before
 
 
-def test_lora_id_of_an_allowed_base_passes_the_key_check(cluster):
+def test_lora_id_of_an_allowed_base_passes_the_key_check(cluster, example_keys):
     # Ray then looks for the adapter (none is configured here): whatever it answers, it is
     # not rayllm-auth's model_not_found, so the key check let the base model's LoRA id through.
     reply = httpx.post(f"{SERVE_URL}/v1/chat/completions", timeout=60,
@@ -219,7 +235,7 @@ def test_lora_id_of_an_allowed_base_passes_the_key_check(cluster):
     assert reply.status_code != 401 and "model_not_found" not in reply.text
 
 
-def test_models_list_and_model_route_show_only_the_keys_models(cluster):
+def test_models_list_and_model_route_show_only_the_keys_models(cluster, example_keys):
     assert [m.id for m in sdk(KEYS["team-b"]).models.list().data] == [QWEN]
     assert sorted(m.id for m in sdk(KEYS["team-a"]).models.list().data) == sorted([QWEN, LLAMA])
     assert sdk(KEYS["team-b"]).models.retrieve(QWEN).id == QWEN
@@ -251,13 +267,13 @@ async def steady_load(key: str, stop: asyncio.Event, workers: int = 4) -> dict:
     return outcomes
 
 
-async def first_status(key: str, wanted: int, timeout: float = 60) -> float:
-    """Seconds until a request with ``key`` first gets ``wanted``."""
+async def first_status(key: str, wanted: int, timeout: float = 60, saying: str = "") -> float:
+    """Seconds until a request with ``key`` first gets ``wanted`` (with ``saying`` in it)."""
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
         while time.monotonic() - started < timeout:
             reply = await client.get("/v1/models", headers={"x-api-key": key})
-            if reply.status_code == wanted:
+            if reply.status_code == wanted and saying in reply.text:
                 return time.monotonic() - started
             await asyncio.sleep(0.1)
     raise AssertionError(f"no {wanted} within {timeout} s")
@@ -269,7 +285,8 @@ def rotated_key_file() -> str:
     return "\n".join([*lines, f"team-c:sha256:{digest('team-c')} models={QWEN}", ""])
 
 
-def test_secret_update_under_load_keeps_valid_keys_and_revokes_removed_ones(cluster, mount):
+def test_secret_update_under_load_keeps_valid_keys_and_revokes_removed_ones(cluster, mount,
+                                                                         example_keys):
     async def scenario():
         stop = asyncio.Event()
         load = asyncio.create_task(steady_load(KEYS["team-a"], stop))
@@ -295,11 +312,13 @@ def iso(unix_time: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_time))
 
 
+def expiring_entry(expires_at: float) -> str:
+    return f"expiring:sha256:{digest('expiring')} expires={iso(expires_at)}\n"
+
+
 def test_a_key_is_refused_from_its_expiry_time_on_without_a_reload(cluster, mount):
     expires_at = int(time.time()) + 20
-    mount.update({"keys": rotated_key_file()
-                  + f"expiring:sha256:{digest('expiring')} expires={iso(expires_at)}\n"})
-    asyncio.run(first_status(KEYS["expiring"], 200))  # the key file was reloaded once
+    serve_key_file(mount, example_key_file() + expiring_entry(expires_at), KEYS["expiring"])
     assert time.time() < expires_at - 5, "the reload took too long for this test"
     answers = []  # (sent at, status): the key file does not change again from here on
     with httpx.Client(base_url=SERVE_URL, timeout=60) as client:
@@ -316,16 +335,32 @@ def test_a_key_is_refused_from_its_expiry_time_on_without_a_reload(cluster, moun
                          "requests_before": len(answers) - 1}
 
 
-def test_corrupted_key_file_keeps_the_last_good_set(cluster, mount):
-    mount.update({"keys": f"team-a:{KEYS['team-a']} models=\n"})  # invalid: empty models=
-    time.sleep(RELOAD_S * 3)
-    for key_id in ("team-a", "team-c"):  # the last good set still serves
-        assert sdk(KEYS[key_id]).models.list().data, key_id
-    errors = [line for p in cluster.log_files() if p.suffix in (".err", ".out", ".log")
-              for line in p.read_text(errors="replace").splitlines()
-              if "key file reload failed" in line]
+def reload_failures(cluster) -> list[str]:
+    return [line for p in cluster.log_files() if p.suffix in (".err", ".out", ".log")
+            for line in p.read_text(errors="replace").splitlines()
+            if "key file reload failed" in line]
+
+
+def break_key_file_for_a_while(cluster, mount) -> list[str]:
+    """An invalid file (empty models=) until a replica reports it; then the example's again.
+    Returns the new failure lines."""
+    before = len(reload_failures(cluster))
+    mount.update({"keys": f"team-a:{KEYS['team-a']} models=\n"})
+    deadline = time.monotonic() + 30
+    while len(reload_failures(cluster)) == before:
+        assert time.monotonic() < deadline, "no replica reported the invalid key file"
+        time.sleep(0.5)
+    time.sleep(RELOAD_S)  # every replica has had its look
+    still_served = {key_id: bool(sdk(KEYS[key_id]).models.list().data)
+                    for key_id in ("team-a", "team-b")}
+    assert still_served == {"team-a": True, "team-b": True}  # the last good set
+    serve_key_file(mount, example_key_file(), KEYS["team-b"])
+    return reload_failures(cluster)[before:]
+
+
+def test_corrupted_key_file_keeps_the_last_good_set(cluster, mount, example_keys):
+    errors = break_key_file_for_a_while(cluster, mount)
     assert errors and all("empty models= list" in line for line in errors)
-    mount.update({"keys": rotated_key_file()})
 
 
 # -- metrics and audit --------------------------------------------------------------------
@@ -341,24 +376,31 @@ def auth_counts(metrics_text: str, name: str) -> dict:
     return counts
 
 
-def test_counters_are_exported_through_rays_metrics_endpoint(cluster):
-    """After the rotation tests: reloads ok and failed; traffic of each kind made here."""
+@pytest.fixture
+def every_outcome(cluster, mount):
+    """Traffic of every outcome, a reload that worked and one that failed, and a key with an
+    expiry time (expired already) left in the file, so its gauge stays exported."""
+    break_key_file_for_a_while(cluster, mount)
+    serve_key_file(mount, example_key_file() + expiring_entry(time.time() - 60),
+                   KEYS["expiring"], 401, saying="has expired")
     sdk(KEYS["team-a"]).models.list()
     sdk(KEYS["ops"]).models.list()
     with pytest.raises(openai.NotFoundError):
-        chat(sdk(KEYS["team-c"]), LLAMA)
+        chat(sdk(KEYS["team-b"]), LLAMA)
     assert httpx.get(f"{SERVE_URL}/v1/models", timeout=60).status_code == 401
     with pytest.raises(openai.AuthenticationError):
-        sdk(KEYS["team-b"]).models.list()  # removed by the rotation
+        sdk(near_miss(KEYS["team-b"])).models.list()
+
+
+def test_counters_are_exported_through_rays_metrics_endpoint(cluster, every_outcome):
     wanted = {
         "rayllm_auth_requests": [{("outcome", "ok"), ("key_id", "team-a")},
                                  {("outcome", "ok"), ("key_id", "ops")},
-                                 {("outcome", "model_denied"), ("key_id", "team-c")},
+                                 {("outcome", "model_denied"), ("key_id", "team-b")},
                                  {("outcome", "missing"), ("key_id", "")},
                                  {("outcome", "expired"), ("key_id", "expiring")},
                                  {("outcome", "invalid"), ("key_id", "")}],
         "rayllm_auth_key_reloads": [{("outcome", "ok")}, {("outcome", "failed")}],
-        # 0 by now: the corrupted-file test's repair dropped the expiring key
         "rayllm_auth_key_expiry_timestamp_seconds": [{("key_id", "expiring")}],
     }
     deadline = time.monotonic() + 90
@@ -373,15 +415,18 @@ def test_counters_are_exported_through_rays_metrics_endpoint(cluster):
         time.sleep(3)
 
 
-def test_grafana_dashboard_and_alert_rules_use_only_exported_metric_names(cluster):
-    """After the metrics test: each name the operator files query is on Ray's endpoint."""
+def test_grafana_dashboard_and_alert_rules_use_only_exported_metric_names(cluster, every_outcome):
+    """Each name the operator files query is on Ray's endpoint."""
     referenced = set()
     for name in ("grafana-dashboard.json", "prometheus-rules.yaml"):
         referenced |= set(re.findall(r"\bray_rayllm_auth_[a-z_]+", (EXAMPLES / name).read_text()))
     assert referenced == {"ray_rayllm_auth_requests_total", "ray_rayllm_auth_key_reloads_total",
                           "ray_rayllm_auth_key_expiry_timestamp_seconds"}
-    exported = set(re.findall(r"^(ray_rayllm_auth_[a-z_]+)[{ ]", cluster.metrics(), re.M))
-    assert referenced <= exported, referenced - exported
+    deadline = time.monotonic() + 90  # Ray exports every few seconds
+    while not referenced <= (exported := set(re.findall(
+            r"^(ray_rayllm_auth_[a-z_]+)[{ ]", cluster.metrics(), re.M))):
+        assert time.monotonic() < deadline, referenced - exported
+        time.sleep(3)
 
 
 # -- load, hostile sample, faults ---------------------------------------------------------
@@ -546,7 +591,8 @@ def test_zz_cluster_restart_still_enforces(cluster, wheel):
     """Last: the whole cluster stopped and started again, the config deployed again."""
     cluster.stop(remove_dir=False)
     cluster.start()
-    deploy_apps(cluster, wheel, names=("rayservice",))  # the RayService config, as KubeRay would
+    deploy_apps(cluster, wheel)  # the same config again, as KubeRay would (all three apps, so
+    # the tests that follow, in whatever order, find the cluster as the fixture made it)
     assert httpx.get(f"{SERVE_URL}/v1/models", timeout=60).status_code == 401
     assert httpx.get(f"{SERVE_URL}/v1/models", headers={"x-api-key": KEY},
                      timeout=60).status_code == 200
