@@ -44,9 +44,12 @@ class Choice(NamedTuple):
 def choose_layout(ray_version: str, *, enforce: bool,
                   environ: Mapping[str, str] = os.environ) -> Choice:
     """The layout record for ``ray_version``: the row that covers it; else, only when keys
-    are enforced and ALLOW_UNTESTED_RAY is set, the nearest row below it (a newer Ray most
-    likely kept the layout of the release before it; never for a Ray older than every row);
-    else none."""
+    are enforced and ALLOW_UNTESTED_RAY is set and the Ray is newer than every row, the newest
+    row (a newer Ray most likely kept the newest layout); else none.
+
+    Never a row for a Ray between two rows: an unlisted release there may sit on either side
+    of a layout change, and the older row's replica guard would not know a newer release's
+    client-facing classes (its app would be served open, without any error)."""
     version = _version(ray_version)
     if version is None:
         return Choice(None, False)
@@ -54,9 +57,9 @@ def choose_layout(ray_version: str, *, enforce: bool,
         if SpecifierSet(layout.ray).contains(version, prereleases=True):
             return Choice(layout, False)
     hatch = environ.get(ALLOW_UNTESTED_RAY, "").strip().lower() in ("1", "true", "yes")
-    below = [layout for layout in LAYOUTS if _lower_bound(layout) <= version]
-    if enforce and hatch and below:
-        return Choice(max(below, key=_lower_bound), True)
+    newest = LAYOUTS[-1]
+    if enforce and hatch and version > _lower_bound(newest):  # not in it, so above it
+        return Choice(newest, True)
     return Choice(None, False)
 
 
