@@ -3,7 +3,9 @@
 At most ``LINES_PER_WINDOW`` lines per ``WINDOW_S`` seconds per process; the next line after
 a window in which some were dropped says how many. Every refusal is still counted in the
 ``rayllm_auth_requests`` metric. A line holds the outcome, method, route, key id (when the key
-was recognised) and client address, never key material: the path is logged only when it is a
+was recognised) and client address, never key material: the method only when it is a standard
+HTTP method and the client only when it is an IP address (both else say what they are not:
+``curl -X "$KEY"`` or a forged forwarding header would put a key there); the path only when it is a
 route of :data:`~rayllm_auth.model_scope.ROUTES` (``/v1/models/<id>`` without its id), else as
 ``<other path, N characters>``, since a client may put a key anywhere in a path (a segment, a
 part of one, across a ``/``). Everything is ASCII-escaped and truncated, so a line cannot be
@@ -12,6 +14,7 @@ forged or made huge by the client.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from typing import Callable, Optional
@@ -49,15 +52,31 @@ class DenialLog:
             self._dropped += 1
             return
         self._lines += 1
-        client = scope.get("client") or ("-", 0)
         logger.warning(
             "rayllm-auth: refused %s: %s %s key_id=%s client=%s",
-            outcome,
-            _clean(scope.get("method", "WEBSOCKET")),
-            _clean(_route(scope)),
-            key_id or "-",
-            _clean(str(client[0])),
+            outcome, _method(scope), _clean(_route(scope)), key_id or "-", _client(scope),
         )
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
+                      "CONNECT"})
+
+
+def _method(scope) -> str:
+    if scope["type"] == "websocket":
+        return "WEBSOCKET"
+    method = scope.get("method")
+    return method if method in _METHODS else "<other method>"
+
+
+def _client(scope) -> str:
+    client = scope.get("client")
+    if not client:
+        return "-"
+    try:
+        return str(ipaddress.ip_address(client[0]))
+    except ValueError:
+        return "<not an IP address>"
 
 
 def _route(scope) -> str:

@@ -97,6 +97,7 @@ def read_key_file(path: str) -> KeyFile:
 def parse_key_file(text: str, where: str) -> list[Entry]:
     """The entries of a key file's text. Raises ConfigError."""
     entries = []
+    plain_ids = []  # (where, id) of each plain ID:KEY entry
     for number, line in enumerate(text.split("\n"), start=1):
         line_where = f"line {number} of {where}"
         line = line[:-1] if line.endswith("\r") else line
@@ -109,15 +110,35 @@ def parse_key_file(text: str, where: str) -> list[Entry]:
         comment = next((i for i, f in enumerate(fields) if f.startswith("#")), len(fields))
         fields, comment_words = fields[:comment], fields[comment:]
         if fields and fields != [""]:
-            if any(looks_like_option(word.lstrip("#")) for word in comment_words):
+            if any(looks_like_option(word.lstrip("#(")) for word in comment_words) or \
+                    _OPTION_IN_COMMENT.search(" ".join(comment_words)):
                 raise ConfigError(
                     f"{line_where} has an option inside its comment, where it would be "
                     f"ignored; move it before the '#'"
                 )
             entries.append(_parse_line(fields, line_where))
+            key_id, colon, rest = fields[0].partition(":")
+            if colon and key_id != _HASHED and not rest.startswith(_HASHED + ":"):
+                plain_ids.append((line_where, key_id))
     if not entries:
         raise ConfigError(f"{where} holds no key: write one entry per line (see the README)")
+    _refuse_model_ids_read_as_keys(entries, plain_ids)
     return entries
+
+
+def _refuse_model_ids_read_as_keys(entries: list[Entry], plain_ids) -> None:
+    """A LoRA id ``base:adapter`` has the shape of a plain ``ID:KEY`` entry, and model ids are
+    public: a list wrapped onto its own line would be a key for every model. So a plain
+    entry whose id is a model (or LoRA base) named in the file is an error."""
+    named = {model for entry in entries for model in entry.grant.models or ()}
+    named |= {model.partition(":")[0] for model in named}
+    for where, key_id in plain_ids:
+        if key_id in named:
+            raise ConfigError(
+                f"{where} reads as a plain key whose id is a model named in this file: most "
+                f"likely a LoRA id (base:adapter) wrapped onto a line of its own; if it is a "
+                f"key, write it hashed (ID:sha256:HEX) under another id"
+            )
 
 
 def _parse_line(fields: list[str], where: str) -> Entry:
@@ -167,3 +188,7 @@ def parse_expiry(value: str, where: str) -> float:
 
 # Option name -> parser, in the order of Grant's fields after key_id.
 _OPTIONS = {"models": _parse_models, "expires": parse_expiry}
+# An option name followed by '=' or ':' anywhere in a comment ('# models = a', '(models=a)'):
+# the writer meant a limit, which a comment would silently drop.
+_OPTION_IN_COMMENT = re.compile(rf"\b(?:{'|'.join(_OPTIONS)})\s*[=:]", re.IGNORECASE)
+_HASHED = "sha256"

@@ -128,20 +128,26 @@ class ApiKeyMiddleware:
     async def _decide(self, key, grant, other_headers, scope, receive, send):
         """Every request but the common one: refused, expired, limited, or exempt."""
         if grant is None:
-            refusal, key_id = (Refusal.INVALID if key.__class__ is bytes else key), ""
+            refusal = Refusal.INVALID if key.__class__ is bytes else key
         elif grant.expires is not None and self._wall_clock() >= grant.expires:
-            refusal, key_id = Refusal.EXPIRED, grant.key_id
+            refusal = Refusal.EXPIRED
         else:
-            self._admit(grant, other_headers, scope)
-            if grant.models is not None:
-                return await self._call_limited(grant, scope, receive, send)
-            metrics.record_ok(grant.key_id)
-            return await self.app(scope, receive, send)
-        if self._exempt and self._is_exempt(scope):
+            refusal = None
+        # An exempt path serves anyone, credentials removed: a refused key, and a key limited
+        # to some models too (it gets what a request without a key gets there, not less).
+        if (refusal is not None or grant.models is not None) and self._exempt \
+                and self._is_exempt(scope):
             scope["headers"] = without_credentials(scope["headers"])  # exempt, not a key relay
             metrics.record_request("exempt")
             return await self.app(scope, receive, send)
-        await self._refuse(refusal, key_id, scope, receive, send)
+        if refusal is not None:
+            key_id = grant.key_id if grant is not None else ""
+            return await self._refuse(refusal, key_id, scope, receive, send)
+        self._admit(grant, other_headers, scope)
+        if grant.models is not None:
+            return await self._call_limited(grant, scope, receive, send)
+        metrics.record_ok(grant.key_id)
+        await self.app(scope, receive, send)
 
     @staticmethod
     def _admit(grant, other_headers, scope) -> None:

@@ -48,6 +48,13 @@ def protect_app(app: Any, served_model: Optional[str] = None) -> Any:
         if served_model is not None and existing.kwargs.get("served_model") != served_model:
             existing.kwargs["served_model"] = served_model
             app.middleware_stack = None
+        if app.user_middleware[0] is not existing:
+            # Middleware added after protection (add_middleware inserts in front) would see
+            # every request, refused ones and their keys included: first again.
+            app.user_middleware.remove(existing)
+            app.user_middleware.insert(0, existing)
+            existing.kwargs["cors"] = _cors_options(app)  # a CORS policy may be among them
+            app.middleware_stack = None
         return app
     app.user_middleware[:] = [m for m in app.user_middleware if not _is_vllm_auth(m)]
     app.user_middleware.insert(

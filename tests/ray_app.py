@@ -69,7 +69,8 @@ class Reply:
         return json.loads(self.body)
 
 
-async def call(app, method="GET", path="/v1/models", headers=(), *, root_path="", body=b""):
+async def call(app, method="GET", path="/v1/models", headers=(), *, root_path="", body=b"",
+               client=("127.0.0.1", 50000)):
     """One HTTP request as a raw ASGI scope. ``headers``: (name, value) str or bytes pairs;
     names given as str are lower-cased, as an ASGI server does, bytes are sent as they are.
     ``path`` may end in ``?query``, which becomes the scope's query string."""
@@ -83,7 +84,7 @@ async def call(app, method="GET", path="/v1/models", headers=(), *, root_path=""
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
         "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
         "root_path": root_path, "query_string": query.encode("latin-1"), "headers": raw_headers,
-        "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+        "client": client, "server": ("testserver", 80),
     }
     sent_body = False
     messages = []

@@ -84,6 +84,22 @@ async def test_log_lines_cannot_be_forged_through_the_path(app, caplog):
     assert "\n" not in line and "refused nothing" not in line and len(line) < 300
 
 
+async def test_no_method_or_client_address_a_client_writes_puts_a_key_in_the_log(app, key_env,
+                                                                                 caplog):
+    # curl -X "$KEY" sends the key as the method; a forwarding header the server trusts
+    # (X-Forwarded-For behind a proxy) becomes the scope's client address.
+    key = key_env["team-a"]
+    with caplog.at_level(logging.WARNING, logger="rayllm_auth"):
+        await call(app, key, "/v1/models")
+        await call(app, "GET", "/v1/models", client=(key, 0))
+        await call(app, "GET", "/v1/models", client=("::1", 0))
+    lines = [r.getMessage() for r in caplog.records if "rayllm-auth: refused" in r.getMessage()]
+    assert lines == [
+        "rayllm-auth: refused missing: <other method> /v1/models key_id=- client=127.0.0.1",
+        "rayllm-auth: refused missing: GET /v1/models key_id=- client=<not an IP address>",
+        "rayllm-auth: refused missing: GET /v1/models key_id=- client=::1"]
+
+
 @pytest.mark.parametrize("where", ["/v1/models/{key}", "/v1/{key}/chat", "/v1/x{key}y",
                                    "/v1/Bearer {key}", "/{key}"])
 async def test_no_path_a_client_writes_puts_a_key_in_the_log(app, key_env, caplog, where):

@@ -262,9 +262,33 @@ def test_crlf_line_ends_are_fine():
     assert [(g.key_id, g.models) for g in grants] == [("a", {"x"}), ("b", None)]
 
 
-def test_an_option_hidden_in_a_comment_is_an_error():
+@pytest.mark.parametrize("comment", ["# note  models=llama", "# models = llama",
+                                     "# (models=llama)", "# models: llama", "#Expires : 2027"])
+def test_an_option_hidden_in_a_comment_is_an_error(comment):
     with pytest.raises(ConfigError, match="line 1 of the file"):
-        parse_key_file(f"team:{new_key()}   # note  models=llama\n", "the file")
+        parse_key_file(f"team:{new_key()}   {comment}\n", "the file")
+
+
+def test_a_comment_without_an_option_is_fine():
+    key = new_key()
+    (entry,) = parse_key_file(f"team:{key}   # every model (no limit): rotated 2026-11\n", "f")
+    assert entry.grant.models is None
+
+
+def test_a_lora_id_wrapped_onto_its_own_line_is_an_error_not_a_key():
+    # base:adapter has the shape of ID:KEY; both are public (GET /v1/models lists them).
+    text = (f"team-b:sha256:{sha(new_key())} models=qwen2.5-7b-instruct\n"
+            "qwen2.5-7b-instruct:customer-support-adapter-v2\n")
+    with pytest.raises(ConfigError, match="line 2 of f.*LoRA id"):
+        parse_key_file(text, "f")
+    with pytest.raises(ConfigError, match="line 1 of f.*LoRA id"):  # the base alone, too
+        parse_key_file("llama:sql-adapter-for-the-finance-team\n"
+                       f"team:sha256:{sha(new_key())} models=llama:sql\n", "f")
+    # A key whose id names no model is still a key.
+    key = new_key()
+    entries = parse_key_file(text.replace("qwen2.5-7b-instruct:customer-support-adapter-v2",
+                                          f"team-c:{key}"), "f")
+    assert [e.grant.key_id for e in entries] == ["team-b", "team-c"]
 
 
 def test_an_option_in_the_key_list_variable_is_an_error():

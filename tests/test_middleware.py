@@ -363,6 +363,34 @@ def test_protecting_twice_gives_one_layer(app):
     assert app.user_middleware[0].cls is ApiKeyMiddleware  # outermost
 
 
+async def test_middleware_added_after_protection_is_put_behind_the_check_again(key_env, reached):
+    # Starlette's add_middleware inserts in front: custom ingress code that adds one after
+    # init() would see refused requests, keys included. Protecting again (the replica side
+    # does) puts the check first again, with the app's CORS policy as it now is.
+    from starlette.middleware.cors import CORSMiddleware
+
+    seen = []
+
+    class Spy:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            seen.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    app = build_ray_app(reached)
+    app.add_middleware(Spy)
+    app.add_middleware(CORSMiddleware, allow_origins=["https://chat.example"])
+    assert protect_app(app) is app
+    assert [m.cls for m in app.user_middleware][:3] == [ApiKeyMiddleware, CORSMiddleware, Spy]
+    assert app.user_middleware[0].kwargs["cors"]["allow_origins"] == ["https://chat.example"]
+    refused = await call(app, headers=bearer(near_miss(key_env["team-a"])))
+    assert refused.status == 401 and seen == [] and reached == []
+    assert (await call(app, headers=bearer(key_env["team-a"]))).status == 200
+    assert seen == ["/v1/models"]
+
+
 def test_pickled_app_holds_no_key_material(app, key_env):
     from ray._common.serialization import pickle_dumps
     from ray.serve._private.utils import ensure_serialization_context

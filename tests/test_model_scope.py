@@ -42,6 +42,10 @@ def keys(tmp_path, monkeypatch):
 
 @pytest.fixture
 def scoped_app(keys, reached):
+    return build_scoped_app(reached)
+
+
+def build_scoped_app(reached):
     """Ray's ingress app with its real routes; the chat route also echoes the model it got
     (proof the body reached it intact), /v1/models answers with LISTING."""
     app = build_ray_app(reached, protect=False)
@@ -286,6 +290,22 @@ async def test_routes_not_known_to_name_a_model_are_refused_to_limited_keys(
     assert reply.json()["error"]["code"] == "permission_denied"
     everything = await call(scoped_app, method, path, bearer(keys["all"]), body=chat_body("llama"))
     assert everything.status != 403  # an unlimited key is never asked
+
+
+async def test_a_limited_key_on_an_exempt_path_gets_what_a_request_without_a_key_gets(
+        keys, reached, monkeypatch):
+    # Not less (a 403 where anyone gets in), and not more: the path is public.
+    monkeypatch.setenv("RAY_LLM_AUTH_EXEMPT_PATHS", "/v1/models,/metrics")
+    app = build_scoped_app(reached)
+    for path in ("/v1/models", "/metrics"):
+        anonymous = await call(app, "GET", path)
+        limited = await call(app, "GET", path, bearer(keys["llama-only"]))
+        assert (limited.status, limited.body) == (anonymous.status, anonymous.body), path
+        assert limited.status != 403
+    assert (await call(app, "GET", "/v1/models")).json() == LISTING
+    # Elsewhere the limit holds as before.
+    assert (await call(app, "POST", "/v1/chat/completions", bearer(keys["llama-only"]),
+                       body=chat_body("qwen"))).status == 404
 
 
 @pytest.mark.parametrize(("key", "path", "allowed"), [
