@@ -162,7 +162,7 @@ class LocalCluster:
         reply.raise_for_status()
         return reply.json().get("applications", {})
 
-    def wait_for(self, expected: dict[str, set[str]], timeout: float = 420) -> dict:
+    def wait_for(self, expected: dict[str, set[str]], timeout: float = 900) -> dict:
         """Wait until each app's status is in its expected set; return all applications.
         Fails at once when an app settles in a final status it was not expected to reach."""
         deadline = time.monotonic() + timeout
