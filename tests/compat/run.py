@@ -6,8 +6,13 @@ torchaudio or torchcodec), runs the version-independent end-to-end modules in it
 Ray cluster, unchanged ``build_openai_app``, the plugin from ``runtime_env.pip``, the stand-in
 engine) and writes ``tests/compat/RESULTS.md`` and ``results.json``.
 
-    .venv/bin/python tests/compat/run.py                      # every version in PINS
+    .venv/bin/python tests/compat/run.py                      # every version not yet run
     .venv/bin/python tests/compat/run.py --versions 2.49.2    # some of them
+    .venv/bin/python tests/compat/run.py --redo --keep        # again, keeping environments
+
+Resumable: a version with a row in ``results.json`` and no failure is skipped unless
+``--redo``. Each version's virtualenv and wheels are removed after its run unless ``--keep``
+(disk stays bounded: about 15 GB per version while it runs).
 
 Cache (``--cache``, default ``/tmp/rayllm-auth-compat``): per version, the downloaded wheels
 (4-5 GB) and a virtualenv (8-11 GB: vLLM and a CUDA build of torch, which imports fine
@@ -24,6 +29,7 @@ import datetime
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +43,10 @@ RESULTS = Path(__file__).resolve().parent
 PINS = {
     "2.49.2": "0.10.0",
     "2.54.1": "0.15.0",
+    "2.56.1": "0.22.0",
+    "2.57.1": "0.25.1",
+    "2.58.1": "0.26.0",
+    "2.59.0": "0.27.0",
     "2.60.0": "0.29.0",
 }
 
@@ -129,9 +139,7 @@ def run_suite(python: Path, version: str, log: Path) -> dict:
 
 
 def write_tables(rows: list[dict]) -> None:
-    previous = {}
-    if (RESULTS / "results.json").exists():
-        previous = {r["ray"]: r for r in json.loads((RESULTS / "results.json").read_text())}
+    previous = {r["ray"]: r for r in previous_rows()}
     previous.update({r["ray"]: r for r in rows})
     merged = [previous[v] for v in sorted(previous, key=lambda v: tuple(map(int, v.split("."))))]
     (RESULTS / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
@@ -148,22 +156,40 @@ def main() -> int:
     parser.add_argument("--versions", default=",".join(PINS),
                         help="comma-separated Ray versions from PINS (default: all)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/rayllm-auth-compat"))
+    parser.add_argument("--redo", action="store_true", help="run versions that passed before")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each version's virtualenv and wheels after its run")
     args = parser.parse_args()
     versions = [v.strip() for v in args.versions.split(",") if v.strip()]
     unknown = [v for v in versions if v not in PINS]
     if unknown:
         parser.error(f"no vLLM pin for Ray {', '.join(unknown)}; known: {', '.join(PINS)}")
     args.cache.mkdir(parents=True, exist_ok=True)
+    passed_before = {r["ray"] for r in previous_rows() if r["failed"] == 0 and r["passed"]}
     rows = []
-    for version in versions:
+    for number, version in enumerate(versions, start=1):
+        if version in passed_before and not args.redo:
+            print(f"==> [{number}/{len(versions)}] Ray {version}: passed before, skipped "
+                  f"(--redo runs it again)", flush=True)
+            continue
         python = environment(version, args.cache)
-        print(f"==> Ray {version}: running {' '.join(SUITE)}", flush=True)
+        print(f"==> [{number}/{len(versions)}] Ray {version}: running {' '.join(SUITE)}",
+              flush=True)
         row = run_suite(python, version, args.cache / f"ray-{version}.log")
         print(f"    Ray {version} (vLLM {row['vllm']}): {row['passed']} passed, "
               f"{row['failed']} failed in {row['seconds'] / 60:.1f} min", flush=True)
         rows.append(row)
         write_tables(rows)
+        subprocess.run([sys.executable, str(RESULTS / "support_table.py")], check=True)
+        if not args.keep and python.parent.parent.parent == args.cache:
+            for leftover in (python.parent.parent, args.cache / f"wheels-{version}"):
+                shutil.rmtree(leftover, ignore_errors=True)
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
+
+
+def previous_rows() -> list[dict]:
+    path = RESULTS / "results.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 if __name__ == "__main__":
