@@ -361,7 +361,7 @@ def break_key_file_for_a_while(cluster, mount) -> list[str]:
 
 def test_corrupted_key_file_keeps_the_last_good_set(cluster, mount, example_keys):
     errors = break_key_file_for_a_while(cluster, mount)
-    assert errors and all("empty models= list" in line for line in errors)
+    assert errors and all("empty model id in models=" in line for line in errors)
 
 
 # -- metrics and audit --------------------------------------------------------------------
