@@ -137,7 +137,7 @@ def _refuse_model_ids_read_as_keys(entries: list[Entry], plain_ids) -> None:
             raise ConfigError(
                 f"{where} reads as a plain key whose id is a model named in this file: most "
                 f"likely a LoRA id (base:adapter) wrapped onto a line of its own; if it is a "
-                f"key, write it hashed (ID:sha256:HEX) under another id"
+                f"key, write it hashed (ID:sha256:HEX) or give it another id"
             )
 
 

@@ -79,9 +79,9 @@ _CPU_ONLY_REMOVALS = ["torchvision", "torchaudio", "torchcodec"]
 
 def test_requirements() -> list[str]:
     """requirements-dev.txt without its Ray line: the tools every environment needs."""
-    lines = (REPO / "requirements-dev.txt").read_text().splitlines()
-    return [l.strip() for l in lines if l.strip() and not l.startswith("#")
-            and not l.startswith("ray[")]
+    lines = [line.split("#")[0].strip()  # comments, whole-line or after a requirement
+             for line in (REPO / "requirements-dev.txt").read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("ray[")]
 
 
 def environment(version: str, cache: Path) -> Path:
