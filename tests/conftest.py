@@ -110,11 +110,25 @@ def pytest_testnodedown(node, error):  # pytest-xdist hook, in the controller
         _from_workers[kind] += n
 
 
+_seconds_per_file: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Setup, call and teardown time, summed per test file (also for xdist workers' reports)."""
+    path = report.nodeid.split("::")[0]
+    _seconds_per_file[path] = _seconds_per_file.get(path, 0.0) + report.duration
+
+
 def pytest_terminal_summary(terminalreporter):
-    """Say how many hostile inputs the property tests generated in this run."""
+    """Say how many hostile inputs the property tests generated in this run, and where the
+    time went, file by file (where a faster suite has to start)."""
     counts = {kind: n + _from_workers[kind] for kind, n in _hostile_counts().items()}
     if any(counts.values()):
         terminalreporter.write_line(
             f"hostile inputs generated: {counts['requests']:,} HTTP requests and "
             f"{counts['websockets']:,} WebSocket handshakes, none let through"
         )
+    if _seconds_per_file:
+        slowest = sorted(_seconds_per_file.items(), key=lambda item: -item[1])
+        terminalreporter.write_line("seconds per test file: " + ", ".join(
+            f"{path} {seconds:.0f}" for path, seconds in slowest))
