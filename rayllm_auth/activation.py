@@ -55,8 +55,8 @@ def activate(*, enforce: bool) -> None:
             block_serve_llm(
                 f"API keys are configured but Ray {version} is not supported by "
                 f"rayllm-auth {__version__} (supported: ray {SUPPORTED_RAY}); Ray Serve LLM "
-                f"is disabled in this process rather than served without auth (to try it on "
-                f"an untested newer Ray anyway, set {ALLOW_UNTESTED_RAY}=1)"
+                f"is disabled in this process rather than served without auth ({ALLOW_UNTESTED_RAY}"
+                f"=1 tries the newest layout, only on a Ray newer than every supported release)"
             )
         logger.debug("rayllm-auth: Ray %s unsupported; auth stays off", version)
         return
