@@ -91,9 +91,10 @@ def iso_in(seconds: float) -> str:
 
 def test_doctor_reports_enforced_with_counts_and_ids_only(tmp_path):
     file_key, env_key = new_key(), new_key()
+    soon = iso_in(3 * 86400)  # once: computed again later it could fall in the next hour
     (tmp_path / "keys").write_text(f"team-b:{file_key} models=qwen\n"
                                    f"old:{new_key()} expires={iso_in(-60)}\n"
-                                   f"soon:{new_key()} expires={iso_in(3 * 86400)}\n"
+                                   f"soon:{new_key()} expires={soon}\n"
                                    f"later:{new_key()} expires={iso_in(30 * 86400)}\n")
     result = run_python(DOCTOR, env={"RAY_LLM_API_KEYS": f"team-a:{env_key}",
                                      "RAY_LLM_API_KEYS_FILE": str(tmp_path / "keys")})
@@ -102,7 +103,7 @@ def test_doctor_reports_enforced_with_counts_and_ids_only(tmp_path):
     assert "1 key(s), 0 limited to some models; ids team-a" in out
     assert "4 key(s), 1 limited to some models; ids later, old, soon, team-b" in out
     assert re.search(r"expired keys +old\n", out)
-    assert re.search(rf"expiring in 7 days +soon at {iso_in(3 * 86400)[:13]}", out)
+    assert re.search(rf"expiring in 7 days +soon at {soon[:13]}", out)
     assert "2.60.0, supported" in out and out.count(": present") == 2
     assert "auth ENFORCED" in out
     assert file_key not in out + result.stderr and env_key not in out + result.stderr
