@@ -33,7 +33,14 @@ from datetime import datetime
 from typing import NamedTuple, Optional
 
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.keys import RAY_LLM_API_KEYS_FILE, Entry, Grant, looks_like_option, parse_entry
+from rayllm_auth.keys import (
+    _HASHED_PREFIX,
+    RAY_LLM_API_KEYS_FILE,
+    Entry,
+    Grant,
+    looks_like_option,
+    parse_entry,
+)
 
 __all__ = ["KeyFile", "Signature", "read_key_file", "parse_key_file", "file_signature",
            "parse_expiry"]
@@ -118,7 +125,7 @@ def parse_key_file(text: str, where: str) -> list[Entry]:
                 )
             entries.append(_parse_line(fields, line_where))
             key_id, colon, rest = fields[0].partition(":")
-            if colon and key_id != _HASHED and not rest.startswith(_HASHED + ":"):
+            if colon and key_id != _HASHED_PREFIX and not rest.startswith(_HASHED_PREFIX + ":"):
                 plain_ids.append((line_where, key_id))
     if not entries:
         raise ConfigError(f"{where} holds no key: write one entry per line (see the README)")
@@ -191,4 +198,3 @@ _OPTIONS = {"models": _parse_models, "expires": parse_expiry}
 # An option name followed by '=' or ':' anywhere in a comment ('# models = a', '(models=a)'):
 # the writer meant a limit, which a comment would silently drop.
 _OPTION_IN_COMMENT = re.compile(rf"\b(?:{'|'.join(_OPTIONS)})\s*[=:]", re.IGNORECASE)
-_HASHED = "sha256"
