@@ -1,0 +1,286 @@
+"""One replica's side of the per-key limits: admit or refuse a limited key's request, mostly
+without leaving the process.
+
+A replica holds **leases** from its application's :class:`~rayllm_auth.ledger.Ledger`:
+request permits (``rpm``) and concurrency slots (``concurrency``) per key id. A request
+spends a local permit and takes a local slot; only when a key's lease is spent does the
+replica ask the ledger again. Lease sizes adapt: a lease spent before it runs out doubles
+the next one (up to ``MAX_LEASE_SHARE`` of the limit), a lease that runs out unused halves
+it, so a busy key asks about once per ``LEASE_S`` and a quiet one takes one permit at a
+time. A key the ledger refused is refused locally until the window frees a permit
+(``reset``), so overload costs no remote calls. Every ``SYNC_S`` a replica holding slots
+tells the ledger what it holds and gives back idle slots of keys other replicas wait for.
+
+When the ledger cannot be reached (its actor killed, its node lost, the head restarting),
+the replica keeps serving with **fallback limits**: each limit divided by the number of
+replicas last heard of, counted here alone. It says so once in the log and in
+``ray_rayllm_auth_quota_fallbacks_total``, tries the ledger again every ``RETRY_S``, and
+returns to cluster-wide limits as soon as it answers, restoring into a restarted ledger what
+this replica admitted in the last window. Limits are never dropped and traffic is never
+refused because the ledger is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Optional, Protocol
+
+from rayllm_auth.ledger import LEASE_S, WINDOW_S, RequestGrant
+
+__all__ = ["ReplicaQuota", "Verdict", "LedgerUnavailable", "SYNC_S", "RETRY_S"]
+
+logger = logging.getLogger("rayllm_auth")
+
+#: How often a replica holding slots reports to the ledger.
+SYNC_S = 2.0
+#: How long a replica in fallback waits before asking the ledger again.
+RETRY_S = 5.0
+#: Largest lease, as a share of the limit: bounds what leases can hold idle.
+MAX_LEASE_SHARE = 0.02
+
+
+class LedgerUnavailable(Exception):
+    """The ledger did not answer (dead, unreachable or too slow)."""
+
+
+class LedgerCalls(Protocol):
+    """The ledger's methods as awaitables (:class:`~rayllm_auth.ledger.Ledger`'s signatures);
+    each raises LedgerUnavailable when the ledger cannot answer."""
+
+    async def lease_requests(self, key_id: str, rpm: int, want: int, replica: str) -> RequestGrant: ...
+    async def give_back_requests(self, key_id: str, count: int, second: int) -> None: ...
+    async def lease_slots(self, key_id: str, concurrency: int, want: int, replica: str) -> int: ...
+    async def sync(self, replica: str, holdings: dict) -> dict: ...
+    async def restore(self, replica: str, granted: dict, holdings: dict) -> str: ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A limited key's request: admitted or not, and what its rate-limit headers say.
+    ``limit``/``remaining``/``reset_s`` describe requests per minute (None without
+    ``rpm``); ``refused`` names the limit that refused ("rpm" or "concurrency")."""
+
+    refused: Optional[str] = None
+    limit: Optional[int] = None
+    remaining: Optional[int] = None
+    reset_s: float = 0.0
+    retry_after_s: float = 0.0
+
+
+@dataclass
+class _RequestLease:
+    second: int  # the ledger's second the permits are counted in
+    left: int
+    expires: float  # local clock
+
+
+@dataclass
+class _KeyState:
+    leases: list[_RequestLease] = field(default_factory=list)
+    want: int = 1
+    exhausted_until: float = 0.0  # local clock: refused locally until then
+    remaining: int = 0  # in the window, as the ledger last said (minus what we spent since)
+    reset_s: float = 0.0
+    slots_held: int = 0
+    slots_used: int = 0
+    admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
+
+
+class ReplicaQuota:
+    """Admission for limited keys in one replica. ``ledger`` makes the remote calls;
+    ``clock`` is monotonic seconds. Not thread-safe: used from the replica's event loop."""
+
+    def __init__(self, ledger: LedgerCalls, replica: str, clock: Callable[[], float], *,
+                 on_fallback: Callable[[bool], None] = lambda entered: None):
+        self._ledger = ledger
+        self._replica = replica
+        self._clock = clock
+        self._keys: dict[str, _KeyState] = {}
+        self._replicas = 1
+        self._incarnation: Optional[str] = None
+        self._fallback_until: Optional[float] = None  # None: the ledger is in use
+        self._next_sync = 0.0
+        self._on_fallback = on_fallback
+
+    @property
+    def in_fallback(self) -> bool:
+        return self._fallback_until is not None
+
+    async def admit(self, key_id: str, rpm: Optional[int], concurrency: Optional[int]) -> Verdict:
+        """Admit one request of ``key_id`` (limits as its grant says now), or refuse it.
+        An admitted request with ``concurrency`` must be :meth:`release`\\ d when it ends."""
+        state = self._keys.setdefault(key_id, _KeyState())
+        now = self._clock()
+        await self._maybe_sync(now)
+        if concurrency is not None and not await self._take_slot(key_id, state, concurrency, now):
+            return Verdict("concurrency", rpm, max(0, state.remaining), state.reset_s, 1.0)
+        if rpm is None:
+            self._count_admitted(state, now)
+            return Verdict()
+        refusal = await self._take_permit(key_id, state, rpm, now)
+        if refusal is not None:
+            if concurrency is not None:
+                self.release(key_id)
+            return refusal
+        self._count_admitted(state, now)
+        return Verdict(None, rpm, max(0, state.remaining), state.reset_s)
+
+    def release(self, key_id: str) -> None:
+        """A request admitted with a concurrency limit has ended."""
+        state = self._keys.get(key_id)
+        if state is not None and state.slots_used > 0:
+            state.slots_used -= 1
+
+    # -- requests per minute -------------------------------------------------------------------
+
+    async def _take_permit(self, key_id, state: _KeyState, rpm: int, now: float) -> Optional[Verdict]:
+        """None when a permit was spent, else the refusal."""
+        for lease in state.leases:
+            if lease.left > 0 and lease.expires > now:
+                lease.left -= 1
+                state.remaining = max(0, state.remaining - 1)
+                return None
+        spent = [lease for lease in state.leases if lease.left == 0]
+        if spent:  # used up before it ran out: ask for more next time
+            state.want = min(state.want * 2, max(1, math.floor(rpm * MAX_LEASE_SHARE)))
+        state.leases = [lease for lease in state.leases if lease.left > 0 and lease.expires > now]
+        if now < state.exhausted_until:
+            return self._refused_rpm(state, rpm, now)
+        if self.in_fallback and not self._retry_due(now):
+            return self._fallback_permit(state, rpm, now)
+        try:
+            grant = await self._ledger.lease_requests(key_id, rpm, state.want, self._replica)
+        except LedgerUnavailable:
+            self._enter_fallback(now)
+            return self._fallback_permit(state, rpm, now)
+        self._leave_fallback()
+        state.remaining, state.reset_s = grant.remaining, grant.reset_s
+        if grant.granted == 0:
+            state.exhausted_until = now + max(grant.reset_s, 0.05)
+            return self._refused_rpm(state, rpm, now)
+        state.leases.append(_RequestLease(grant.second, grant.granted - 1, now + LEASE_S))
+        return None
+
+    def _refused_rpm(self, state: _KeyState, rpm: int, now: float) -> Verdict:
+        wait = max(0.0, state.exhausted_until - now) if state.exhausted_until > now else state.reset_s
+        return Verdict("rpm", rpm, 0, wait, wait)
+
+    def _fallback_permit(self, state: _KeyState, rpm: int, now: float) -> Optional[Verdict]:
+        """Requests per minute counted by this replica alone, against its share."""
+        share = max(1, math.ceil(rpm / self._replicas))
+        second = math.floor(now)
+        recent = {s: n for s, n in state.admitted.items() if s > second - WINDOW_S}
+        used = sum(recent.values())
+        state.remaining = max(0, share - used - 1)
+        state.reset_s = (min(recent) + WINDOW_S - now) if recent else 0.0
+        if used >= share:
+            state.exhausted_until = now + max(state.reset_s, 0.05)
+            return self._refused_rpm(state, rpm, now)
+        return None
+
+    def _count_admitted(self, state: _KeyState, now: float) -> None:
+        second = math.floor(now)
+        state.admitted[second] = state.admitted.get(second, 0) + 1
+        if len(state.admitted) > WINDOW_S + 1:
+            for old in [s for s in state.admitted if s <= second - WINDOW_S]:
+                del state.admitted[old]
+
+    # -- concurrency ---------------------------------------------------------------------------
+
+    async def _take_slot(self, key_id, state: _KeyState, concurrency: int, now: float) -> bool:
+        if state.slots_used < state.slots_held:
+            state.slots_used += 1
+            return True
+        if self.in_fallback and not self._retry_due(now):
+            return self._fallback_slot(state, concurrency)
+        try:
+            granted = await self._ledger.lease_slots(key_id, concurrency, 1, self._replica)
+        except LedgerUnavailable:
+            self._enter_fallback(now)
+            return self._fallback_slot(state, concurrency)
+        self._leave_fallback()
+        if granted:
+            state.slots_held += granted
+            state.slots_used += 1
+            return True
+        return False
+
+    def _fallback_slot(self, state: _KeyState, concurrency: int) -> bool:
+        share = max(1, math.ceil(concurrency / self._replicas))
+        if state.slots_used >= share:
+            return False
+        state.slots_used += 1
+        state.slots_held = max(state.slots_held, state.slots_used)
+        return True
+
+    # -- upkeep ----------------------------------------------------------------------------------
+
+    async def _maybe_sync(self, now: float) -> None:
+        """Every SYNC_S: give back expired request leases, report the slots held (a
+        heartbeat that keeps them), give back idle slots of contended keys, and notice a
+        restarted ledger. Skipped in fallback until a retry is due."""
+        if now < self._next_sync or (self.in_fallback and not self._retry_due(now)):
+            return
+        self._next_sync = now + SYNC_S
+        try:
+            for key_id, state in self._keys.items():
+                for lease in [l for l in state.leases if l.expires <= now]:
+                    if lease.left:
+                        state.want = max(1, state.want // 2)
+                        await self._ledger.give_back_requests(key_id, lease.left, lease.second)
+                    state.leases.remove(lease)
+            reply = await self._ledger.sync(self._replica, self._holdings())
+            if reply["incarnation"] != self._incarnation:
+                if self._incarnation is not None:  # a new ledger: hand it our part
+                    await self._ledger.restore(self._replica, self._granted(now), self._holdings())
+                self._incarnation = reply["incarnation"]
+            for key_id in reply["contended"]:
+                state = self._keys.get(key_id)
+                if state is not None and state.slots_held > state.slots_used:
+                    state.slots_held = state.slots_used
+            if reply["contended"]:
+                await self._ledger.sync(self._replica, self._holdings())
+            self._replicas = max(1, int(reply["replicas"]))
+        except LedgerUnavailable:
+            self._enter_fallback(now)
+            return
+        self._leave_fallback()
+
+    def _holdings(self) -> dict[str, int]:
+        return {k: s.slots_held for k, s in self._keys.items() if s.slots_held}
+
+    def _granted(self, now: float) -> dict[str, list[tuple[float, int]]]:
+        """What this replica admitted per key in the last window, as (age, count)."""
+        return {k: [(now - second, n) for second, n in s.admitted.items()]
+                for k, s in self._keys.items() if s.admitted}
+
+    def _retry_due(self, now: float) -> bool:
+        return self._fallback_until is not None and now >= self._fallback_until
+
+    def _enter_fallback(self, now: float) -> None:
+        entering = self._fallback_until is None
+        self._fallback_until = now + RETRY_S
+        self._incarnation = self._incarnation or "unknown"
+        if entering:
+            logger.error(
+                "rayllm-auth: the limits ledger cannot be reached; limiting each key to its "
+                "share here (limit / %d replicas) until it answers again", self._replicas)
+            self._on_fallback(True)
+
+    def _leave_fallback(self) -> None:
+        if self._fallback_until is not None:
+            self._fallback_until = None
+            self._next_sync = 0.0  # sync at once: a restarted ledger needs our part
+            logger.warning("rayllm-auth: the limits ledger answers again; cluster-wide limits")
+            self._on_fallback(False)
+
+
+async def call_with_timeout(call: Awaitable, timeout: float):
+    """``call``, or LedgerUnavailable when it fails or takes longer than ``timeout``."""
+    try:
+        return await asyncio.wait_for(call, timeout)
+    except Exception as exc:  # Ray's actor errors, timeouts: all mean "not now"
+        raise LedgerUnavailable(type(exc).__name__) from None

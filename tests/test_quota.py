@@ -1,0 +1,186 @@
+"""Per-key limits without Ray: the ledger's books and one or more replicas' leases against
+them, on a clock the tests move. The oracle is counting: what each test admits is compared
+with the limit the test set, never with what the code under test computes."""
+
+import asyncio
+
+import pytest
+
+from rayllm_auth.ledger import HOLDING_TTL_S, LEASE_S, WINDOW_S, Ledger
+from rayllm_auth.quota import RETRY_S, SYNC_S, LedgerUnavailable, ReplicaQuota
+
+
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class LocalLedger:
+    """The ledger's methods as awaitables, with a switch that makes it unreachable and a
+    count of the calls (the remote calls a real replica would make)."""
+
+    def __init__(self, ledger):
+        self.ledger, self.down, self.calls = ledger, False, 0
+
+    def __getattr__(self, name):
+        method = getattr(self.ledger, name)
+
+        async def call(*args):
+            self.calls += 1
+            if self.down:
+                raise LedgerUnavailable("down")
+            return method(*args)
+
+        return call
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def cluster(replicas=2, now=1000.0):
+    clock = Clock(now)
+    remote = LocalLedger(Ledger(clock))
+    return clock, remote, [ReplicaQuota(remote, f"r{i}", clock) for i in range(replicas)]
+
+
+async def admit_many(quota, key, count, rpm=None, concurrency=None):
+    verdicts = [await quota.admit(key, rpm, concurrency) for _ in range(count)]
+    return sum(v.refused is None for v in verdicts), verdicts
+
+
+def test_rpm_holds_across_replicas_and_frees_after_the_window():
+    clock, _, (a, b) = cluster()
+    admitted = 0
+    for _ in range(50):  # both replicas, interleaved, far above the limit
+        for quota in (a, b):
+            admitted += (run(quota.admit("team", 30, None))).refused is None
+        clock.now += 0.1
+    assert admitted == 30
+    clock.now += WINDOW_S
+    assert run(a.admit("team", 30, None)).refused is None
+
+
+def test_refused_request_says_which_limit_and_when_to_retry():
+    clock, _, (a,) = cluster(1)
+    run(admit_many(a, "team", 3, rpm=3))
+    verdict = run(a.admit("team", 3, None))
+    assert verdict.refused == "rpm" and verdict.limit == 3 and verdict.remaining == 0
+    assert 0 < verdict.retry_after_s <= WINDOW_S
+
+
+def test_a_refused_key_is_refused_locally_until_the_window_frees_a_permit():
+    clock, remote, (a,) = cluster(1)
+    run(admit_many(a, "team", 5, rpm=5))
+    calls = remote.calls
+    admitted, _ = run(admit_many(a, "team", 200, rpm=5))
+    assert admitted == 0 and remote.calls - calls <= 1
+
+
+def test_busy_key_makes_few_remote_calls():
+    clock, remote, (a,) = cluster(1)
+    for _ in range(1000):  # 100 requests/s for 10 s, limit far above
+        run(a.admit("busy", 60000, None))
+        clock.now += 0.01
+    assert remote.calls <= 0.02 * 1000
+
+
+def test_unused_permits_go_back_when_their_lease_runs_out():
+    clock, _, (a, b) = cluster()
+    for _ in range(8):  # a's lease grows while it is busy
+        run(a.admit("team", 1000, None))
+    clock.now += LEASE_S + SYNC_S
+    run(a.admit("other", 1000, None))  # a's next call syncs and gives back
+    admitted, _ = run(admit_many(b, "team", 1000, rpm=1000))
+    assert admitted == 1000 - 8 - 0  # what a used stays counted, the rest came back
+
+
+def test_concurrency_holds_across_replicas_and_slots_return():
+    clock, _, (a, b) = cluster()
+    held = 0
+    for quota in (a, b, a, b, a):
+        held += run(quota.admit("team", None, 3)).refused is None
+    assert held == 3
+    a.release("team")
+    clock.now += SYNC_S
+    run(a.admit("x", None, 1))  # a syncs: its idle slot of the contended key goes back
+    assert run(b.admit("team", None, 3)).refused is None
+
+
+def test_concurrency_refusal_releases_nothing_it_did_not_take():
+    _, _, (a,) = cluster(1)
+    for _ in range(2):
+        assert run(a.admit("team", None, 2)).refused is None
+    assert run(a.admit("team", None, 2)).refused == "concurrency"
+    a.release("team")
+    assert run(a.admit("team", None, 2)).refused is None
+
+
+def test_rpm_refusal_gives_back_the_concurrency_slot():
+    _, _, (a,) = cluster(1)
+    assert run(a.admit("team", 1, 5)).refused is None
+    a.release("team")
+    assert run(a.admit("team", 1, 5)).refused == "rpm"
+    assert run(a.admit("team", None, 1)).refused is None  # the slot came back
+
+
+def test_a_dead_replicas_slots_are_reclaimed():
+    clock, _, (a, b) = cluster()
+    assert run(a.admit("team", None, 1)).refused is None  # a then dies, holding it
+    assert run(b.admit("team", None, 1)).refused == "concurrency"
+    clock.now += HOLDING_TTL_S + 1
+    assert run(b.admit("team", None, 1)).refused is None
+
+
+def test_lowered_limit_applies_to_the_next_lease():
+    clock, _, (a,) = cluster(1)
+    run(admit_many(a, "team", 10, rpm=100))
+    clock.now += LEASE_S + 0.1  # the lease runs out
+    admitted, _ = run(admit_many(a, "team", 50, rpm=12))
+    assert admitted == 2
+
+
+def test_ledger_gone_falls_back_to_a_share_then_comes_back():
+    clock, remote, (a, b) = cluster()
+    run(a.admit("team", 40, None))
+    run(b.admit("team", 40, None))
+    clock.now += SYNC_S
+    run(a.admit("team", 40, None))  # a learns there are two replicas
+    events = []
+    a._on_fallback = events.append
+    remote.down = True
+    clock.now += LEASE_S + 0.1
+    admitted, verdicts = run(admit_many(a, "team", 100, rpm=40))
+    assert events == [True]
+    assert admitted == 20 - 2  # its share (40 / 2), less what it admitted in the window
+    assert verdicts[-1].refused == "rpm"
+    remote.down = False
+    clock.now += RETRY_S
+    run(a.admit("other", 40, None))
+    assert events == [True, False] and not a.in_fallback
+
+
+def test_ledger_gone_never_refuses_everything():
+    clock, remote, (a,) = cluster(1)
+    remote.down = True
+    admitted, _ = run(admit_many(a, "team", 5, rpm=10, concurrency=100))
+    assert admitted == 5
+
+
+def test_restarted_ledger_gets_back_what_replicas_admitted():
+    clock, remote, (a,) = cluster(1)
+    run(admit_many(a, "team", 30, rpm=40))
+    clock.now += SYNC_S
+    run(a.admit("other", 40, None))  # a knows this ledger
+    remote.ledger = Ledger(clock)  # killed and started again: empty books
+    clock.now += LEASE_S + SYNC_S
+    admitted, _ = run(admit_many(a, "team", 100, rpm=40))
+    assert admitted == 40 - 30
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_ledger_grants_nothing_for_a_limit_below_one(bad):
+    assert Ledger(Clock()).lease_requests("k", bad, 5, "r").granted == 0
