@@ -34,7 +34,9 @@ from rayllm_auth.credentials import take_key, without_credentials
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.keystore import KeyStore
 from rayllm_auth.model_scope import ModelScope
-from rayllm_auth.refusals import Answers, Refusal
+from rayllm_auth.quota import ReplicaQuota
+from rayllm_auth.ray_ledger import replica_quota
+from rayllm_auth.refusals import Answers, Refusal, rate_limit_headers
 
 __all__ = ["ApiKeyMiddleware", "EXEMPT_PATHS_VAR", "load_exempt_paths"]
 
@@ -66,7 +68,9 @@ class ApiKeyMiddleware:
     browsers like the app would; ``served_model`` is the one model a direct-streaming replica
     serves (see :mod:`rayllm_auth.model_scope`). Both are non-secret and travel with the
     pickled app. ``environ`` (keys, exempt paths), ``clock`` (monotonic, key file reloads) and
-    ``wall_clock`` (Unix time, key expiry) default to this process's own.
+    ``wall_clock`` (Unix time, key expiry) default to this process's own; ``quota`` makes
+    the per-key limits' :class:`~rayllm_auth.quota.ReplicaQuota` (by default shared with the
+    application's other replicas through its ledger actor).
 
     Raises ConfigError when built in a process whose key configuration is missing or
     unusable (and counts it as ``config_error``).
@@ -81,6 +85,7 @@ class ApiKeyMiddleware:
         environ: Mapping[str, str] = os.environ,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        quota: Callable[[], ReplicaQuota] = replica_quota,
     ):
         self.app = app
         try:
@@ -91,6 +96,7 @@ class ApiKeyMiddleware:
             metrics.flush()  # the replica is about to fail: no request will flush it
             raise
         self._wall_clock = wall_clock
+        self._make_quota, self._quota = quota, None  # built at the first limited request
         self._answers = Answers(cors)
         self._model_scope = ModelScope(served_model)
         self._denials = DenialLog(clock)
@@ -115,9 +121,9 @@ class ApiKeyMiddleware:
         keys = self._store.current() if self._reloading else self._keys
         key, other_headers = take_key(scope["headers"])  # the key, or the Refusal saying why not
         grant = keys.lookup(key) if key.__class__ is bytes else None
-        if grant is None or grant.models is not None or grant.expires is not None:
+        if grant is None or not grant.plain:
             return await self._decide(key, grant, other_headers, scope, receive, send)
-        # A key for every model that never expires: nearly every request, so kept short.
+        # A key for every model, without expiry or limits: nearly every request, so kept short.
         self._admit(grant, other_headers, scope)
         try:  # counted without a function call: this is the per-request path
             self._ok_counts[grant.key_id] += 1
@@ -146,8 +152,7 @@ class ApiKeyMiddleware:
         self._admit(grant, other_headers, scope)
         if grant.models is not None:
             return await self._call_limited(grant, scope, receive, send)
-        metrics.record_ok(grant.key_id)
-        await self.app(scope, receive, send)
+        await self._call_app(grant, scope, receive, send)
 
     @staticmethod
     def _admit(grant, other_headers, scope) -> None:
@@ -170,17 +175,52 @@ class ApiKeyMiddleware:
             return  # the client went away while sending its body: nobody to answer
         if verdict.__class__ is Refusal:
             return await self._refuse(verdict, grant.key_id, scope, receive, send)
-        metrics.record_request("ok", grant.key_id)
-        await self.app(scope, *verdict)
+        await self._call_app(grant, scope, *verdict)
 
-    async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send):
+    async def _call_app(self, grant, scope, receive, send):
+        """Pass an admitted request on; a key with rpm= or concurrency= first needs the
+        quota's consent (:mod:`rayllm_auth.quota`), and its responses carry OpenAI's
+        rate-limit headers. A concurrency slot is held until the app returns: after the last
+        byte of a stream, or when the client has gone."""
+        if not grant.rate_limited:
+            metrics.record_ok(grant.key_id)
+            return await self.app(scope, receive, send)
+        if self._quota is None:
+            self._quota = self._make_quota()
+        verdict = await self._quota.admit(grant.key_id, grant.rpm, grant.concurrency)
+        if verdict.refused is not None:
+            refusal = Refusal.RPM_EXCEEDED if verdict.refused == "rpm" else \
+                Refusal.CONCURRENCY_EXCEEDED
+            return await self._refuse(refusal, grant.key_id, scope, receive, send,
+                                      rate_limit_headers(verdict))
+        metrics.record_ok(grant.key_id)
+        try:
+            await self.app(scope, receive, _adding_headers(send, rate_limit_headers(verdict)))
+        finally:
+            if grant.concurrency is not None:
+                self._quota.release(grant.key_id)
+
+    async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send, headers=()):
         """Count, log and answer one refusal: the only way a request is refused."""
         metrics.record_request(refusal.outcome, key_id)
         self._denials.refused(refusal.outcome, scope, key_id)
-        await self._answers(refusal, scope)(scope, receive, send)
+        await self._answers(refusal, scope, headers)(scope, receive, send)
 
     def _is_exempt(self, scope) -> bool:
         # Starlette's router matches routes against get_route_path(scope); using the same
         # function means this check and the router always agree on which route a request
         # is for (whatever the root_path or route prefix). Exact match: no prefixes.
         return get_route_path(scope) in self._exempt
+
+
+def _adding_headers(send, headers: list[tuple[bytes, bytes]]):
+    """``send``, with ``headers`` added to the response's start (the app's own come first)."""
+    if not headers:
+        return send
+
+    async def send_with_headers(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+
+    return send_with_headers

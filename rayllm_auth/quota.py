@@ -22,15 +22,15 @@ refused because the ledger is gone.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol
 
-from rayllm_auth.ledger import LEASE_S, WINDOW_S, RequestGrant
+from rayllm_auth.ledger import LEASE_S, WINDOW_S, Ledger, RequestGrant
 
-__all__ = ["ReplicaQuota", "Verdict", "LedgerUnavailable", "SYNC_S", "RETRY_S"]
+__all__ = ["ReplicaQuota", "Verdict", "LedgerUnavailable", "InProcessLedger", "SYNC_S",
+           "RETRY_S"]
 
 logger = logging.getLogger("rayllm_auth")
 
@@ -104,6 +104,10 @@ class ReplicaQuota:
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
         self._next_sync = 0.0
         self._on_fallback = on_fallback
+
+    def assume_replicas(self, replicas: int) -> None:
+        """How many replicas share the limits until the ledger says (fallback shares)."""
+        self._replicas = max(1, replicas)
 
     @property
     def in_fallback(self) -> bool:
@@ -278,9 +282,19 @@ class ReplicaQuota:
             self._on_fallback(False)
 
 
-async def call_with_timeout(call: Awaitable, timeout: float):
-    """``call``, or LedgerUnavailable when it fails or takes longer than ``timeout``."""
-    try:
-        return await asyncio.wait_for(call, timeout)
-    except Exception as exc:  # Ray's actor errors, timeouts: all mean "not now"
-        raise LedgerUnavailable(type(exc).__name__) from None
+class InProcessLedger:
+    """:class:`LedgerCalls` on a ledger in this process: limits for one process, where there
+    is no Serve application to share them with (an app protected outside Serve, a test)."""
+
+    def __init__(self, ledger: Ledger):
+        self._ledger = ledger
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+        bound = getattr(self._ledger, method)
+
+        async def call(*args):
+            return bound(*args)
+
+        return call
