@@ -6,7 +6,6 @@ every call it receives."""
 import http.client
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -14,7 +13,13 @@ import httpx
 import openai
 import pytest
 
-from tests.support.local_cluster import MODEL, SERVE_URL, LocalCluster, application, llm_config
+from tests.support.local_cluster import (
+    MODEL,
+    OPENAI_ROUTES,
+    SERVE_URL,
+    LocalCluster,
+    application,
+)
 from tests.conftest import new_key
 
 pytestmark = pytest.mark.e2e
@@ -24,26 +29,6 @@ pytestmark = pytest.mark.e2e
 LIMITED = {"served-only": new_key(), "elsewhere": new_key()}
 
 EXTRAS = Path(__file__).parent / "rlt_extras"  # a user's own ingress class
-
-DRIVER = """
-import inspect, json, sys
-import ray
-from ray import serve
-from ray.serve.llm import build_openai_app
-try:
-    import rayllm_auth
-    importable = True
-except ImportError:
-    importable = False
-ray.init(address="auto", runtime_env={"pip": [WHEEL]})
-app = build_openai_app({"llm_configs": [LLM_CONFIG]})
-frozen = inspect.getclosurevars(app._bound_deployment.func_or_class.__init__).nonlocals[
-    "frozen_app_or_func"]
-print("DRIVER", json.dumps({"plugin_importable": importable,
-                            "middleware": [m.cls.__name__ for m in frozen.user_middleware]}))
-serve.run(app, name="driver", route_prefix="/driver", blocking=False)
-"""
-
 
 @pytest.fixture(scope="module")
 def cluster(wheel, cluster_key_env, tmp_path_factory):
@@ -79,14 +64,10 @@ def cluster(wheel, cluster_key_env, tmp_path_factory):
                 "max_constructor_retry_count": 1, "ray_actor_options": {"runtime_env": {
                     "env_vars": {"SOME_SETTING": "1"}}}}),
         ])
-        driver = cluster.run_python(
-            DRIVER.replace("WHEEL", repr(str(wheel))).replace("LLM_CONFIG", repr(llm_config())))
-        assert driver.returncode == 0, driver.stderr[-3000:]
-        cluster.driver_report = json.loads(re.search(r"^DRIVER (.*)$", driver.stdout, re.M)[1])
         running = {"RUNNING"}
         cluster.apps = cluster.wait_for({
             "main": running, "dev": running, "custom": running, "stock": running,
-            "driver": running, "badkeys": {"DEPLOY_FAILED"}, "badreplica": {"DEPLOY_FAILED"},
+            "badkeys": {"DEPLOY_FAILED"}, "badreplica": {"DEPLOY_FAILED"},
             "noplugin": {"DEPLOY_FAILED"},
         })
         yield cluster
@@ -151,14 +132,14 @@ def test_refused_requests_never_reach_the_engine(cluster, keys):
         {"authorization": f"Bearer {keys['vllm']} extra"}, {"x-api-key": ""},
     ]
     for headers in refused * 5:
-        for path in ("/v1/chat/completions", "/v1/completions", "/driver/v1/chat/completions",
-                     "/custom/v1/chat/completions", "/dev/v1/chat/completions"):
+        for path in ("/v1/chat/completions", "/v1/completions", "/custom/v1/chat/completions",
+                     "/dev/v1/chat/completions"):
             reply = httpx.post(f"{SERVE_URL}{path}", json=chat_body(), headers=headers, timeout=60)
             assert reply.status_code == 401, (path, headers, reply.text)
     assert len(cluster.engine_calls()) == before
-    for path in ("/v1", "/driver/v1", "/custom/v1", "/dev/v1"):
+    for path in ("/v1", "/custom/v1", "/dev/v1"):
         client(keys["team-a"], path.removesuffix("/v1")).chat.completions.create(**chat_body())
-    assert len(cluster.engine_calls()) == before + 4
+    assert len(cluster.engine_calls()) == before + 3
 
 
 def test_the_key_goes_no_further_than_the_ingress(cluster, keys):
@@ -171,22 +152,14 @@ def test_the_key_goes_no_further_than_the_ingress(cluster, keys):
 
 # -- every route, every spelling ------------------------------------------------------------
 
-ROUTES = [
-    ("GET", "/v1/models"), ("GET", "/v1/models/stand-in-model"), ("POST", "/v1/completions"),
-    ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"),
-    ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/score"), ("POST", "/tokenize"),
-    ("POST", "/detokenize"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"),
-    ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/"), ("GET", "/health"),
-    ("GET", "/metrics"), ("DELETE", "/v1/models"), ("PUT", "/v1/chat/completions"),
-]
 DEV_ADMIN = [("POST", "/sleep"), ("POST", "/wakeup"), ("GET", "/is_sleeping"),
              ("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused"),
              ("POST", "/reset_prefix_cache"), ("POST", "/collective_rpc")]
 
 
-@pytest.mark.parametrize("prefix", ["", "/driver", "/custom", "/dev"])
+@pytest.mark.parametrize("prefix", ["", "/custom", "/dev"])
 def test_every_route_needs_a_key(cluster, prefix):
-    routes = ROUTES + (DEV_ADMIN if prefix == "/dev" else [])
+    routes = OPENAI_ROUTES + (DEV_ADMIN if prefix == "/dev" else [])
     statuses = {(m, p): get(prefix + p, method=m).status_code for m, p in routes}
     assert set(statuses.values()) == {401}, statuses
 
@@ -230,8 +203,8 @@ def raw_request(path, headers=()):
 
 @pytest.mark.parametrize("path", [
     "//v1/models", "/v1//models", "/v1/models/", "/v1%2Fmodels", "/./v1/models",
-    "/v1/../v1/models", "/V1/MODELS", "/dev/../v1/models", "/driver//v1/models",
-    "/driver/./v1/models", "/v1/models?x=/health", "/v1/models#frag", "/%2e/v1/models",
+    "/v1/../v1/models", "/V1/MODELS", "/dev/../v1/models", "/custom//v1/models",
+    "/custom/./v1/models", "/v1/models?x=/health", "/v1/models#frag", "/%2e/v1/models",
 ])
 def test_path_spellings_never_bypass_the_check(cluster, path):
     status, body = raw_request(path)
@@ -262,13 +235,6 @@ def test_preflight_passes_and_401_is_readable_by_a_browser(cluster):
 
 
 # -- who protected what ------------------------------------------------------------------------
-
-
-def test_driver_without_plugin_built_an_open_app_that_replicas_protect(cluster, keys):
-    assert cluster.driver_report["plugin_importable"] is False
-    assert "ApiKeyMiddleware" not in cluster.driver_report["middleware"]
-    assert get("/driver/v1/models").status_code == 401
-    assert get("/driver/v1/models", {"x-api-key": keys["vllm"]}).status_code == 200
 
 
 def test_custom_ingress_class_is_served_and_protected(cluster, keys):
