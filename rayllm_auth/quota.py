@@ -8,8 +8,10 @@ replica ask the ledger again. Lease sizes adapt: a lease spent before it runs ou
 the next one (up to ``MAX_LEASE_SHARE`` of the limit), a lease that runs out unused halves
 it, so a busy key asks about once per ``LEASE_S`` and a quiet one takes one permit at a
 time. A key the ledger refused is refused locally until the window frees a permit
-(``reset``), so overload costs no remote calls. Every ``SYNC_S`` a replica holding slots
-tells the ledger what it holds and gives back idle slots of keys other replicas wait for.
+(``reset``), so overload costs no remote calls. Every ``SYNC_S``, off the request path, a
+replica holding leases gives back expired permits, tells the ledger the slots it holds (a
+heartbeat: a replica silent for ``HOLDING_TTL_S`` loses them) and gives back idle slots of
+keys other replicas wait for.
 
 When the ledger cannot be reached (its actor killed, its node lost, the head restarting),
 the replica keeps serving with **fallback limits**: each limit divided by the number of
@@ -22,6 +24,7 @@ refused because the ledger is gone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
@@ -94,15 +97,17 @@ class ReplicaQuota:
     ``clock`` is monotonic seconds. Not thread-safe: used from the replica's event loop."""
 
     def __init__(self, ledger: LedgerCalls, replica: str, clock: Callable[[], float], *,
-                 on_fallback: Callable[[bool], None] = lambda entered: None):
+                 on_fallback: Callable[[bool], None] = lambda entered: None,
+                 heartbeat: bool = True):
         self._ledger = ledger
+        self._heartbeat = heartbeat  # False: the caller runs upkeep() (tests)
+        self._upkeep_task: Optional[asyncio.Task] = None
         self._replica = replica
         self._clock = clock
         self._keys: dict[str, _KeyState] = {}
         self._replicas = 1
         self._incarnation: Optional[str] = None
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
-        self._next_sync = 0.0
         self._on_fallback = on_fallback
 
     def assume_replicas(self, replicas: int) -> None:
@@ -118,7 +123,8 @@ class ReplicaQuota:
         An admitted request with ``concurrency`` must be :meth:`release`\\ d when it ends."""
         state = self._keys.setdefault(key_id, _KeyState())
         now = self._clock()
-        await self._maybe_sync(now)
+        if self._heartbeat and (self._upkeep_task is None or self._upkeep_task.done()):
+            self._upkeep_task = asyncio.get_running_loop().create_task(self._keep_up())
         if concurrency is not None and not await self._take_slot(key_id, state, concurrency, now):
             return Verdict("concurrency", rpm, max(0, state.remaining), state.reset_s, 1.0)
         if rpm is None:
@@ -150,7 +156,8 @@ class ReplicaQuota:
         spent = [lease for lease in state.leases if lease.left == 0]
         if spent:  # used up before it ran out: ask for more next time
             state.want = min(state.want * 2, max(1, math.floor(rpm * MAX_LEASE_SHARE)))
-        state.leases = [lease for lease in state.leases if lease.left > 0 and lease.expires > now]
+        # Spent leases go; a lease that ran out unused stays until upkeep gives it back.
+        state.leases = [lease for lease in state.leases if lease.left > 0]
         if now < state.exhausted_until:
             return self._refused_rpm(state, rpm, now)
         if self.in_fallback and not self._retry_due(now):
@@ -222,13 +229,21 @@ class ReplicaQuota:
 
     # -- upkeep ----------------------------------------------------------------------------------
 
-    async def _maybe_sync(self, now: float) -> None:
-        """Every SYNC_S: give back expired request leases, report the slots held (a
-        heartbeat that keeps them), give back idle slots of contended keys, and notice a
-        restarted ledger. Skipped in fallback until a retry is due."""
-        if now < self._next_sync or (self.in_fallback and not self._retry_due(now)):
+    async def _keep_up(self) -> None:
+        """Upkeep every SYNC_S, off the request path, while this replica holds leases."""
+        while True:
+            await asyncio.sleep(SYNC_S)
+            await self.upkeep()
+            if not any(s.leases or s.slots_held for s in self._keys.values()):
+                return
+
+    async def upkeep(self) -> None:
+        """Give back expired request leases, report the slots held (a heartbeat that keeps
+        them), give back idle slots of contended keys, and notice a restarted ledger.
+        Skipped in fallback until a retry is due."""
+        now = self._clock()
+        if self.in_fallback and not self._retry_due(now):
             return
-        self._next_sync = now + SYNC_S
         try:
             for key_id, state in self._keys.items():
                 for lease in [l for l in state.leases if l.expires <= now]:
@@ -277,7 +292,6 @@ class ReplicaQuota:
     def _leave_fallback(self) -> None:
         if self._fallback_until is not None:
             self._fallback_until = None
-            self._next_sync = 0.0  # sync at once: a restarted ledger needs our part
             logger.warning("rayllm-auth: the limits ledger answers again; cluster-wide limits")
             self._on_fallback(False)
 

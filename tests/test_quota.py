@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from rayllm_auth.ledger import HOLDING_TTL_S, LEASE_S, WINDOW_S, Ledger
-from rayllm_auth.quota import RETRY_S, SYNC_S, LedgerUnavailable, ReplicaQuota
+from rayllm_auth.quota import RETRY_S, LedgerUnavailable, ReplicaQuota
 
 
 class Clock:
@@ -44,7 +44,8 @@ def run(coro):
 def cluster(replicas=2, now=1000.0):
     clock = Clock(now)
     remote = LocalLedger(Ledger(clock))
-    return clock, remote, [ReplicaQuota(remote, f"r{i}", clock) for i in range(replicas)]
+    return clock, remote, [ReplicaQuota(remote, f"r{i}", clock, heartbeat=False)
+                           for i in range(replicas)]
 
 
 async def admit_many(quota, key, count, rpm=None, concurrency=None):
@@ -92,8 +93,8 @@ def test_unused_permits_go_back_when_their_lease_runs_out():
     clock, _, (a, b) = cluster()
     for _ in range(8):  # a's lease grows while it is busy
         run(a.admit("team", 1000, None))
-    clock.now += LEASE_S + SYNC_S
-    run(a.admit("other", 1000, None))  # a's next call syncs and gives back
+    clock.now += LEASE_S
+    run(a.upkeep())  # gives back what a's lease did not use
     admitted, _ = run(admit_many(b, "team", 1000, rpm=1000))
     assert admitted == 1000 - 8 - 0  # what a used stays counted, the rest came back
 
@@ -105,8 +106,7 @@ def test_concurrency_holds_across_replicas_and_slots_return():
         held += run(quota.admit("team", None, 3)).refused is None
     assert held == 3
     a.release("team")
-    clock.now += SYNC_S
-    run(a.admit("x", None, 1))  # a syncs: its idle slot of the contended key goes back
+    run(a.upkeep())  # its idle slot of the contended key goes back
     assert run(b.admit("team", None, 3)).refused is None
 
 
@@ -138,7 +138,8 @@ def test_a_dead_replicas_slots_are_reclaimed():
 def test_lowered_limit_applies_to_the_next_lease():
     clock, _, (a,) = cluster(1)
     run(admit_many(a, "team", 10, rpm=100))
-    clock.now += LEASE_S + 0.1  # the lease runs out
+    clock.now += LEASE_S + 0.1  # the lease runs out, and what it did not use goes back
+    run(a.upkeep())
     admitted, _ = run(admit_many(a, "team", 50, rpm=12))
     assert admitted == 2
 
@@ -147,19 +148,20 @@ def test_ledger_gone_falls_back_to_a_share_then_comes_back():
     clock, remote, (a, b) = cluster()
     run(a.admit("team", 40, None))
     run(b.admit("team", 40, None))
-    clock.now += SYNC_S
-    run(a.admit("team", 40, None))  # a learns there are two replicas
+    run(a.upkeep())  # a learns there are two replicas
     events = []
     a._on_fallback = events.append
     remote.down = True
     clock.now += LEASE_S + 0.1
     admitted, verdicts = run(admit_many(a, "team", 100, rpm=40))
     assert events == [True]
-    assert admitted == 20 - 2  # its share (40 / 2), less what it admitted in the window
+    assert admitted == 20 - 1  # its share (40 / 2), less what it admitted in the window
     assert verdicts[-1].refused == "rpm"
     remote.down = False
+    run(a.upkeep())
+    assert a.in_fallback  # not retried before RETRY_S
     clock.now += RETRY_S
-    run(a.admit("other", 40, None))
+    run(a.upkeep())
     assert events == [True, False] and not a.in_fallback
 
 
@@ -173,10 +175,10 @@ def test_ledger_gone_never_refuses_everything():
 def test_restarted_ledger_gets_back_what_replicas_admitted():
     clock, remote, (a,) = cluster(1)
     run(admit_many(a, "team", 30, rpm=40))
-    clock.now += SYNC_S
-    run(a.admit("other", 40, None))  # a knows this ledger
+    run(a.upkeep())  # a knows this ledger
     remote.ledger = Ledger(clock)  # killed and started again: empty books
-    clock.now += LEASE_S + SYNC_S
+    clock.now += LEASE_S
+    run(a.upkeep())  # a meets the new ledger and restores its part
     admitted, _ = run(admit_many(a, "team", 100, rpm=40))
     assert admitted == 40 - 30
 
@@ -184,3 +186,30 @@ def test_restarted_ledger_gets_back_what_replicas_admitted():
 @pytest.mark.parametrize("bad", [0, -1])
 def test_ledger_grants_nothing_for_a_limit_below_one(bad):
     assert Ledger(Clock()).lease_requests("k", bad, 5, "r").granted == 0
+
+
+def test_slots_stay_held_by_a_replica_whose_streams_run_long():
+    # No new request for longer than HOLDING_TTL_S: the heartbeat alone keeps the slot.
+    clock, remote, (a, b) = cluster()
+    assert run(a.admit("team", None, 1)).refused is None
+    for _ in range(5):
+        clock.now += HOLDING_TTL_S / 2
+        run(a.upkeep())
+    assert run(b.admit("team", None, 1)).refused == "concurrency"
+
+
+def test_heartbeat_runs_off_the_request_path(monkeypatch):
+    import rayllm_auth.quota as quota_module
+
+    monkeypatch.setattr(quota_module, "SYNC_S", 0.01)
+    clock = Clock()
+    remote = LocalLedger(Ledger(clock))
+    quota = ReplicaQuota(remote, "r", clock)
+
+    async def scenario():
+        assert (await quota.admit("team", None, 1)).refused is None
+        calls = remote.calls
+        await asyncio.sleep(0.1)
+        return remote.calls - calls
+
+    assert run(scenario()) >= 3  # syncs while the slot is held, with no request arriving
