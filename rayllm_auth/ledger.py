@@ -126,6 +126,16 @@ class Ledger:
             self._contended.add(key_id)
         return granted
 
+    def give_back_slots(self, key_id: str, count: int, replica: str) -> None:
+        """Slots ``replica`` no longer holds (its last request of the key ended)."""
+        self._last_sync[replica] = self._clock()
+        holders = self._holdings.get(key_id, {})
+        left = holders.get(replica, 0) - count
+        if left > 0:
+            holders[replica] = left
+        else:
+            holders.pop(replica, None)
+
     def sync(self, replica: str, holdings: Mapping[str, int]) -> dict:
         """A replica's heartbeat: the slots it holds now, per key id (its own truth, also
         after giving idle slots back). Returns the incarnation and the contended keys, so

@@ -140,9 +140,10 @@ class ApiKeyMiddleware:
         else:
             refusal = None
         # An exempt path serves anyone, credentials removed: a refused key, and a key limited
-        # to some models too (it gets what a request without a key gets there, not less).
-        if (refusal is not None or grant.models is not None) and self._exempt \
-                and self._is_exempt(scope):
+        # to some models or by rpm=/concurrency= too (it gets what a request without a key
+        # gets there, not less, and spends none of its limits).
+        if (refusal is not None or grant.models is not None or grant.rate_limited) \
+                and self._exempt and self._is_exempt(scope):
             scope["headers"] = without_credentials(scope["headers"])  # exempt, not a key relay
             metrics.record_request("exempt")
             return await self.app(scope, receive, send)
@@ -194,11 +195,28 @@ class ApiKeyMiddleware:
             return await self._refuse(refusal, grant.key_id, scope, receive, send,
                                       rate_limit_headers(verdict))
         metrics.record_ok(grant.key_id)
+        headers = rate_limit_headers(verdict)
+        if grant.concurrency is None:
+            return await self.app(scope, receive, _adding_headers(send, headers))
+        quota, key_id, released = self._quota, grant.key_id, False
+
+        async def send_releasing(message):
+            # The slot goes back before the last byte: a client that waits for the end of
+            # one request before the next finds its slot free on any replica.
+            nonlocal released
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+            elif message["type"] == "http.response.body" and not message.get("more_body") \
+                    and not released:
+                released = True
+                await quota.release(key_id)
+            await send(message)
+
         try:
-            await self.app(scope, receive, _adding_headers(send, rate_limit_headers(verdict)))
+            await self.app(scope, receive, send_releasing)
         finally:
-            if grant.concurrency is not None:
-                self._quota.release(grant.key_id)
+            if not released:  # an error, a client gone, a WebSocket: nothing may be awaited
+                quota.release_soon(key_id)
 
     async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send, headers=()):
         """Count, log and answer one refusal: the only way a request is refused."""

@@ -56,6 +56,7 @@ class LedgerCalls(Protocol):
     async def lease_requests(self, key_id: str, rpm: int, want: int, replica: str) -> RequestGrant: ...
     async def give_back_requests(self, key_id: str, count: int, second: int) -> None: ...
     async def lease_slots(self, key_id: str, concurrency: int, want: int, replica: str) -> int: ...
+    async def give_back_slots(self, key_id: str, count: int, replica: str) -> None: ...
     async def sync(self, replica: str, holdings: dict) -> dict: ...
     async def restore(self, replica: str, granted: dict, holdings: dict) -> str: ...
 
@@ -133,16 +134,36 @@ class ReplicaQuota:
         refusal = await self._take_permit(key_id, state, rpm, now)
         if refusal is not None:
             if concurrency is not None:
-                self.release(key_id)
+                await self.release(key_id)
             return refusal
         self._count_admitted(state, now)
         return Verdict(None, rpm, max(0, state.remaining), state.reset_s)
 
-    def release(self, key_id: str) -> None:
-        """A request admitted with a concurrency limit has ended."""
+    async def release(self, key_id: str) -> None:
+        """A request admitted with a concurrency limit has ended. When it was the key's last
+        one here, the key's slots go back to the ledger before this returns: call it before
+        the response's last byte, and the client's next request finds its slot free on any
+        replica. A busy key keeps its slots here (reused without remote calls)."""
         state = self._keys.get(key_id)
-        if state is not None and state.slots_used > 0:
-            state.slots_used -= 1
+        if state is None or state.slots_used == 0:
+            return
+        state.slots_used -= 1
+        if state.slots_used == 0 and state.slots_held and not self.in_fallback:
+            held, state.slots_held = state.slots_held, 0
+            try:
+                await self._ledger.give_back_slots(key_id, held, self._replica)
+            except LedgerUnavailable:
+                self._enter_fallback(self._clock())
+
+    def release_soon(self, key_id: str) -> None:
+        """:meth:`release` where nothing may be awaited (a cancelled request's clean-up)."""
+        state = self._keys.get(key_id)
+        if state is None or state.slots_used == 0:
+            return
+        if state.slots_used > 1 or self.in_fallback:
+            state.slots_used -= 1  # nothing goes back to the ledger: no remote call
+            return
+        asyncio.get_running_loop().create_task(self.release(key_id))
 
     # -- requests per minute -------------------------------------------------------------------
 

@@ -160,6 +160,36 @@ async def test_openai_sdk_retries_a_429_after_retry_after(key_file, clock, monke
     assert len(sleeps) == 1 and 1 <= sleeps[0] <= WINDOW_S
 
 
+async def test_exempt_paths_spend_none_of_a_keys_limits(key_file, clock, monkeypatch):
+    monkeypatch.setenv("RAY_LLM_AUTH_EXEMPT_PATHS", "/health")
+    app, engine = limited_app(clock)
+    for _ in range(10):  # what a request without a key gets there
+        reply = await call(app, path="/health", headers=bearer(KEYS["slow"]))
+        assert reply.status == 200 and "x-ratelimit-limit-requests" not in reply.headers
+    statuses = [(await call(app, headers=bearer(KEYS["slow"]))).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+async def test_the_slot_is_free_before_the_clients_last_byte(key_file, clock):
+    # A client that sends its next request when the last one ends is never refused.
+    app, engine = limited_app(clock)
+    seen_after_last_byte = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            seen_after_last_byte.append(
+                (await call(app, headers=bearer(KEYS["one-at-a-time"]))).status)
+
+    scope = {"type": "http", "method": "GET", "path": "/v1/models", "raw_path": b"/v1/models",
+             "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+             "headers": [(b"authorization", f"Bearer {KEYS['one-at-a-time']}".encode())]}
+    await app(scope, receive, send)
+    assert seen_after_last_byte == [200]
+
+
 # -- the key file ---------------------------------------------------------------------------
 
 

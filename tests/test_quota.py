@@ -105,7 +105,7 @@ def test_concurrency_holds_across_replicas_and_slots_return():
     for quota in (a, b, a, b, a):
         held += run(quota.admit("team", None, 3)).refused is None
     assert held == 3
-    a.release("team")
+    run(a.release("team"))
     run(a.upkeep())  # its idle slot of the contended key goes back
     assert run(b.admit("team", None, 3)).refused is None
 
@@ -115,14 +115,14 @@ def test_concurrency_refusal_releases_nothing_it_did_not_take():
     for _ in range(2):
         assert run(a.admit("team", None, 2)).refused is None
     assert run(a.admit("team", None, 2)).refused == "concurrency"
-    a.release("team")
+    run(a.release("team"))
     assert run(a.admit("team", None, 2)).refused is None
 
 
 def test_rpm_refusal_gives_back_the_concurrency_slot():
     _, _, (a,) = cluster(1)
     assert run(a.admit("team", 1, 5)).refused is None
-    a.release("team")
+    run(a.release("team"))
     assert run(a.admit("team", 1, 5)).refused == "rpm"
     assert run(a.admit("team", None, 1)).refused is None  # the slot came back
 
@@ -213,3 +213,26 @@ def test_heartbeat_runs_off_the_request_path(monkeypatch):
         return remote.calls - calls
 
     assert run(scenario()) >= 3  # syncs while the slot is held, with no request arriving
+
+
+def test_a_keys_last_request_ending_frees_its_slot_for_every_replica_at_once():
+    # One client, one request at a time, routed to either replica: never refused.
+    _, remote, (a, b) = cluster()
+    for quota in (a, b, b, a, a, b):
+        assert run(quota.admit("team", None, 1)).refused is None
+        run(quota.release("team"))
+
+
+def test_a_busy_key_reuses_its_slots_without_remote_calls():
+    _, remote, (a,) = cluster(1)
+
+    async def busy():
+        for _ in range(3):
+            assert (await a.admit("team", None, 3)).refused is None
+        calls = remote.calls
+        for _ in range(100):  # one ends, another starts: two always in flight
+            await a.release("team")
+            assert (await a.admit("team", None, 3)).refused is None
+        return remote.calls - calls
+
+    assert run(busy()) == 0
