@@ -230,7 +230,9 @@ MAX_LIMIT = 10**9
 
 def _parse_limit(name: str):
     def parse(value: str, where: str) -> int:
-        if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= MAX_LIMIT:
+        # Length first: int() of thousands of digits raises ValueError, not ConfigError.
+        if not (value.isascii() and value.isdigit() and len(value) <= len(str(MAX_LIMIT))) \
+                or not 0 < int(value) <= MAX_LIMIT:
             raise ConfigError(f"{where} has an unreadable {name}=: write a whole number from 1 "
                               f"to {MAX_LIMIT} (omit {name}= for no limit)")
         return int(value)

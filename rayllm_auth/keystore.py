@@ -249,6 +249,9 @@ class KeyStore:
             keys = self._combine(key_file)
         except ConfigError as exc:
             return self._failed(signature, str(exc))
+        except Exception as exc:  # a parser bug must not turn a reload into a 500
+            return self._failed(signature, f"{RAY_LLM_API_KEYS_FILE} ({self._path}) could not "
+                                           f"be read ({type(exc).__name__})")
         self._file, self._keys, self._failed_signature = key_file, keys, None
         self._unsettled = None
         metrics.record_reload("ok")

@@ -215,8 +215,8 @@ class ApiKeyMiddleware:
         try:
             await self.app(scope, receive, send_releasing)
         finally:
-            if not released:  # an error, a client gone, a WebSocket: nothing may be awaited
-                quota.release_soon(key_id)
+            if not released:  # an error, a client gone, a WebSocket
+                await quota.release(key_id)  # frees the slot here before any await
 
     async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send, headers=()):
         """Count, log and answer one refusal: the only way a request is refused."""

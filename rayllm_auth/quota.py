@@ -43,6 +43,9 @@ SYNC_S = 2.0
 RETRY_S = 5.0
 #: Largest lease, as a share of the limit: bounds what leases can hold idle.
 MAX_LEASE_SHARE = 0.02
+#: After the ledger refused a key a slot, this replica refuses it locally for this long (a
+#: flood of refused requests costs no remote calls; a slot freed elsewhere is seen after it).
+SLOT_REFUSAL_S = 0.25
 
 
 class LedgerUnavailable(Exception):
@@ -84,32 +87,37 @@ class _RequestLease:
 @dataclass
 class _KeyState:
     leases: list[_RequestLease] = field(default_factory=list)
-    want: int = 1
-    exhausted_until: float = 0.0  # local clock: refused locally until then
+    want: int = 1  # permits the next lease asks for
+    leasing: Optional[asyncio.Future] = None  # this key's one lease request in flight
+    exhausted_until: float = 0.0  # local clock: rpm refused locally until then
     remaining: int = 0  # in the window, as the ledger last said (minus what we spent since)
     reset_s: float = 0.0
-    slots_held: int = 0
+    concurrency: Optional[int] = None  # the limit as last seen
+    slots_held: int = 0  # granted by the ledger, in use or idle
     slots_used: int = 0
+    slots_pending: int = 0  # asked of the ledger, not answered yet
+    slot_refused_until: float = 0.0  # local clock
     admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
 
 
 class ReplicaQuota:
     """Admission for limited keys in one replica. ``ledger`` makes the remote calls;
-    ``clock`` is monotonic seconds. Not thread-safe: used from the replica's event loop."""
+    ``clock`` is monotonic seconds. Not thread-safe: used from the replica's event loop.
+    ``heartbeat=False`` leaves :meth:`upkeep` to the caller (tests)."""
 
     def __init__(self, ledger: LedgerCalls, replica: str, clock: Callable[[], float], *,
                  on_fallback: Callable[[bool], None] = lambda entered: None,
                  heartbeat: bool = True):
         self._ledger = ledger
-        self._heartbeat = heartbeat  # False: the caller runs upkeep() (tests)
-        self._upkeep_task: Optional[asyncio.Task] = None
         self._replica = replica
         self._clock = clock
+        self._on_fallback = on_fallback
+        self._heartbeat = heartbeat
+        self._upkeep_task: Optional[asyncio.Task] = None
         self._keys: dict[str, _KeyState] = {}
         self._replicas = 1
-        self._incarnation: Optional[str] = None
+        self._incarnation: Optional[str] = None  # the ledger's, once it has answered a sync
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
-        self._on_fallback = on_fallback
 
     def assume_replicas(self, replicas: int) -> None:
         """How many replicas share the limits until the ledger says (fallback shares)."""
@@ -121,23 +129,29 @@ class ReplicaQuota:
 
     async def admit(self, key_id: str, rpm: Optional[int], concurrency: Optional[int]) -> Verdict:
         """Admit one request of ``key_id`` (limits as its grant says now), or refuse it.
-        An admitted request with ``concurrency`` must be :meth:`release`\\ d when it ends."""
+        An admitted request with ``concurrency`` must be released (:meth:`release`) when it ends
+        (a request cancelled while this runs has nothing to release)."""
         state = self._keys.setdefault(key_id, _KeyState())
+        state.concurrency = concurrency
+        self._keep_up()
         now = self._clock()
-        if self._heartbeat and (self._upkeep_task is None or self._upkeep_task.done()):
-            self._upkeep_task = asyncio.get_running_loop().create_task(self._keep_up())
-        if concurrency is not None and not await self._take_slot(key_id, state, concurrency, now):
-            return Verdict("concurrency", rpm, max(0, state.remaining), state.reset_s, 1.0)
-        if rpm is None:
-            self._count_admitted(state, now)
-            return Verdict()
-        refusal = await self._take_permit(key_id, state, rpm, now)
+        if rpm is not None and now < state.exhausted_until and not self._retry_due(now):
+            return self._refused_rpm(state, rpm)  # before taking a slot: no remote call
+        if concurrency is not None and not await self._take_slot(key_id, state, concurrency):
+            return Verdict("concurrency", rpm, self._remaining(state) if rpm else None,
+                           state.reset_s, 1.0)
+        try:
+            refusal = await self._take_permit(key_id, state, rpm) if rpm is not None else None
+        except BaseException:  # cancelled while waiting for the ledger: the slot goes back
+            if concurrency is not None:
+                self.release_soon(key_id)
+            raise
         if refusal is not None:
             if concurrency is not None:
-                await self.release(key_id)
+                self.release_soon(key_id)
             return refusal
-        self._count_admitted(state, now)
-        return Verdict(None, rpm, max(0, state.remaining), state.reset_s)
+        self._count_admitted(state)
+        return Verdict(None, rpm, self._remaining(state) if rpm else None, state.reset_s)
 
     async def release(self, key_id: str) -> None:
         """A request admitted with a concurrency limit has ended. When it was the key's last
@@ -145,63 +159,81 @@ class ReplicaQuota:
         the response's last byte, and the client's next request finds its slot free on any
         replica. A busy key keeps its slots here (reused without remote calls)."""
         state = self._keys.get(key_id)
-        if state is None or state.slots_used == 0:
-            return
-        state.slots_used -= 1
-        if state.slots_used == 0 and state.slots_held and not self.in_fallback:
-            held, state.slots_held = state.slots_held, 0
-            try:
-                await self._ledger.give_back_slots(key_id, held, self._replica)
-            except LedgerUnavailable:
-                self._enter_fallback(self._clock())
+        if state is not None and state.slots_used > 0:
+            give_back = self._drop_slot(state)
+            if give_back:  # shielded: a client gone meanwhile must not keep the slot taken
+                await asyncio.shield(asyncio.ensure_future(self._give_back_slots(key_id, give_back)))
 
     def release_soon(self, key_id: str) -> None:
-        """:meth:`release` where nothing may be awaited (a cancelled request's clean-up)."""
+        """:meth:`release` where nothing may be awaited (a cancelled request's clean-up):
+        the slot is free here at once, the ledger hears of it in a task."""
         state = self._keys.get(key_id)
-        if state is None or state.slots_used == 0:
-            return
-        if state.slots_used > 1 or self.in_fallback:
-            state.slots_used -= 1  # nothing goes back to the ledger: no remote call
-            return
-        asyncio.get_running_loop().create_task(self.release(key_id))
+        if state is not None and state.slots_used > 0:
+            give_back = self._drop_slot(state)
+            if give_back:
+                asyncio.get_running_loop().create_task(self._give_back_slots(key_id, give_back))
 
     # -- requests per minute -------------------------------------------------------------------
 
-    async def _take_permit(self, key_id, state: _KeyState, rpm: int, now: float) -> Optional[Verdict]:
-        """None when a permit was spent, else the refusal."""
-        for lease in state.leases:
-            if lease.left > 0 and lease.expires > now:
-                lease.left -= 1
-                state.remaining = max(0, state.remaining - 1)
-                return None
-        spent = [lease for lease in state.leases if lease.left == 0]
-        if spent:  # used up before it ran out: ask for more next time
-            state.want = min(state.want * 2, max(1, math.floor(rpm * MAX_LEASE_SHARE)))
-        # Spent leases go; a lease that ran out unused stays until upkeep gives it back.
-        state.leases = [lease for lease in state.leases if lease.left > 0]
-        if now < state.exhausted_until:
-            return self._refused_rpm(state, rpm, now)
-        if self.in_fallback and not self._retry_due(now):
-            return self._fallback_permit(state, rpm, now)
-        try:
-            grant = await self._ledger.lease_requests(key_id, rpm, state.want, self._replica)
-        except LedgerUnavailable:
-            self._enter_fallback(now)
-            return self._fallback_permit(state, rpm, now)
-        self._leave_fallback()
-        state.remaining, state.reset_s = grant.remaining, grant.reset_s
-        if grant.granted == 0:
-            state.exhausted_until = now + max(grant.reset_s, 0.05)
-            return self._refused_rpm(state, rpm, now)
-        state.leases.append(_RequestLease(grant.second, grant.granted - 1, now + LEASE_S))
-        return None
+    async def _take_permit(self, key_id, state: _KeyState, rpm: int) -> Optional[Verdict]:
+        """None when a permit was spent, else the refusal. One lease request per key at a
+        time: requests arriving meanwhile wait for its answer, then spend from it."""
+        while True:
+            now = self._clock()
+            for lease in state.leases:
+                if lease.left > 0 and lease.expires > now:
+                    lease.left -= 1
+                    if lease.left == 0:  # spent before it ran out: ask for more next time
+                        state.want = min(state.want * 2, self._largest_lease(rpm))
+                    return None
+            if now < state.exhausted_until and not self._retry_due(now):
+                return self._refused_rpm(state, rpm)
+            if state.leasing is not None:
+                await asyncio.shield(state.leasing)
+                continue
+            if self.in_fallback and not self._retry_due(now):
+                return self._fallback_permit(state, rpm, now)
+            await self._lease_permits(key_id, state, rpm)
 
-    def _refused_rpm(self, state: _KeyState, rpm: int, now: float) -> Verdict:
-        wait = max(0.0, state.exhausted_until - now) if state.exhausted_until > now else state.reset_s
+    async def _lease_permits(self, key_id, state: _KeyState, rpm: int) -> None:
+        state.leasing = leasing = asyncio.get_running_loop().create_future()
+        try:
+            # Spent leases go; one that ran out unused stays until upkeep gives it back.
+            state.leases = [lease for lease in state.leases if lease.left > 0]
+            want = min(state.want, self._largest_lease(rpm))
+            try:
+                grant = await self._ledger.lease_requests(key_id, rpm, want, self._replica)
+            except LedgerUnavailable:
+                self._enter_fallback(self._clock())
+                return
+            self._leave_fallback()
+            now = self._clock()
+            state.remaining, state.reset_s = grant.remaining, grant.reset_s
+            if grant.granted == 0:
+                state.exhausted_until = now + max(grant.reset_s, 0.05)
+            else:
+                state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S))
+        finally:
+            leasing.set_result(None)
+            state.leasing = None
+
+    def _remaining(self, state: _KeyState) -> int:
+        """Requests left in the window as far as this replica knows: what the ledger had
+        left at our last lease, plus our unspent permits."""
+        now = self._clock()
+        return max(0, state.remaining) + sum(l.left for l in state.leases if l.expires > now)
+
+    @staticmethod
+    def _largest_lease(rpm: int) -> int:
+        return max(1, math.floor(rpm * MAX_LEASE_SHARE))
+
+    def _refused_rpm(self, state: _KeyState, rpm: int) -> Verdict:
+        wait = max(state.exhausted_until - self._clock(), 0.0)
         return Verdict("rpm", rpm, 0, wait, wait)
 
     def _fallback_permit(self, state: _KeyState, rpm: int, now: float) -> Optional[Verdict]:
-        """Requests per minute counted by this replica alone, against its share."""
+        """Requests per minute counted by this replica alone, against its share (at least
+        one request: a share is rounded up)."""
         share = max(1, math.ceil(rpm / self._replicas))
         second = math.floor(now)
         recent = {s: n for s, n in state.admitted.items() if s > second - WINDOW_S}
@@ -210,11 +242,11 @@ class ReplicaQuota:
         state.reset_s = (min(recent) + WINDOW_S - now) if recent else 0.0
         if used >= share:
             state.exhausted_until = now + max(state.reset_s, 0.05)
-            return self._refused_rpm(state, rpm, now)
+            return self._refused_rpm(state, rpm)
         return None
 
-    def _count_admitted(self, state: _KeyState, now: float) -> None:
-        second = math.floor(now)
+    def _count_admitted(self, state: _KeyState) -> None:
+        second = math.floor(self._clock())
         state.admitted[second] = state.admitted.get(second, 0) + 1
         if len(state.admitted) > WINDOW_S + 1:
             for old in [s for s in state.admitted if s <= second - WINDOW_S]:
@@ -222,25 +254,33 @@ class ReplicaQuota:
 
     # -- concurrency ---------------------------------------------------------------------------
 
-    async def _take_slot(self, key_id, state: _KeyState, concurrency: int, now: float) -> bool:
-        if state.slots_used < state.slots_held:
-            state.slots_used += 1
+    async def _take_slot(self, key_id, state: _KeyState, concurrency: int) -> bool:
+        if state.slots_used < min(state.slots_held, concurrency):
+            state.slots_used += 1  # an idle slot held here (a lowered limit holds fewer)
             return True
+        now = self._clock()
+        if state.slots_used >= concurrency or now < state.slot_refused_until:
+            return False
         if self.in_fallback and not self._retry_due(now):
             return self._fallback_slot(state, concurrency)
+        state.slots_pending += 1  # reported to the ledger as held while we wait
         try:
             granted = await self._ledger.lease_slots(key_id, concurrency, 1, self._replica)
         except LedgerUnavailable:
-            self._enter_fallback(now)
+            self._enter_fallback(self._clock())
             return self._fallback_slot(state, concurrency)
+        finally:
+            state.slots_pending -= 1
         self._leave_fallback()
         if granted:
             state.slots_held += granted
             state.slots_used += 1
             return True
+        state.slot_refused_until = self._clock() + SLOT_REFUSAL_S
         return False
 
     def _fallback_slot(self, state: _KeyState, concurrency: int) -> bool:
+        """In flight counted by this replica alone, against its share (at least one)."""
         share = max(1, math.ceil(concurrency / self._replicas))
         if state.slots_used >= share:
             return False
@@ -248,52 +288,87 @@ class ReplicaQuota:
         state.slots_held = max(state.slots_held, state.slots_used)
         return True
 
+    def _drop_slot(self, state: _KeyState) -> int:
+        """One slot fewer in use; how many to give back (all, when it was the last)."""
+        state.slots_used -= 1
+        if state.slots_used == 0 and state.slots_held and not self.in_fallback:
+            held, state.slots_held = state.slots_held, 0
+            return held
+        if self.in_fallback:
+            state.slots_held = state.slots_used
+        return 0
+
+    async def _give_back_slots(self, key_id: str, count: int) -> None:
+        if count:
+            try:
+                await self._ledger.give_back_slots(key_id, count, self._replica)
+            except LedgerUnavailable:
+                self._enter_fallback(self._clock())
+
     # -- upkeep ----------------------------------------------------------------------------------
 
-    async def _keep_up(self) -> None:
+    def _keep_up(self) -> None:
+        if self._heartbeat and (self._upkeep_task is None or self._upkeep_task.done()):
+            self._upkeep_task = asyncio.get_running_loop().create_task(self._keep_up_loop())
+
+    async def _keep_up_loop(self) -> None:
         """Upkeep every SYNC_S, off the request path, while this replica holds leases."""
         while True:
             await asyncio.sleep(SYNC_S)
-            await self.upkeep()
+            try:
+                await self.upkeep()
+            except Exception:  # never let the heartbeat die: the ledger would drop our slots
+                logger.exception("rayllm-auth: limits upkeep failed; trying again")
             if not any(s.leases or s.slots_held for s in self._keys.values()):
                 return
 
     async def upkeep(self) -> None:
-        """Give back expired request leases, report the slots held (a heartbeat that keeps
-        them), give back idle slots of contended keys, and notice a restarted ledger.
-        Skipped in fallback until a retry is due."""
+        """Give back expired request leases and idle slots beyond a (lowered) limit or of
+        keys other replicas wait for, report the slots held (a heartbeat that keeps them),
+        and restore our part into a restarted ledger. Skipped in fallback until a retry is
+        due."""
         now = self._clock()
         if self.in_fallback and not self._retry_due(now):
             return
         try:
-            for key_id, state in self._keys.items():
+            for key_id, state in list(self._keys.items()):
                 for lease in [l for l in state.leases if l.expires <= now]:
+                    state.leases.remove(lease)  # first: a permit is given back at most once
                     if lease.left:
                         state.want = max(1, state.want // 2)
                         await self._ledger.give_back_requests(key_id, lease.left, lease.second)
-                    state.leases.remove(lease)
+                if state.concurrency is not None and state.slots_held > state.concurrency:
+                    await self._give_back_idle(key_id, state, state.concurrency)
             reply = await self._ledger.sync(self._replica, self._holdings())
-            if reply["incarnation"] != self._incarnation:
-                if self._incarnation is not None:  # a new ledger: hand it our part
-                    await self._ledger.restore(self._replica, self._granted(now), self._holdings())
-                self._incarnation = reply["incarnation"]
+            if self._incarnation is not None and reply["incarnation"] != self._incarnation:
+                await self._ledger.restore(self._replica, self._granted(), self._holdings())
+            self._incarnation = reply["incarnation"]
             for key_id in reply["contended"]:
                 state = self._keys.get(key_id)
-                if state is not None and state.slots_held > state.slots_used:
-                    state.slots_held = state.slots_used
-            if reply["contended"]:
-                await self._ledger.sync(self._replica, self._holdings())
+                if state is not None:
+                    await self._give_back_idle(key_id, state, 0)
             self._replicas = max(1, int(reply["replicas"]))
         except LedgerUnavailable:
-            self._enter_fallback(now)
+            self._enter_fallback(self._clock())
             return
         self._leave_fallback()
 
-    def _holdings(self) -> dict[str, int]:
-        return {k: s.slots_held for k, s in self._keys.items() if s.slots_held}
+    async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
+        """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""
+        extra = state.slots_held - max(state.slots_used, keep)
+        if extra > 0:
+            state.slots_held -= extra
+            await self._ledger.give_back_slots(key_id, extra, self._replica)
 
-    def _granted(self, now: float) -> dict[str, list[tuple[float, int]]]:
+    def _holdings(self) -> dict[str, int]:
+        """Slots held per key, counting those asked for and not yet answered: the ledger
+        takes a sync as the truth, and must not drop a grant that is on its way."""
+        return {k: s.slots_held + s.slots_pending for k, s in self._keys.items()
+                if s.slots_held or s.slots_pending}
+
+    def _granted(self) -> dict[str, list[tuple[float, int]]]:
         """What this replica admitted per key in the last window, as (age, count)."""
+        now = self._clock()
         return {k: [(now - second, n) for second, n in s.admitted.items()]
                 for k, s in self._keys.items() if s.admitted}
 
@@ -303,16 +378,18 @@ class ReplicaQuota:
     def _enter_fallback(self, now: float) -> None:
         entering = self._fallback_until is None
         self._fallback_until = now + RETRY_S
-        self._incarnation = self._incarnation or "unknown"
         if entering:
             logger.error(
                 "rayllm-auth: the limits ledger cannot be reached; limiting each key to its "
-                "share here (limit / %d replicas) until it answers again", self._replicas)
+                "share here (limit / %d replicas, rounded up) until it answers again",
+                self._replicas)
             self._on_fallback(True)
 
     def _leave_fallback(self) -> None:
         if self._fallback_until is not None:
             self._fallback_until = None
+            for state in self._keys.values():  # the ledger decides again, not our share
+                state.exhausted_until = 0.0
             logger.warning("rayllm-auth: the limits ledger answers again; cluster-wide limits")
             self._on_fallback(False)
 

@@ -1,6 +1,6 @@
 """The ledger as a Ray actor, and a replica's connection to it.
 
-One named, detached actor per Serve application (``rayllm-auth-ledger:<app>`` in the
+One named, detached actor per Serve application (``rayllm-auth-ledger-v1:<app>`` in the
 ``rayllm_auth`` namespace), created by the first replica that sees a limited key
 (``get_if_exists``: every replica gets the same one), with no CPU reserved. Ray restarts it
 if it dies (``max_restarts=-1``); replicas then restore what they admitted in the window
@@ -9,6 +9,12 @@ if it dies (``max_restarts=-1``); replicas then restore what they admitted in th
 
 Every call has a deadline (``CALL_TIMEOUT_S``): a ledger that does not answer in time is
 treated as gone (fallback limits), never waited for.
+
+Trust: the actor is reachable by any code that can reach the Ray cluster (as every Ray actor
+is), which could change its books; the limits are as strong as access to the cluster, which
+KubeRay keeps inside the pod network (Ray's own token auth, on by default from Ray 2.60, closes
+it to processes without the cluster's token). The HTTP clients the limits apply to never reach
+it: its name comes from Serve's application name, its key ids from the key file.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Optional
 from rayllm_auth import metrics
 from rayllm_auth.ledger import Ledger
 from rayllm_auth.quota import InProcessLedger, LedgerUnavailable, ReplicaQuota
@@ -36,8 +43,13 @@ class LedgerActor(Ledger):
         super().__init__(time.monotonic)
 
 
+#: In the actor's name: a replica of a newer rayllm-auth with another ledger protocol never
+#: talks to an older ledger still running (detached actors outlive upgrades).
+PROTOCOL = 1
+
+
 def actor_name(app_name: str) -> str:
-    return f"rayllm-auth-ledger:{app_name}"
+    return f"rayllm-auth-ledger-v{PROTOCOL}:{app_name}"
 
 
 class RayLedger:
@@ -47,23 +59,28 @@ class RayLedger:
     def __init__(self, app_name: str):
         self._name = actor_name(app_name)
         self._handle = None
+        self._lookup: Optional[asyncio.Future] = None  # the one lookup in flight
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
             raise AttributeError(method)
 
         async def call(*args):
-            try:
-                if self._handle is None:
-                    self._handle = await asyncio.wait_for(
-                        asyncio.to_thread(self._get_or_create), CALL_TIMEOUT_S)
-                return await asyncio.wait_for(
-                    getattr(self._handle, method).remote(*args), CALL_TIMEOUT_S)
+            try:  # one deadline for finding the actor and calling it
+                return await asyncio.wait_for(self._call(method, args), CALL_TIMEOUT_S)
             except Exception as exc:  # Ray's actor errors, timeouts: all mean "not now"
                 self._handle = None
                 raise LedgerUnavailable(type(exc).__name__) from None
 
         return call
+
+    async def _call(self, method: str, args: tuple):
+        if self._handle is None:
+            # One lookup at a time (it blocks a thread until Ray answers), shared by callers.
+            if self._lookup is None or self._lookup.done():
+                self._lookup = asyncio.ensure_future(asyncio.to_thread(self._get_or_create))
+            self._handle = await asyncio.shield(self._lookup)
+        return await getattr(self._handle, method).remote(*args)
 
     def _get_or_create(self):
         import ray

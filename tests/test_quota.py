@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from rayllm_auth.ledger import HOLDING_TTL_S, LEASE_S, WINDOW_S, Ledger
-from rayllm_auth.quota import RETRY_S, LedgerUnavailable, ReplicaQuota
+from rayllm_auth.quota import RETRY_S, SLOT_REFUSAL_S, LedgerUnavailable, ReplicaQuota
 
 
 class Clock:
@@ -107,6 +107,8 @@ def test_concurrency_holds_across_replicas_and_slots_return():
     assert held == 3
     run(a.release("team"))
     run(a.upkeep())  # its idle slot of the contended key goes back
+    assert run(b.admit("team", None, 3)).refused == "concurrency"  # b refuses locally a while
+    clock.now += SLOT_REFUSAL_S
     assert run(b.admit("team", None, 3)).refused is None
 
 
@@ -236,3 +238,172 @@ def test_a_busy_key_reuses_its_slots_without_remote_calls():
         return remote.calls - calls
 
     assert run(busy()) == 0
+
+
+# -- found by the adversarial review: a ledger whose calls really wait, as an actor call does --
+
+
+class RemoteLedger(LocalLedger):
+    """Each call waits ``delay`` seconds before the ledger runs it; ``late``: it runs, then
+    the answer misses the caller's deadline. Records the methods called."""
+
+    def __init__(self, ledger, delay=0.005):
+        super().__init__(ledger)
+        self.delay, self.late, self.methods = delay, False, []
+
+    def __getattr__(self, name):
+        method = getattr(self.ledger, name)
+
+        async def call(*args):
+            self.calls += 1
+            self.methods.append(name)
+            await asyncio.sleep(self.delay)
+            if self.down:
+                raise LedgerUnavailable("down")
+            result = method(*args)
+            if self.late:
+                raise LedgerUnavailable("TimeoutError")
+            return result
+
+        return call
+
+
+def remote_cluster(replicas=1):
+    clock = Clock()
+    remote = RemoteLedger(Ledger(clock))
+    return clock, remote, [ReplicaQuota(remote, f"r{i}", clock, heartbeat=False)
+                           for i in range(replicas)]
+
+
+def test_a_request_cancelled_while_waiting_for_a_permit_gives_its_slot_back():
+    _, remote, (a,) = remote_cluster()
+
+    async def scenario():
+        waiting = asyncio.create_task(a.admit("bot", 5, 1))
+        await asyncio.sleep(0.007)  # the slot is taken, the permit's lease call under way
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.05)  # the slot's give-back reaches the ledger
+        return await a.admit("bot", 5, 1)
+
+    assert run(scenario()).refused is None
+
+
+def test_a_heartbeat_never_drops_a_slot_grant_still_on_its_way():
+    _, remote, (a, b) = remote_cluster(2)
+
+    async def scenario():
+        taking = asyncio.create_task(a.admit("k", None, 1))
+        await asyncio.sleep(0.001)  # a's lease call is sent
+        await a.upkeep()  # a's heartbeat, sent while the grant is on its way
+        assert (await taking).refused is None
+        return (await b.admit("k", None, 1)).refused
+
+    assert run(scenario()) == "concurrency"
+
+
+def test_upkeep_survives_requests_of_new_keys_arriving_meanwhile():
+    clock, remote, (a,) = remote_cluster()
+
+    async def scenario():
+        for _ in range(4):
+            await a.admit("old", 1000, None)
+        clock.now += LEASE_S + 0.1  # the lease ran out: upkeep will give it back
+        upkeep = asyncio.create_task(a.upkeep())
+        await asyncio.sleep(0.001)
+        await a.admit("new", 1000, None)  # a key id this replica had not seen
+        await upkeep
+
+    run(scenario())
+
+
+def test_requests_arriving_together_share_one_lease_request():
+    _, remote, (a,) = remote_cluster()
+
+    async def burst():
+        for _ in range(40):  # a busy key: its leases have grown to the largest (20)
+            await a.admit("bulk", 1000, None)
+        verdicts = await asyncio.gather(*(a.admit("bulk", 1000, None) for _ in range(60)))
+        return verdicts, a._keys["bulk"].leases
+
+    verdicts, leases = run(burst())
+    assert all(v.refused is None for v in verdicts)
+    assert sum(lease.left for lease in leases) <= 1000 * 0.02  # never more than one lease idle
+
+
+def test_a_lowered_concurrency_applies_while_the_key_stays_busy():
+    _, _, (a,) = cluster(1)
+    for _ in range(4):
+        assert run(a.admit("bot", None, 4)).refused is None
+    run(a.release("bot"))
+    assert run(a.admit("bot", None, 1)).refused == "concurrency"  # 3 still in flight
+    for _ in range(3):
+        run(a.release("bot"))
+    assert run(a.admit("bot", None, 1)).refused is None
+    assert run(a.admit("bot", None, 1)).refused == "concurrency"
+
+
+def test_a_give_back_that_missed_its_deadline_is_not_repeated():
+    clock, remote, (a,) = remote_cluster()
+    run(admit_many(a, "bulk", 30, rpm=1000))  # leases of 1, 2, 4, 8, 16: 31 granted
+    clock.now += LEASE_S + 0.1
+    remote.late = True  # the ledger takes the give-back, the answer comes too late
+    run(a.upkeep())
+    remote.late = False
+    clock.now += RETRY_S
+    run(a.upkeep())
+    run(a.upkeep())
+    assert sum(remote.ledger._windows["bulk"].counts.values()) == 30
+
+
+def test_refused_requests_make_no_remote_calls():
+    clock, remote, (a,) = remote_cluster()
+    run(a.admit("one", None, 1))
+    calls = remote.calls
+    assert all(run(a.admit("one", None, 1)).refused for _ in range(200))
+    assert remote.calls - calls <= 1  # refused locally for SLOT_REFUSAL_S after the first
+    run(admit_many(a, "both", 5, rpm=5, concurrency=100))
+    calls = remote.calls
+    assert all(run(a.admit("both", 5, 100)).refused == "rpm" for _ in range(200))
+    assert remote.calls - calls <= 2  # the first refusal asks for a slot and a permit
+
+
+def test_a_blip_before_the_first_sync_restores_nothing_twice():
+    clock, remote, (a,) = remote_cluster()
+    remote.down = True
+    run(admit_many(a, "k", 10, rpm=100))
+    remote.down = False
+    clock.now += RETRY_S
+    run(a.upkeep())
+    run(a.upkeep())
+    window = remote.ledger._windows.get("k")
+    assert window is None or sum(window.counts.values()) <= 10
+
+
+def test_ray_ledger_waits_at_most_one_deadline_and_looks_up_once(monkeypatch):
+    import threading
+    import time as real_time
+
+    from rayllm_auth import ray_ledger
+
+    lookups = []
+
+    def slow_lookup(self):
+        lookups.append(threading.get_ident())
+        real_time.sleep(0.3)
+        raise RuntimeError("no actor")
+
+    monkeypatch.setattr(ray_ledger, "CALL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ray_ledger.RayLedger, "_get_or_create", slow_lookup)
+    ledger = ray_ledger.RayLedger("app")
+
+    async def scenario():
+        started = real_time.monotonic()
+        results = await asyncio.gather(*(ledger.sync("r", {}) for _ in range(5)),
+                                       return_exceptions=True)
+        return real_time.monotonic() - started, results
+
+    took, results = run(scenario())
+    assert all(isinstance(r, LedgerUnavailable) for r in results)
+    assert took < 0.28 and len(lookups) == 1

@@ -51,6 +51,7 @@ from tests.support.local_cluster import (
     llm_config,
 )
 from rayllm_auth.keystore import SETTLE_S
+from rayllm_auth.ray_ledger import NAMESPACE, actor_name
 from tests.support.secret_mount import SecretMount
 from tests.conftest import near_miss, new_key
 from tests.test_hostile_inputs import generated, is_preflight
@@ -758,10 +759,10 @@ def fallback_counts(cluster) -> dict:
     return counts
 
 
-KILL_LEDGER = """
+KILL_LEDGER = f"""
 import ray
 ray.init(address="auto")
-ray.kill(ray.get_actor("rayllm-auth-ledger:limits", namespace="rayllm_auth"), no_restart=True)
+ray.kill(ray.get_actor({actor_name("limits")!r}, namespace={NAMESPACE!r}), no_restart=True)
 """
 
 
