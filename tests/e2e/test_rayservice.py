@@ -628,9 +628,21 @@ def limits_key_file(lowered_rpm: int = 1000) -> str:
 
 @pytest.fixture
 def limits(cluster, wheel, mount):
-    """The limits app running, and the key file above in force."""
+    """The limits app running, and the key file above in force in both its replicas."""
     ensure_apps(cluster, wheel, "limits")
     serve_key_file(mount, limits_key_file(), LIMITED_KEYS["unlimited"])
+
+    async def accepted_in_a_row(wanted=10, timeout=30):
+        deadline, in_a_row = time.monotonic() + timeout, 0
+        async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
+            while in_a_row < wanted:
+                assert time.monotonic() < deadline, "the limits app did not reload the file"
+                reply = await client.get(f"{LIMITS_APP}/v1/models",
+                                         headers={"x-api-key": LIMITED_KEYS["unlimited"]})
+                in_a_row = in_a_row + 1 if reply.status_code == 200 else 0
+                await asyncio.sleep(0.05)
+
+    asyncio.run(accepted_in_a_row())
 
 
 async def limits_request(client, key, max_tokens=2, stream=False):
@@ -665,7 +677,7 @@ def test_rpm_holds_across_two_ingress_replicas_under_twice_the_load(cluster, lim
     refused request never reaches the engine."""
     deployments = cluster.applications()["limits"]["deployments"]
     ingress = [d for name, d in deployments.items() if name in ("OpenAiIngress", "LLMRouter")]
-    assert [d["replica_states"].get("RUNNING") for d in ingress] == [2]
+    assert [sum(r["state"] == "RUNNING" for r in d["replicas"]) for d in ingress] == [2]
     before = len(cluster.engine_calls())
 
     async def scenario():
