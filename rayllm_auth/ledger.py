@@ -45,12 +45,13 @@ HOLDING_TTL_S = 10.0
 class RequestGrant:
     """The answer to a request-permit lease: ``granted`` permits (possibly 0), counted in
     ``second``; ``remaining`` in the window after them; ``reset_s`` until the window frees
-    its oldest counted permit (0 when nothing is counted)."""
+    its oldest counted permit (0 when nothing is counted); the ledger's ``incarnation``."""
 
     granted: int
     second: int
     remaining: int
     reset_s: float
+    incarnation: str = ""
 
 
 @dataclass
@@ -97,7 +98,8 @@ class Ledger:
         granted = min(want, free)
         if granted:
             window.counts[second] = window.counts.get(second, 0) + granted
-        return RequestGrant(granted, second, free - granted, window.reset_s(now))
+        return RequestGrant(granted, second, free - granted, window.reset_s(now),
+                            self.incarnation)
 
     def give_back_requests(self, key_id: str, count: int, second: int) -> None:
         """Permits granted in ``second`` and never used (a lease that ran out)."""
@@ -111,9 +113,10 @@ class Ledger:
 
     # -- concurrency ---------------------------------------------------------------------------
 
-    def lease_slots(self, key_id: str, concurrency: int, want: int, replica: str) -> int:
-        """Slots granted (possibly 0): never more than ``concurrency`` minus what live
-        replicas hold."""
+    def lease_slots(self, key_id: str, concurrency: int, want: int,
+                    replica: str) -> tuple[int, str]:
+        """Slots granted (possibly 0), never more than ``concurrency`` minus what live
+        replicas hold; and the ledger's incarnation."""
         now = self._clock()
         self._last_sync[replica] = now
         self._drop_silent_replicas(now)
@@ -124,7 +127,7 @@ class Ledger:
             holders[replica] = holders.get(replica, 0) + granted
         if granted < want:
             self._contended.add(key_id)
-        return granted
+        return granted, self.incarnation
 
     def give_back_slots(self, key_id: str, count: int, replica: str) -> None:
         """Slots ``replica`` no longer holds (its last request of the key ended)."""

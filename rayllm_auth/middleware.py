@@ -21,6 +21,7 @@ chunk.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -103,6 +104,8 @@ class ApiKeyMiddleware:
         self._ok_counts = metrics.ok_counts()
         self._reloading = self._store.watches_file
         self._keys = keys = self._store.current()  # used as is when there is no key file
+        if any(grant.rate_limited for grant in keys.grants):
+            self._warm_up_limits()
         ids = keys.key_ids
         logger.info(
             "rayllm-auth: API key required on every route; %d key(s) from %s, ids %s%s; "
@@ -164,6 +167,15 @@ class ApiKeyMiddleware:
         if state is None:
             scope["state"] = state = {}
         state["user_id"] = grant.key_id
+
+    def _warm_up_limits(self) -> None:
+        """Reach the limits ledger now (its actor takes seconds to start the first time), so
+        the first limited requests find it answering instead of falling back."""
+        self._quota = self._make_quota()
+        try:
+            asyncio.get_running_loop().create_task(self._quota.upkeep())
+        except RuntimeError:
+            pass  # built outside an event loop: the first limited request reaches it
 
     async def _unchecked_scope(self, scope, receive, send):
         if scope["type"] != "lifespan":

@@ -45,7 +45,7 @@ RETRY_S = 5.0
 MAX_LEASE_SHARE = 0.02
 #: After the ledger refused a key a slot, this replica refuses it locally for this long (a
 #: flood of refused requests costs no remote calls; a slot freed elsewhere is seen after it).
-SLOT_REFUSAL_S = 0.25
+SLOT_REFUSAL_S = 0.05
 
 
 class LedgerUnavailable(Exception):
@@ -58,7 +58,8 @@ class LedgerCalls(Protocol):
 
     async def lease_requests(self, key_id: str, rpm: int, want: int, replica: str) -> RequestGrant: ...
     async def give_back_requests(self, key_id: str, count: int, second: int) -> None: ...
-    async def lease_slots(self, key_id: str, concurrency: int, want: int, replica: str) -> int: ...
+    async def lease_slots(self, key_id: str, concurrency: int, want: int,
+                          replica: str) -> tuple[int, str]: ...
     async def give_back_slots(self, key_id: str, count: int, replica: str) -> None: ...
     async def sync(self, replica: str, holdings: dict) -> dict: ...
     async def restore(self, replica: str, granted: dict, holdings: dict) -> str: ...
@@ -88,7 +89,8 @@ class _RequestLease:
 class _KeyState:
     leases: list[_RequestLease] = field(default_factory=list)
     want: int = 1  # permits the next lease asks for
-    leasing: Optional[asyncio.Future] = None  # this key's one lease request in flight
+    leasing: Optional[asyncio.Task] = None  # this key's one lease request in flight
+    waiting: int = 0  # requests waiting for that lease
     exhausted_until: float = 0.0  # local clock: rpm refused locally until then
     remaining: int = 0  # in the window, as the ledger last said (minus what we spent since)
     reset_s: float = 0.0
@@ -96,8 +98,10 @@ class _KeyState:
     slots_held: int = 0  # granted by the ledger, in use or idle
     slots_used: int = 0
     slots_pending: int = 0  # asked of the ledger, not answered yet
+    slots_returning: int = 0  # given back, the ledger not known to have heard yet
     slot_refused_until: float = 0.0  # local clock
     admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
+    admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, in fallback
 
 
 class ReplicaQuota:
@@ -118,6 +122,7 @@ class ReplicaQuota:
         self._replicas = 1
         self._incarnation: Optional[str] = None  # the ledger's, once it has answered a sync
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
+        self._rejoining = False  # back from fallback: the ledger must hear what we admitted
 
     def assume_replicas(self, replicas: int) -> None:
         """How many replicas share the limits until the ledger says (fallback shares)."""
@@ -162,7 +167,8 @@ class ReplicaQuota:
         if state is not None and state.slots_used > 0:
             give_back = self._drop_slot(state)
             if give_back:  # shielded: a client gone meanwhile must not keep the slot taken
-                await asyncio.shield(asyncio.ensure_future(self._give_back_slots(key_id, give_back)))
+                await asyncio.shield(asyncio.ensure_future(
+                    self._give_back_slots(key_id, state, give_back)))
 
     def release_soon(self, key_id: str) -> None:
         """:meth:`release` where nothing may be awaited (a cancelled request's clean-up):
@@ -171,7 +177,8 @@ class ReplicaQuota:
         if state is not None and state.slots_used > 0:
             give_back = self._drop_slot(state)
             if give_back:
-                asyncio.get_running_loop().create_task(self._give_back_slots(key_id, give_back))
+                asyncio.get_running_loop().create_task(
+                    self._give_back_slots(key_id, state, give_back))
 
     # -- requests per minute -------------------------------------------------------------------
 
@@ -188,25 +195,34 @@ class ReplicaQuota:
                     return None
             if now < state.exhausted_until and not self._retry_due(now):
                 return self._refused_rpm(state, rpm)
-            if state.leasing is not None:
+            if state.leasing is None:
+                if self.in_fallback and not self._retry_due(now):
+                    return self._fallback_permit(state, rpm, now)
+                # A task, shielded: a requester that goes away does not cancel the lease,
+                # so what the ledger grants lands here and is spent or given back.
+                state.leasing = asyncio.get_running_loop().create_task(
+                    self._lease_permits(key_id, state, rpm))
+            state.waiting += 1
+            try:
                 await asyncio.shield(state.leasing)
-                continue
-            if self.in_fallback and not self._retry_due(now):
-                return self._fallback_permit(state, rpm, now)
-            await self._lease_permits(key_id, state, rpm)
+            finally:
+                state.waiting -= 1
 
     async def _lease_permits(self, key_id, state: _KeyState, rpm: int) -> None:
-        state.leasing = leasing = asyncio.get_running_loop().create_future()
         try:
             # Spent leases go; one that ran out unused stays until upkeep gives it back.
             state.leases = [lease for lease in state.leases if lease.left > 0]
-            want = min(state.want, self._largest_lease(rpm))
+            # Enough for every request waiting now (spent at once: no idle slack), else the
+            # adaptive size, at most MAX_LEASE_SHARE of the limit.
+            want = min(max(min(state.want, self._largest_lease(rpm)), state.waiting), rpm)
             try:
-                grant = await self._ledger.lease_requests(key_id, rpm, want, self._replica)
+                grant = await self._ledger.lease_requests(key_id, rpm, max(want, 1),
+                                                          self._replica)
+                self._leave_fallback()
+                await self._heard(grant.incarnation)
             except LedgerUnavailable:
                 self._enter_fallback(self._clock())
                 return
-            self._leave_fallback()
             now = self._clock()
             state.remaining, state.reset_s = grant.remaining, grant.reset_s
             if grant.granted == 0:
@@ -214,7 +230,6 @@ class ReplicaQuota:
             else:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S))
         finally:
-            leasing.set_result(None)
             state.leasing = None
 
     def _remaining(self, state: _KeyState) -> int:
@@ -247,10 +262,12 @@ class ReplicaQuota:
 
     def _count_admitted(self, state: _KeyState) -> None:
         second = math.floor(self._clock())
-        state.admitted[second] = state.admitted.get(second, 0) + 1
-        if len(state.admitted) > WINDOW_S + 1:
-            for old in [s for s in state.admitted if s <= second - WINDOW_S]:
-                del state.admitted[old]
+        counts = (state.admitted, state.admitted_alone) if self.in_fallback else (state.admitted,)
+        for admitted in counts:
+            admitted[second] = admitted.get(second, 0) + 1
+            if len(admitted) > WINDOW_S + 1:
+                for old in [s for s in admitted if s <= second - WINDOW_S]:
+                    del admitted[old]
 
     # -- concurrency ---------------------------------------------------------------------------
 
@@ -263,21 +280,36 @@ class ReplicaQuota:
             return False
         if self.in_fallback and not self._retry_due(now):
             return self._fallback_slot(state, concurrency)
-        state.slots_pending += 1  # reported to the ledger as held while we wait
-        try:
-            granted = await self._ledger.lease_slots(key_id, concurrency, 1, self._replica)
-        except LedgerUnavailable:
-            self._enter_fallback(self._clock())
+        # A task, shielded: a slot granted to a requester that went away stays held here
+        # (idle: reused, or given back at the next upkeep), never lost.
+        granted = await asyncio.shield(asyncio.ensure_future(
+            self._lease_slot(key_id, state, concurrency)))
+        if granted is None:
             return self._fallback_slot(state, concurrency)
-        finally:
-            state.slots_pending -= 1
-        self._leave_fallback()
-        if granted:
-            state.slots_held += granted
+        if state.slots_used < min(state.slots_held, concurrency):
             state.slots_used += 1
             return True
         state.slot_refused_until = self._clock() + SLOT_REFUSAL_S
         return False
+
+    async def _lease_slot(self, key_id, state: _KeyState, concurrency: int) -> Optional[int]:
+        """Slots the ledger granted (added to those held), or None when it is gone."""
+        state.slots_pending += 1  # reported to the ledger as held while we wait
+        try:
+            granted, incarnation = await self._ledger.lease_slots(key_id, concurrency, 1,
+                                                                  self._replica)
+        except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+            return None
+        finally:
+            state.slots_pending -= 1
+        state.slots_held += granted
+        self._leave_fallback()
+        try:
+            await self._heard(incarnation)
+        except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+        return granted
 
     def _fallback_slot(self, state: _KeyState, concurrency: int) -> bool:
         """In flight counted by this replica alone, against its share (at least one)."""
@@ -291,19 +323,23 @@ class ReplicaQuota:
     def _drop_slot(self, state: _KeyState) -> int:
         """One slot fewer in use; how many to give back (all, when it was the last)."""
         state.slots_used -= 1
+        state.slot_refused_until = 0.0  # a slot of this key is free: ask again
         if state.slots_used == 0 and state.slots_held and not self.in_fallback:
             held, state.slots_held = state.slots_held, 0
+            state.slots_returning += held  # still reported until the ledger has them
             return held
         if self.in_fallback:
             state.slots_held = state.slots_used
         return 0
 
-    async def _give_back_slots(self, key_id: str, count: int) -> None:
-        if count:
-            try:
-                await self._ledger.give_back_slots(key_id, count, self._replica)
-            except LedgerUnavailable:
-                self._enter_fallback(self._clock())
+    async def _give_back_slots(self, key_id: str, state: _KeyState, count: int) -> None:
+        """``count`` slots, already counted in ``slots_returning``, back to the ledger."""
+        try:
+            await self._ledger.give_back_slots(key_id, count, self._replica)
+        except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+        finally:
+            state.slots_returning -= count
 
     # -- upkeep ----------------------------------------------------------------------------------
 
@@ -337,12 +373,13 @@ class ReplicaQuota:
                     if lease.left:
                         state.want = max(1, state.want // 2)
                         await self._ledger.give_back_requests(key_id, lease.left, lease.second)
-                if state.concurrency is not None and state.slots_held > state.concurrency:
+                if state.slots_used == 0:  # no request of the key here: hold nothing
+                    await self._give_back_idle(key_id, state, 0)
+                elif state.concurrency is not None and state.slots_held > state.concurrency:
                     await self._give_back_idle(key_id, state, state.concurrency)
             reply = await self._ledger.sync(self._replica, self._holdings())
-            if self._incarnation is not None and reply["incarnation"] != self._incarnation:
-                await self._ledger.restore(self._replica, self._granted(), self._holdings())
-            self._incarnation = reply["incarnation"]
+            self._leave_fallback()
+            await self._heard(reply["incarnation"])
             for key_id in reply["contended"]:
                 state = self._keys.get(key_id)
                 if state is not None:
@@ -350,27 +387,44 @@ class ReplicaQuota:
             self._replicas = max(1, int(reply["replicas"]))
         except LedgerUnavailable:
             self._enter_fallback(self._clock())
-            return
-        self._leave_fallback()
+
+    async def _heard(self, incarnation: str) -> None:
+        """Every answer names the ledger's incarnation. A new one (restarted, empty) gets
+        what this replica admitted in the window before anything else; back from fallback,
+        the ledger gets what was admitted alone; both with the slots held. Raises
+        LedgerUnavailable (nothing is then forgotten: it is sent again)."""
+        restarted = self._incarnation is not None and incarnation != self._incarnation
+        if restarted or self._rejoining:
+            which = "admitted" if restarted else "admitted_alone"
+            now = self._clock()
+            granted = {k: [(now - second, n) for second, n in getattr(s, which).items()]
+                       for k, s in self._keys.items() if getattr(s, which)}
+            known, self._incarnation = self._incarnation, incarnation  # one restore, not two
+            try:
+                await self._ledger.restore(self._replica, granted, self._holdings())
+            except LedgerUnavailable:
+                self._incarnation = known  # so the next answer restores again
+                raise
+            self._rejoining = False
+            for state in self._keys.values():
+                state.admitted_alone.clear()
+        self._incarnation = incarnation
 
     async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
         """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""
         extra = state.slots_held - max(state.slots_used, keep)
         if extra > 0:
             state.slots_held -= extra
-            await self._ledger.give_back_slots(key_id, extra, self._replica)
+            state.slots_returning += extra
+            await self._give_back_slots(key_id, state, extra)
 
     def _holdings(self) -> dict[str, int]:
-        """Slots held per key, counting those asked for and not yet answered: the ledger
-        takes a sync as the truth, and must not drop a grant that is on its way."""
-        return {k: s.slots_held + s.slots_pending for k, s in self._keys.items()
-                if s.slots_held or s.slots_pending}
-
-    def _granted(self) -> dict[str, list[tuple[float, int]]]:
-        """What this replica admitted per key in the last window, as (age, count)."""
-        now = self._clock()
-        return {k: [(now - second, n) for second, n in s.admitted.items()]
-                for k, s in self._keys.items() if s.admitted}
+        """Slots held per key, counting those asked for and not yet answered and those
+        given back and not yet received: the ledger takes a sync as the truth, and must
+        neither drop a grant on its way nor subtract a give-back twice."""
+        holdings = {k: s.slots_held + s.slots_pending + s.slots_returning
+                    for k, s in self._keys.items()}
+        return {k: n for k, n in holdings.items() if n}
 
     def _retry_due(self, now: float) -> bool:
         return self._fallback_until is not None and now >= self._fallback_until
@@ -388,6 +442,7 @@ class ReplicaQuota:
     def _leave_fallback(self) -> None:
         if self._fallback_until is not None:
             self._fallback_until = None
+            self._rejoining = True  # the next answer's _heard() restores what we admitted
             for state in self._keys.values():  # the ledger decides again, not our share
                 state.exhausted_until = 0.0
             logger.warning("rayllm-auth: the limits ledger answers again; cluster-wide limits")

@@ -90,6 +90,7 @@ async def test_rpm_admits_the_limit_then_answers_openais_429(key_file, clock):
 
 
 async def test_keys_without_limits_get_no_rate_limit_headers_and_build_no_quota(key_file, clock):
+    key_file.write_text(f"free:{KEYS['free']}\n")  # no key with limits: nothing to warm up
     built = []
     app = ApiKeyMiddleware(Engine(), clock=clock, quota=lambda: built.append(1))
     for key in (KEYS["free"], KEYS["env"]):
@@ -250,3 +251,11 @@ async def test_lowering_a_limit_in_the_key_file_applies_on_reload(key_file, cloc
     clock.now += 2.1  # the key's lease runs out
     reply = await call(app, headers=bearer(KEYS["slow"]))
     assert reply.status == 429 and reply.headers["x-ratelimit-limit-requests"] == "1"
+
+
+async def test_a_key_set_with_limits_reaches_the_ledger_before_the_first_request(key_file, clock):
+    ledger = Ledger(clock)
+    quota = ReplicaQuota(InProcessLedger(ledger), "r", clock)
+    ApiKeyMiddleware(Engine(), clock=clock, quota=lambda: quota)
+    await asyncio.sleep(0)  # the warm-up's first heartbeat
+    assert ledger.replicas() == 1 and quota._incarnation == ledger.incarnation

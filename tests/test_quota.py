@@ -407,3 +407,64 @@ def test_ray_ledger_waits_at_most_one_deadline_and_looks_up_once(monkeypatch):
     took, results = run(scenario())
     assert all(isinstance(r, LedgerUnavailable) for r in results)
     assert took < 0.28 and len(lookups) == 1
+
+
+# -- found by the second review, and by the end-to-end test ---------------------------------
+
+
+def test_a_give_back_sent_after_a_heartbeat_is_not_subtracted_twice():
+    _, remote, (a, b) = remote_cluster(2)
+
+    async def scenario():
+        assert (await a.admit("k", None, 2)).refused is None  # A streams on a
+        second = asyncio.create_task(a.admit("k", None, 2))  # B on a: its lease is sent
+        await asyncio.sleep(0.001)
+        a.release_soon("k")  # A ends: its slot's give-back is queued
+        await a.upkeep()  # a heartbeat sent before that give-back
+        assert (await second).refused is None
+        await asyncio.sleep(0.05)
+        in_flight_elsewhere = [await b.admit("k", None, 2) for _ in range(3)]
+        return sum(v.refused is None for v in in_flight_elsewhere)
+
+    assert run(scenario()) == 1  # B holds one of the two slots
+
+
+def test_a_restarted_ledger_hears_the_window_before_granting_much():
+    clock, remote, (a,) = cluster(1)
+    run(admit_many(a, "k", 90, rpm=100))
+    run(a.upkeep())  # a knows this ledger
+    remote.ledger = Ledger(clock)  # restarted, empty: a learns it from its next lease reply
+    clock.now += LEASE_S + 0.1
+    admitted, _ = run(admit_many(a, "k", 100, rpm=100))
+    assert admitted <= 10 + 2  # what was left, and at most the lease made before it heard
+
+
+def test_a_lease_granted_to_a_request_that_went_away_is_not_lost():
+    _, remote, (a,) = remote_cluster()
+
+    async def scenario():
+        gone = asyncio.create_task(a.admit("k", 2, None))
+        await asyncio.sleep(0.001)  # its lease call is under way
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await asyncio.sleep(0.02)  # the grant arrives
+        return [await a.admit("k", 2, None) for _ in range(3)]
+
+    verdicts = run(scenario())
+    assert [v.refused for v in verdicts] == [None, None, "rpm"]
+
+
+def test_requests_admitted_in_fallback_count_once_the_ledger_is_back():
+    clock, remote, (a, b) = cluster()
+    for quota in (a, b):
+        quota.assume_replicas(2)
+    remote.down = True
+    alone = sum(run(admit_many(q, "k", 30, rpm=40))[0] for q in (a, b))
+    assert alone == 40  # each its share, 20
+    remote.down = False
+    clock.now += RETRY_S
+    for quota in (a, b):  # their heartbeats reach the ledger again, with what they admitted
+        run(quota.upkeep())
+    after = sum(run(admit_many(q, "k", 30, rpm=40))[0] for q in (a, b))
+    assert after == 0  # the window is full
