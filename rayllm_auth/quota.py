@@ -41,6 +41,9 @@ logger = logging.getLogger("rayllm_auth")
 SYNC_S = 2.0
 #: How long a replica in fallback waits before asking the ledger again.
 RETRY_S = 5.0
+#: A key the ledger refused is refused here without asking for at most this long: permits
+#: that other replicas give back (leases that ran out unused) are seen after it.
+RPM_RECHECK_S = 1.0
 #: Largest lease, as a share of the limit: bounds what leases can hold idle.
 MAX_LEASE_SHARE = 0.02
 #: After the ledger refused a key a slot, this replica refuses it locally for this long (a
@@ -92,6 +95,7 @@ class _KeyState:
     leasing: Optional[asyncio.Task] = None  # this key's one lease request in flight
     waiting: int = 0  # requests waiting for that lease
     exhausted_until: float = 0.0  # local clock: rpm refused locally until then
+    reset_at: float = 0.0  # local clock: when the window frees a permit, as last heard
     remaining: int = 0  # in the window, as the ledger last said (minus what we spent since)
     reset_s: float = 0.0
     concurrency: Optional[int] = None  # the limit as last seen
@@ -225,8 +229,9 @@ class ReplicaQuota:
                 return
             now = self._clock()
             state.remaining, state.reset_s = grant.remaining, grant.reset_s
+            state.reset_at = now + grant.reset_s
             if grant.granted == 0:
-                state.exhausted_until = now + max(grant.reset_s, 0.05)
+                state.exhausted_until = now + min(max(grant.reset_s, 0.05), RPM_RECHECK_S)
             else:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S))
         finally:
@@ -243,7 +248,8 @@ class ReplicaQuota:
         return max(1, math.floor(rpm * MAX_LEASE_SHARE))
 
     def _refused_rpm(self, state: _KeyState, rpm: int) -> Verdict:
-        wait = max(state.exhausted_until - self._clock(), 0.0)
+        now = self._clock()
+        wait = max(state.exhausted_until - now, state.reset_at - now, 0.0)
         return Verdict("rpm", rpm, 0, wait, wait)
 
     def _fallback_permit(self, state: _KeyState, rpm: int, now: float) -> Optional[Verdict]:
@@ -256,6 +262,7 @@ class ReplicaQuota:
         state.remaining = max(0, share - used - 1)
         state.reset_s = (min(recent) + WINDOW_S - now) if recent else 0.0
         if used >= share:
+            state.reset_at = now + state.reset_s
             state.exhausted_until = now + max(state.reset_s, 0.05)
             return self._refused_rpm(state, rpm)
         return None

@@ -468,3 +468,18 @@ def test_requests_admitted_in_fallback_count_once_the_ledger_is_back():
         run(quota.upkeep())
     after = sum(run(admit_many(q, "k", 30, rpm=40))[0] for q in (a, b))
     assert after == 0  # the window is full
+
+
+def test_permits_given_back_elsewhere_reach_a_replica_that_was_refused():
+    # The second run of the end-to-end test admitted 108 of rpm=120 in the first minute: a
+    # refused replica waited for the window's reset, missing permits given back meanwhile.
+    clock, _, (a, b) = cluster()
+    # a's leases (1, 2, 4, 8, 16, then 20 each, the last 9) take the whole window; it uses
+    # 995 of them: 5 sit unused in its last lease.
+    run(admit_many(a, "k", 995, rpm=1000))
+    refused = run(b.admit("k", 1000, None))
+    assert refused.refused == "rpm" and refused.retry_after_s > 10  # the window's real reset
+    clock.now += LEASE_S + 0.1
+    run(a.upkeep())  # a gives its 5 unused permits back
+    admitted, _ = run(admit_many(b, "k", 10, rpm=1000))
+    assert admitted == 5
