@@ -33,13 +33,14 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 #: Every route of Ray's OpenAI ingress app (2.60), plus methods and paths it does not serve:
 #: without a key, each must be refused before routing.
 OPENAI_ROUTES = [
-    ("GET", "/v1/models"), ("GET", "/v1/models/stand-in-model"), ("POST", "/v1/completions"),
+    ("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"), ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"),
     ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/score"), ("POST", "/tokenize"),
     ("POST", "/detokenize"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"),
     ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/"), ("GET", "/health"),
     ("GET", "/metrics"), ("DELETE", "/v1/models"), ("PUT", "/v1/chat/completions"),
 ]
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
