@@ -64,7 +64,7 @@ def test_every_test_the_security_notes_cite_exists():
 
 @pytest.mark.parametrize("version", ["2.50.1", "2.52.1", "2.55.0", "2.56.1"])
 def test_escape_hatch_never_picks_a_row_for_a_ray_between_rows(version):
-    # An older row there was served open: 2.51-2.53's OpenAiIngress (or 2.56-2.59's
+    # An older row there was served open: 2.51-2.53's OpenAiIngress (or 2.56's
     # direct-streaming LLMServer) is not a client-facing class of the row below it, so
     # nothing guarded it and nothing failed.
     hatch = {"RAY_LLM_AUTH_ALLOW_UNTESTED_RAY": "1"}
