@@ -200,7 +200,8 @@ class ApiKeyMiddleware:
             return await self.app(scope, receive, send)
         if self._quota is None:
             self._quota = self._make_quota()
-        verdict = await self._quota.admit(grant.key_id, grant.rpm, grant.concurrency)
+        verdict = self._quota.admit_now(grant.key_id, grant.rpm, grant.concurrency) \
+            or await self._quota.admit(grant.key_id, grant.rpm, grant.concurrency)
         if verdict.refused is not None:
             refusal = Refusal.RPM_EXCEEDED if verdict.refused == "rpm" else \
                 Refusal.CONCURRENCY_EXCEEDED

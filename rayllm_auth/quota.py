@@ -28,7 +28,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol
 
 from rayllm_auth.ledger import LEASE_S, WINDOW_S, Ledger, RequestGrant
 
@@ -68,11 +68,11 @@ class LedgerCalls(Protocol):
     async def restore(self, replica: str, granted: dict, holdings: dict) -> str: ...
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """A limited key's request: admitted or not, and what its rate-limit headers say.
     ``limit``/``remaining``/``reset_s`` describe requests per minute (None without
-    ``rpm``); ``refused`` names the limit that refused ("rpm" or "concurrency")."""
+    ``rpm``); ``refused`` names the limit that refused ("rpm" or "concurrency"). A tuple:
+    one is made per limited request."""
 
     refused: Optional[str] = None
     limit: Optional[int] = None
@@ -136,11 +136,33 @@ class ReplicaQuota:
     def in_fallback(self) -> bool:
         return self._fallback_until is not None
 
+    def admit_now(self, key_id: str, rpm: Optional[int],
+                  concurrency: Optional[int]) -> Optional[Verdict]:
+        """:meth:`admit`, when a permit and a slot held here admit the request (a busy key,
+        nearly always): no await, no remote call. None when only :meth:`admit` can decide
+        (nothing held here, or the key is refused): call it then."""
+        state = self._keys.get(key_id)
+        if state is None or (concurrency is not None
+                             and state.slots_used >= min(state.slots_held, concurrency)):
+            return None
+        now = self._clock()
+        if rpm is not None and (now < state.exhausted_until
+                                or not self._spend_local_permit(state, rpm, now)):
+            return None
+        if concurrency is not None:
+            state.slots_used += 1
+        state.concurrency = concurrency
+        self._keep_up()
+        self._count_admitted(state, now)
+        return Verdict(None, rpm, self._remaining(state, now) if rpm else None, state.reset_s)
+
     async def admit(self, key_id: str, rpm: Optional[int], concurrency: Optional[int]) -> Verdict:
         """Admit one request of ``key_id`` (limits as its grant says now), or refuse it.
         An admitted request with ``concurrency`` must be released (:meth:`release`) when it ends
         (a request cancelled while this runs has nothing to release)."""
-        state = self._keys.setdefault(key_id, _KeyState())
+        state = self._keys.get(key_id)
+        if state is None:
+            state = self._keys[key_id] = _KeyState()
         state.concurrency = concurrency
         self._keep_up()
         now = self._clock()
@@ -149,18 +171,22 @@ class ReplicaQuota:
         if concurrency is not None and not await self._take_slot(key_id, state, concurrency):
             return Verdict("concurrency", rpm, self._remaining(state) if rpm else None,
                            state.reset_s, 1.0)
-        try:
-            refusal = await self._take_permit(key_id, state, rpm) if rpm is not None else None
-        except BaseException:  # cancelled while waiting for the ledger: the slot goes back
-            if concurrency is not None:
-                self.release_soon(key_id)
-            raise
-        if refusal is not None:
-            if concurrency is not None:
-                self.release_soon(key_id)
-            return refusal
-        self._count_admitted(state)
-        return Verdict(None, rpm, self._remaining(state) if rpm else None, state.reset_s)
+        # The common case without an await: a permit from a lease held here.
+        now = self._clock()  # again: taking a slot may have waited for the ledger
+        if rpm is not None and not self._spend_local_permit(state, rpm, now):
+            try:
+                refusal = await self._take_permit(key_id, state, rpm)
+            except BaseException:  # cancelled while waiting for the ledger: the slot goes back
+                if concurrency is not None:
+                    self.release_soon(key_id)
+                raise
+            if refusal is not None:
+                if concurrency is not None:
+                    self.release_soon(key_id)
+                return refusal
+            now = self._clock()
+        self._count_admitted(state, now)
+        return Verdict(None, rpm, self._remaining(state, now) if rpm else None, state.reset_s)
 
     async def release(self, key_id: str) -> None:
         """A request admitted with a concurrency limit has ended. When it was the key's last
@@ -191,12 +217,8 @@ class ReplicaQuota:
         time: requests arriving meanwhile wait for its answer, then spend from it."""
         while True:
             now = self._clock()
-            for lease in state.leases:
-                if lease.left > 0 and lease.expires > now:
-                    lease.left -= 1
-                    if lease.left == 0:  # spent before it ran out: ask for more next time
-                        state.want = min(state.want * 2, self._largest_lease(rpm))
-                    return None
+            if self._spend_local_permit(state, rpm, now):
+                return None
             if now < state.exhausted_until and not self._retry_due(now):
                 return self._refused_rpm(state, rpm)
             if state.leasing is None:
@@ -211,6 +233,16 @@ class ReplicaQuota:
                 await asyncio.shield(state.leasing)
             finally:
                 state.waiting -= 1
+
+    def _spend_local_permit(self, state: _KeyState, rpm: int, now: float) -> bool:
+        """Spend a permit of a lease held here that has not run out; False when there is none."""
+        for lease in state.leases:
+            if lease.left > 0 and lease.expires > now:
+                lease.left -= 1
+                if lease.left == 0:  # spent before it ran out: ask for more next time
+                    state.want = min(state.want * 2, self._largest_lease(rpm))
+                return True
+        return False
 
     async def _lease_permits(self, key_id, state: _KeyState, rpm: int) -> None:
         try:
@@ -237,11 +269,16 @@ class ReplicaQuota:
         finally:
             state.leasing = None
 
-    def _remaining(self, state: _KeyState) -> int:
+    def _remaining(self, state: _KeyState, now: Optional[float] = None) -> int:
         """Requests left in the window as far as this replica knows: what the ledger had
         left at our last lease, plus our unspent permits."""
-        now = self._clock()
-        return max(0, state.remaining) + sum(l.left for l in state.leases if l.expires > now)
+        if now is None:
+            now = self._clock()
+        left = max(0, state.remaining)
+        for lease in state.leases:
+            if lease.expires > now:
+                left += lease.left
+        return left
 
     @staticmethod
     def _largest_lease(rpm: int) -> int:
@@ -267,8 +304,8 @@ class ReplicaQuota:
             return self._refused_rpm(state, rpm)
         return None
 
-    def _count_admitted(self, state: _KeyState) -> None:
-        second = math.floor(self._clock())
+    def _count_admitted(self, state: _KeyState, now: float) -> None:
+        second = int(now)  # floor: the clock is never negative
         counts = (state.admitted, state.admitted_alone) if self.in_fallback else (state.admitted,)
         for admitted in counts:
             admitted[second] = admitted.get(second, 0) + 1

@@ -11,6 +11,7 @@ is accepted. No answer ever repeats what the client sent.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
@@ -133,21 +134,29 @@ def rate_limit_headers(verdict) -> list[tuple[bytes, bytes]]:
     the ``openai`` SDK and HTTP read it) and ``retry-after-ms``."""
     headers = []
     if verdict.limit is not None:
-        headers += [(b"x-ratelimit-limit-requests", str(verdict.limit).encode()),
+        headers += [(b"x-ratelimit-limit-requests", _number(verdict.limit)),
                     (b"x-ratelimit-remaining-requests", str(verdict.remaining).encode()),
-                    (b"x-ratelimit-reset-requests", _duration(verdict.reset_s).encode())]
+                    (b"x-ratelimit-reset-requests", _duration(verdict.reset_s))]
     if verdict.refused is not None:
         wait = max(verdict.retry_after_s, 0.001)
-        headers += [(b"retry-after", str(math.ceil(wait)).encode()),
-                    (b"retry-after-ms", str(math.ceil(wait * 1000)).encode())]
+        headers += [(b"retry-after", _number(math.ceil(wait))),
+                    (b"retry-after-ms", _number(math.ceil(wait * 1000)))]
     return headers
 
 
-def _duration(seconds: float) -> str:
+# Cached: a limited key's every response carries these, and between two leases the limit
+# and the reset time do not change (what remains does: not cached).
+@functools.lru_cache(maxsize=1024)
+def _number(number: int) -> bytes:
+    return str(number).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _duration(seconds: float) -> bytes:
     """OpenAI's (Go's) way of writing a duration: ``120ms``, ``1.5s``, ``6m0s``."""
     if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
+        return f"{math.ceil(seconds * 1000)}ms".encode()
     if seconds < 60:
-        return f"{round(seconds, 3):g}s"
+        return f"{round(seconds, 3):g}s".encode()
     minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{round(rest, 3):g}s"
+    return f"{int(minutes)}m{round(rest, 3):g}s".encode()

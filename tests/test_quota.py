@@ -483,3 +483,44 @@ def test_permits_given_back_elsewhere_reach_a_replica_that_was_refused():
     run(a.upkeep())  # a gives its 5 unused permits back
     admitted, _ = run(admit_many(b, "k", 10, rpm=1000))
     assert admitted == 5
+
+
+async def admit_like_the_middleware(quota, key, rpm, concurrency):
+    return quota.admit_now(key, rpm, concurrency) or await quota.admit(key, rpm, concurrency)
+
+
+def test_admit_now_decides_only_from_what_is_held_here_and_never_calls_the_ledger():
+    clock, remote, (a,) = cluster(1)
+    assert a.admit_now("team", 100, 2) is None  # nothing held yet: only admit() can decide
+    assert remote.calls == 0
+    assert run(a.admit("team", 100, 2)).refused is None  # leases a permit and a slot
+    calls = remote.calls
+    verdicts = [a.admit_now("team", 100, 2) for _ in range(3)]
+    assert remote.calls == calls
+    # The lease held one permit and one slot, both spent: nothing more decided here.
+    assert verdicts == [None, None, None]
+
+
+@pytest.mark.parametrize("rpm, concurrency", [(120, None), (None, 3), (600, 3)])
+def test_admission_as_the_middleware_does_it_holds_the_limits_across_replicas(rpm, concurrency):
+    async def load():
+        clock, _, replicas = cluster(2)
+        ends, admitted, most_in_flight = [], 0, 0  # (step it ends at, replica)
+        for step in range(3000):  # 50 requests/s for 60 s, each lasting 0.2 s
+            for end in [e for e in ends if e[0] == step]:
+                ends.remove(end)
+                await end[1].release("team")
+            quota = replicas[step % 2]
+            verdict = await admit_like_the_middleware(quota, "team", rpm, concurrency)
+            if verdict.refused is None:
+                admitted += 1
+                ends.append((step + 10, quota))
+                most_in_flight = max(most_in_flight, len(ends))
+            clock.now += 0.02
+        return admitted, most_in_flight
+
+    admitted, most_in_flight = run(load())
+    if rpm is not None:  # reached exactly when it alone binds
+        assert admitted == rpm if concurrency is None else admitted <= rpm
+    if concurrency is not None:
+        assert most_in_flight == concurrency
