@@ -5,9 +5,11 @@ Replicas never ask the ledger per request. They take **leases**: a number of req
 (see :mod:`rayllm_auth.quota`). The ledger only hands out what a limit still allows:
 
 Requests per minute
-    A permit is counted in the second it is granted, in a sliding window of
-    ``WINDOW_S`` one-second buckets per key: the permits granted in any window never exceed
-    the key's ``rpm``. A replica uses a permit within ``LEASE_S`` of its grant or gives it
+    A permit is counted in the second it is granted, in one-second buckets per key, and a
+    bucket is counted until ``WINDOW_S`` after its *last* instant (``COUNTED_S``, 61 s
+    after its first): a permit granted at 12.99 still counts at 72.98, so the permits
+    granted in any 60 s window never exceed the key's ``rpm`` (a request may wait up to 1 s
+    longer than an exact window would make it). A replica uses a permit within ``LEASE_S`` of its grant or gives it
     back (:meth:`Ledger.give_back_requests`), so requests *admitted* in any 60 s window
     exceed ``rpm`` by at most the permits granted in the ``LEASE_S`` before it and used
     inside it: at most the replicas' outstanding leases.
@@ -31,10 +33,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-__all__ = ["Ledger", "RequestGrant", "WINDOW_S", "LEASE_S", "HOLDING_TTL_S"]
+__all__ = ["Ledger", "RequestGrant", "WINDOW_S", "COUNTED_S", "LEASE_S", "HOLDING_TTL_S"]
 
 #: The rpm window, in seconds; one bucket per second.
 WINDOW_S = 60
+#: How long a one-second bucket is counted, from its first instant: to WINDOW_S after its
+#: last one (counting it only WINDOW_S would let a burst at S+0.99 and another at S+60.0,
+#: 59.01 s apart, both in full).
+COUNTED_S = WINDOW_S + 1
 #: A request permit not used this long after its grant is given back.
 LEASE_S = 2.0
 #: A replica that has not synced for this long loses its concurrency slots.
@@ -56,7 +62,7 @@ class RequestGrant:
 
 @dataclass
 class _Window:
-    """Permits granted per second, for the last WINDOW_S seconds."""
+    """Permits granted per second, for the last COUNTED_S seconds."""
 
     counts: dict[int, int] = field(default_factory=dict)  # second -> permits granted
 
@@ -67,10 +73,10 @@ class _Window:
     def reset_s(self, now: float) -> float:
         if not self.counts:
             return 0.0
-        return max(0.0, min(self.counts) + WINDOW_S - now)
+        return max(0.0, min(self.counts) + COUNTED_S - now)
 
     def _forget(self, now_s: int) -> None:
-        for second in [s for s in self.counts if s <= now_s - WINDOW_S]:
+        for second in [s for s in self.counts if s <= now_s - COUNTED_S]:
             del self.counts[second]
 
 
@@ -169,7 +175,7 @@ class Ledger:
         for key_id, grants in granted.items():
             window = self._windows.setdefault(key_id, _Window())
             for age, count in grants:
-                if 0 <= age < WINDOW_S and count > 0:
+                if 0 <= age < COUNTED_S and count > 0:
                     second = math.floor(now - age)
                     window.counts[second] = window.counts.get(second, 0) + count
         self.sync(replica, holdings)

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Protocol
 
-from rayllm_auth.ledger import LEASE_S, WINDOW_S, Ledger, RequestGrant
+from rayllm_auth.ledger import COUNTED_S, LEASE_S, Ledger, RequestGrant
 
 __all__ = ["ReplicaQuota", "Verdict", "LedgerUnavailable", "InProcessLedger", "SYNC_S",
            "RETRY_S"]
@@ -154,7 +154,8 @@ class ReplicaQuota:
         state.concurrency = concurrency
         self._keep_up()
         self._count_admitted(state, now)
-        return Verdict(None, rpm, self._remaining(state, now) if rpm else None, state.reset_s)
+        return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
+                       state.reset_s)
 
     async def admit(self, key_id: str, rpm: Optional[int], concurrency: Optional[int]) -> Verdict:
         """Admit one request of ``key_id`` (limits as its grant says now), or refuse it.
@@ -169,8 +170,8 @@ class ReplicaQuota:
         if rpm is not None and now < state.exhausted_until and not self._retry_due(now):
             return self._refused_rpm(state, rpm)  # before taking a slot: no remote call
         if concurrency is not None and not await self._take_slot(key_id, state, concurrency):
-            return Verdict("concurrency", rpm, self._remaining(state) if rpm else None,
-                           state.reset_s, 1.0)
+            remaining = self._remaining(state, None, rpm) if rpm else None
+            return Verdict("concurrency", rpm, remaining, state.reset_s, 1.0)
         # The common case without an await: a permit from a lease held here.
         now = self._clock()  # again: taking a slot may have waited for the ledger
         if rpm is not None and not self._spend_local_permit(state, rpm, now):
@@ -186,7 +187,8 @@ class ReplicaQuota:
                 return refusal
             now = self._clock()
         self._count_admitted(state, now)
-        return Verdict(None, rpm, self._remaining(state, now) if rpm else None, state.reset_s)
+        return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
+                       state.reset_s)
 
     async def release(self, key_id: str) -> None:
         """A request admitted with a concurrency limit has ended. When it was the key's last
@@ -248,9 +250,10 @@ class ReplicaQuota:
         try:
             # Spent leases go; one that ran out unused stays until upkeep gives it back.
             state.leases = [lease for lease in state.leases if lease.left > 0]
-            # Enough for every request waiting now (spent at once: no idle slack), else the
-            # adaptive size, at most MAX_LEASE_SHARE of the limit.
-            want = min(max(min(state.want, self._largest_lease(rpm)), state.waiting), rpm)
+            # Enough for the requests waiting now or the adaptive size, but never more than
+            # MAX_LEASE_SHARE of the limit: waiters can go away, and what they leave behind
+            # must stay within the bound the README states (a burst takes several leases).
+            want = min(max(state.want, state.waiting), self._largest_lease(rpm))
             try:
                 grant = await self._ledger.lease_requests(key_id, rpm, max(want, 1),
                                                           self._replica)
@@ -269,16 +272,17 @@ class ReplicaQuota:
         finally:
             state.leasing = None
 
-    def _remaining(self, state: _KeyState, now: Optional[float] = None) -> int:
+    def _remaining(self, state: _KeyState, now: Optional[float], rpm: int) -> int:
         """Requests left in the window as far as this replica knows: what the ledger had
-        left at our last lease, plus our unspent permits."""
+        left at our last lease, plus our unspent permits; never above ``rpm`` (permits
+        leased under a limit lowered since are still spent, the header says the new one)."""
         if now is None:
             now = self._clock()
         left = max(0, state.remaining)
         for lease in state.leases:
             if lease.expires > now:
                 left += lease.left
-        return left
+        return min(left, rpm)
 
     @staticmethod
     def _largest_lease(rpm: int) -> int:
@@ -294,10 +298,10 @@ class ReplicaQuota:
         one request: a share is rounded up)."""
         share = max(1, math.ceil(rpm / self._replicas))
         second = math.floor(now)
-        recent = {s: n for s, n in state.admitted.items() if s > second - WINDOW_S}
+        recent = {s: n for s, n in state.admitted.items() if s > second - COUNTED_S}
         used = sum(recent.values())
         state.remaining = max(0, share - used - 1)
-        state.reset_s = (min(recent) + WINDOW_S - now) if recent else 0.0
+        state.reset_s = (min(recent) + COUNTED_S - now) if recent else 0.0
         if used >= share:
             state.reset_at = now + state.reset_s
             state.exhausted_until = now + max(state.reset_s, 0.05)
@@ -309,8 +313,8 @@ class ReplicaQuota:
         counts = (state.admitted, state.admitted_alone) if self.in_fallback else (state.admitted,)
         for admitted in counts:
             admitted[second] = admitted.get(second, 0) + 1
-            if len(admitted) > WINDOW_S + 1:
-                for old in [s for s in admitted if s <= second - WINDOW_S]:
+            if len(admitted) > COUNTED_S:
+                for old in [s for s in admitted if s <= second - COUNTED_S]:
                     del admitted[old]
 
     # -- concurrency ---------------------------------------------------------------------------
@@ -412,8 +416,11 @@ class ReplicaQuota:
             return
         try:
             for key_id, state in list(self._keys.items()):
-                for lease in [l for l in state.leases if l.expires <= now]:
-                    state.leases.remove(lease)  # first: a permit is given back at most once
+                expired = [l for l in state.leases if l.expires <= now]
+                if expired:  # out in one step, before any await: given back at most once,
+                    # and a lease task replacing the list meanwhile cannot undo it
+                    state.leases = [l for l in state.leases if l.expires > now]
+                for lease in expired:
                     if lease.left:
                         state.want = max(1, state.want // 2)
                         await self._ledger.give_back_requests(key_id, lease.left, lease.second)

@@ -153,10 +153,11 @@ def _number(number: int) -> bytes:
 
 @functools.lru_cache(maxsize=1024)
 def _duration(seconds: float) -> bytes:
-    """OpenAI's (Go's) way of writing a duration: ``120ms``, ``1.5s``, ``6m0s``."""
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms".encode()
-    if seconds < 60:
-        return f"{round(seconds, 3):g}s".encode()
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{round(rest, 3):g}s".encode()
+    """OpenAI's (Go's) way of writing a duration, rounded up to the millisecond: ``120ms``,
+    ``1.5s``, ``6m0s``."""
+    millis = math.ceil(seconds * 1000)
+    if millis < 1000:
+        return f"{millis}ms".encode()
+    minutes, millis = divmod(millis, 60_000)
+    text = f"{millis / 1000:g}s"
+    return f"{minutes}m{text}".encode() if minutes else text.encode()

@@ -6,8 +6,14 @@ import asyncio
 
 import pytest
 
-from rayllm_auth.ledger import HOLDING_TTL_S, LEASE_S, WINDOW_S, Ledger
-from rayllm_auth.quota import RETRY_S, SLOT_REFUSAL_S, LedgerUnavailable, ReplicaQuota
+from rayllm_auth.ledger import COUNTED_S, HOLDING_TTL_S, LEASE_S, WINDOW_S, Ledger
+from rayllm_auth.quota import (
+    MAX_LEASE_SHARE,
+    RETRY_S,
+    SLOT_REFUSAL_S,
+    LedgerUnavailable,
+    ReplicaQuota,
+)
 
 
 class Clock:
@@ -70,7 +76,7 @@ def test_refused_request_says_which_limit_and_when_to_retry():
     run(admit_many(a, "team", 3, rpm=3))
     verdict = run(a.admit("team", 3, None))
     assert verdict.refused == "rpm" and verdict.limit == 3 and verdict.remaining == 0
-    assert 0 < verdict.retry_after_s <= WINDOW_S
+    assert 0 < verdict.retry_after_s <= COUNTED_S
 
 
 def test_a_refused_key_is_refused_locally_until_the_window_frees_a_permit():
@@ -524,3 +530,99 @@ def test_admission_as_the_middleware_does_it_holds_the_limits_across_replicas(rp
         assert admitted == rpm if concurrency is None else admitted <= rpm
     if concurrency is not None:
         assert most_in_flight == concurrency
+
+
+def test_a_burst_just_before_a_second_ends_still_counts_sixty_seconds_later():
+    # Found by review: with buckets forgotten 60 s after their first instant, 10 permits at
+    # 5000.99 and 10 more at 5060.00 (59.01 s apart) were both granted for rpm=10.
+    clock = Clock(5000.99)
+    ledger = Ledger(clock)
+    assert ledger.lease_requests("team", 10, 10, "r0").granted == 10
+    clock.now = 5060.0
+    refused = ledger.lease_requests("team", 10, 10, "r0")
+    assert refused.granted == 0 and 0 < refused.reset_s <= 1.0
+    clock.now = 5000.99 + WINDOW_S + 0.01  # a full 60 s after the last grant
+    assert ledger.lease_requests("team", 10, 10, "r0").granted == 10
+
+
+def test_fallback_counts_a_burst_for_a_full_window_too():
+    clock, remote, (a,) = cluster(1, now=5000.99)
+    remote.down = True
+    admitted, _ = run(admit_many(a, "team", 12, rpm=10))
+    clock.now = 5060.0
+    more, _ = run(admit_many(a, "team", 12, rpm=10))
+    assert (admitted, more) == (10, 0)
+
+
+class SlowLedger(LocalLedger):
+    """A ledger whose every call yields to the event loop first, as an actor call does."""
+
+    def __getattr__(self, name):
+        method = super().__getattr__(name)
+
+        async def call(*args):
+            for _ in range(3):
+                await asyncio.sleep(0)
+            return await method(*args)
+
+        return call
+
+
+def test_a_lease_for_a_burst_that_went_away_holds_no_more_than_the_largest_lease():
+    # Found by review: a lease was sized for every waiter (up to the whole rpm); when they
+    # all went away its permits stayed spendable, on top of the window's rpm.
+    async def burst():
+        clock = Clock(1000.99)
+        quota = ReplicaQuota(SlowLedger(Ledger(clock)), "r0", clock, heartbeat=False)
+        waiters = [asyncio.create_task(quota.admit("team", 100, None)) for _ in range(100)]
+        await asyncio.sleep(0)
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        for _ in range(10):
+            await asyncio.sleep(0)  # the lease lands, nobody left to spend it
+        return sum(lease.left for lease in quota._keys["team"].leases)
+
+    assert run(burst()) <= max(1, int(100 * MAX_LEASE_SHARE))
+
+
+def test_a_burst_larger_than_a_lease_is_still_admitted_up_to_the_limit():
+    async def burst():
+        clock = Clock()
+        quota = ReplicaQuota(SlowLedger(Ledger(clock)), "r0", clock, heartbeat=False)
+        verdicts = await asyncio.gather(*(quota.admit("team", 100, None) for _ in range(150)))
+        return sum(v.refused is None for v in verdicts)
+
+    assert run(burst()) == 100
+
+
+def test_upkeep_survives_a_lease_replacing_the_list_while_it_gives_permits_back():
+    # Found by review: upkeep removed expired leases one by one around its awaits; a lease
+    # request meanwhile rebuilt the list and upkeep raised ValueError, skipping the heartbeat.
+    async def scenario():
+        clock = Clock()
+        remote = SlowLedger(Ledger(clock))
+        quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+        for _ in range(2):
+            await quota.admit("team", 1000, None)  # a lease of 1, then one of 2 (1 unused)
+        clock.now += LEASE_S + 0.5
+        for _ in range(2):
+            await quota.admit("team", 1000, None)  # a third lease, spent
+        clock.now += LEASE_S + 0.5  # both run out: one with a permit left, one spent
+        upkeep = asyncio.create_task(quota.upkeep())
+        await asyncio.sleep(0)
+        request = asyncio.create_task(quota.admit("team", 1000, None))
+        await upkeep  # raised ValueError before the fix
+        await request
+        return quota._keys["team"].leases
+
+    leases = run(scenario())
+    assert all(lease.expires > 1000.0 + 2 * (LEASE_S + 0.5) for lease in leases)
+
+
+def test_remaining_never_says_more_than_the_limit_after_it_was_lowered():
+    clock, _, (a,) = cluster(1)
+    for _ in range(40):
+        run(a.admit("team", 600, None))  # leases grow to 12 permits
+    verdict = run(a.admit("team", 3, None))  # the key file now says rpm=3
+    assert verdict.limit == 3 and verdict.remaining <= 3
