@@ -16,9 +16,10 @@ fresh scope per request. Variants:
   a ``git worktree`` of the previous commit), measured in the same rounds.
 
 Cases: a valid, an invalid and a missing key, with 1, 16, 1,000 and 10,000 configured keys;
-a valid key on a 256-chunk SSE response, to get the cost per streamed chunk; and a key
-limited to one model (``models=`` in the key file) on a 1 KB chat request, whose body the
-middleware reads to find the model, against an unlimited key on the same request.
+a valid key on a 256-chunk SSE response, to get the cost per streamed chunk; and keys with
+limits on a 1 KB chat request against an unlimited key on the same request: limited to one
+model (``models=``: the middleware reads the body to find the model), and with ``rpm=``
+and ``concurrency=`` (configured, not reached: admission from local leases).
 
 Method: rounds of ``--batch`` requests per variant, variants in a new random order every
 round (interleaved, so drift on a shared machine hits all alike). For each round the
@@ -204,15 +205,36 @@ async def run(rounds: int, batch: int, key_counts, quick: bool) -> dict:
     return results
 
 
+#: Keys of one key file, by what the limited-key rows call them. The rate limits are far
+#: above what the benchmark sends (limits configured, not reached): the rows measure the
+#: admission from local leases, with the ledger in this process (how often a replica calls
+#: its ledger is measured by limits_bench.py).
+LIMITED_KEYS = {
+    "unlimited key": "",
+    "key limited to its model": "models=llama",
+    "key with rpm=": "rpm=1000000000",
+    "key with concurrency=": "concurrency=1000",
+    "key with rpm= and concurrency=": "rpm=1000000000 concurrency=1000",
+}
+
+
 async def limited_key_cost(rounds: int, batch: int) -> list[dict]:
-    """A key limited to one model against an unlimited key, same key file, same 1 KB chat
-    request: what reading the body for its model adds."""
-    unlimited, limited = ("sk-" + secrets.token_urlsafe(32) for _ in range(2))
-    app = middleware_from_file(bare_app, [f"all:{unlimited}", f"one:{limited} models=llama"])
+    """Limited keys against an unlimited key, same key file, same 1 KB chat request: what
+    reading the body for its model adds, and what admission under rate limits adds."""
+    keys = {name: "sk-" + secrets.token_urlsafe(32) for name in LIMITED_KEYS}
+    app = middleware_from_file(bare_app, [
+        f"k{i}:{keys[name]} {options}".strip() for i, (name, options) in
+        enumerate(LIMITED_KEYS.items())])
     body = json.dumps({"model": "llama", "max_tokens": 64, "stream": True, "messages": [
         {"role": "user", "content": "x" * 900}]}).encode()
+    # One request of each concurrency-limited key stays in flight, as under load: the measured
+    # requests then take and free slots held here (a key whose requests never overlap returns
+    # its slots after each one: two ledger calls, counted by limits_bench.py).
+    for i, (name, options) in enumerate(LIMITED_KEYS.items()):
+        if "concurrency=" in options:
+            await app._quota.admit(f"k{i}", None, 1000)
     rows = []
-    for name, key in (("unlimited key", unlimited), ("key limited to its model", limited)):
+    for name, key in keys.items():
         added = await measure({"none": bare_app, name: app}, scope_for("valid", [key]),
                               rounds, batch, body)
         rows.append({"variant": name, "body_bytes": len(body), **summary(added[name])})

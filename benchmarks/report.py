@@ -92,6 +92,16 @@ def in_app_table(in_app: dict) -> list[str]:
     return lines
 
 
+def limits_table(limits: dict) -> list[str]:
+    lines = ["| limits | request lasts | ledger calls on the request path | with upkeep | "
+             "refused |", "|---|---|---|---|---|"]
+    for r in limits["rows"]:
+        lines.append(f"| {r['limit']} | {r['duration_s'] * 1000:g} ms | "
+                     f"{r['calls_per_request_pct']:.2f} % | {r['all_calls_per_request_pct']:.2f} % | "
+                     f"{r['refused']} of {r['requests']:,} |")
+    return lines
+
+
 def startup_table(st: dict) -> list[str]:
     lines = ["| variant | python -c pass, median ms (p25-p75) | added vs baseline | "
              "rayllm_auth imports (-X importtime) |", "|---|---|---|---|"]
@@ -154,6 +164,7 @@ def charts(e2e, mw) -> None:
 
 def main() -> int:
     e2e, mw, st, in_app = load("e2e"), load("middleware"), load("startup"), load("in_app")
+    limits = load("limits")
     charts(e2e, mw)
     out = [""]
     if e2e:
@@ -166,6 +177,10 @@ def main() -> int:
     if in_app:
         out += ["### In Ray's ingress app: microseconds added per request over the stock app",
                 "", machine_line(in_app), "", *in_app_table(in_app), ""]
+    if limits:
+        out += [f"### Limited keys: ledger calls per request ({limits['rate']:g} requests/s on "
+                f"one replica, {limits['minutes']:g} simulated minutes, limits twice the load)",
+                "", machine_line(limits), "", *limits_table(limits), ""]
     if st:
         out += ["### Interpreter start-up", "", machine_line(st), "", *startup_table(st), ""]
     rewrite_marked_section(README, "results", "\n".join(out) + "\n")

@@ -223,7 +223,18 @@ def _report_key_sources(report: _Report) -> bool:
             report.problem("key sources", str(exc))
         else:
             _report_expiry(report, keys.grants)
+            _report_limits(report, keys.grants)
     return bool(sources)
+
+
+def _report_limits(report: _Report, grants: list) -> None:
+    described = sorted({
+        f"{g.key_id} ({' '.join(f'{name}={value}' for name, value in limits if value)})"
+        for g in grants if g.rate_limited
+        for limits in [(("rpm", g.rpm), ("concurrency", g.concurrency))]})
+    if described:
+        report.line("limits", f"{len(described)} key id(s), each across the app's replicas: "
+                              f"{', '.join(described[:10])}{' ...' if len(described) > 10 else ''}")
 
 
 def _report_expiry(report: _Report, grants: list, now: Optional[float] = None) -> None:

@@ -3,13 +3,17 @@
 Format (UTF-8 text, one key per line; a line ends at ``\\n`` or ``\\r\\n`` and nowhere else)::
 
     # rayllm-auth key file. '#' starts a comment (at the start of a line or after a space).
-    # ENTRY [models=MODEL[,MODEL...]] [expires=TIME]
+    # ENTRY [models=MODEL[,MODEL...]] [expires=TIME] [rpm=N] [concurrency=N]
     #   ENTRY: ID:KEY (KEY at least 20 characters), sha256:HEX or ID:sha256:HEX.
     #   models= limits the key to these model ids (a LoRA id base:adapter follows its base);
     #   without it the key may use every model.
     #   expires= an ISO 8601 time with its zone, e.g. 2027-01-31T00:00:00Z: from then on
     #   the key is refused (no reload needed).
+    #   rpm= requests per minute, concurrency= requests in flight, for the whole application
+    #   (all keys with the same ID share them).
     team-a:sha256:3b1f...e9   models=llama-3-8b,qwen-2-7b   expires=2027-01-31T00:00:00Z
+    batch:sha256:9c04...5d    rpm=600 concurrency=8
+    *                         rpm=60                        # every key without limits
     ci-bot:sha256:77aa...01                                 # every model, no expiry
     legacy:sk-plaintext-key-from-before-we-hashed
 
@@ -48,6 +52,8 @@ __all__ = ["KeyFile", "Signature", "read_key_file", "parse_key_file", "file_sign
 #: A key file larger than this is refused: it is a mistake (a wrong path), not a key list.
 MAX_KEY_FILE_BYTES = 16 * 1024 * 1024
 _FIELD_SEPARATOR = re.compile(r"[ \t]+")
+#: The first field of the line that sets default limits.
+DEFAULTS_ENTRY = "*"
 
 
 class Signature(NamedTuple):
@@ -66,6 +72,8 @@ class KeyFile:
     path: str
     signature: Signature  #: what :func:`file_signature` said when this content was read
     entries: list[Entry]
+    #: The ``*`` line's limits, for every key (from any source) without limits of its own.
+    defaults: Optional[Grant] = None
 
 
 def file_signature(path: str) -> Signature:
@@ -98,12 +106,18 @@ def read_key_file(path: str) -> KeyFile:
         text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is not a key
     except UnicodeDecodeError:
         raise ConfigError(f"{where} is not UTF-8 text") from None
-    return KeyFile(path, after, parse_key_file(text, where))
+    return KeyFile(path, after, *_parse(text, where))
 
 
 def parse_key_file(text: str, where: str) -> list[Entry]:
     """The entries of a key file's text. Raises ConfigError."""
+    return _parse(text, where)[0]
+
+
+def _parse(text: str, where: str) -> tuple[list[Entry], Optional[Grant]]:
+    """The entries of a key file's text, and its ``*`` line's limits. Raises ConfigError."""
     entries = []
+    defaults = None
     plain_ids = []  # (where, id) of each plain ID:KEY entry
     for number, line in enumerate(text.split("\n"), start=1):
         line_where = f"line {number} of {where}"
@@ -123,6 +137,11 @@ def parse_key_file(text: str, where: str) -> list[Entry]:
                     f"{line_where} has an option inside its comment, where it would be "
                     f"ignored; move it before the '#'"
                 )
+            if fields[0] == DEFAULTS_ENTRY:
+                if defaults is not None:
+                    raise ConfigError(f"{line_where} is a second '{DEFAULTS_ENTRY}' line")
+                defaults = _parse_defaults(fields[1:], line_where)
+                continue
             entries.append(_parse_line(fields, line_where))
             key_id, colon, rest = fields[0].partition(":")
             if colon and key_id != _HASHED_PREFIX and not rest.startswith(_HASHED_PREFIX + ":"):
@@ -130,7 +149,16 @@ def parse_key_file(text: str, where: str) -> list[Entry]:
     if not entries:
         raise ConfigError(f"{where} holds no key: write one entry per line (see the README)")
     _refuse_model_ids_read_as_keys(entries, plain_ids)
-    return entries
+    return entries, defaults
+
+
+def _parse_defaults(options: list[str], where: str) -> Grant:
+    """``* rpm=N concurrency=N``: limits for every key without limits of its own."""
+    limits = _parse_options(options, where)
+    if limits.models is not None or limits.expires is not None or not limits.rate_limited:
+        raise ConfigError(f"{where}: a '{DEFAULTS_ENTRY}' line sets default limits: rpm= "
+                          f"and/or concurrency=, nothing else")
+    return limits
 
 
 def _refuse_model_ids_read_as_keys(entries: list[Entry], plain_ids) -> None:
@@ -155,6 +183,10 @@ def _parse_line(fields: list[str], where: str) -> Entry:
             f"{where} starts with an option, not a key: options follow their key on the "
             f"same line"
         )
+    return parse_entry(entry, where, _parse_options(options, where), in_file=True)
+
+
+def _parse_options(options: list[str], where: str) -> Grant:
     values: dict[str, str] = {}
     for option in options:
         name, equals, value = option.partition("=")
@@ -164,9 +196,8 @@ def _parse_line(fields: list[str], where: str) -> Entry:
                 f"{', '.join(o + '=' for o in _OPTIONS)} may follow, each at most once"
             )
         values[name] = value
-    limits = Grant("", *(parse(values[name], where) if name in values else None
-                         for name, parse in _OPTIONS.items()))
-    return parse_entry(entry, where, limits, in_file=True)
+    return Grant("", *(parse(values[name], where) if name in values else None
+                       for name, parse in _OPTIONS.items()))
 
 
 def _parse_models(value: str, where: str) -> frozenset[str]:
@@ -193,8 +224,24 @@ def parse_expiry(value: str, where: str) -> float:
     return moment.timestamp()
 
 
+#: Largest rpm= or concurrency= accepted: more is a typo, not a limit.
+MAX_LIMIT = 10**9
+
+
+def _parse_limit(name: str):
+    def parse(value: str, where: str) -> int:
+        # Length first: int() of thousands of digits raises ValueError, not ConfigError.
+        if not (value.isascii() and value.isdigit() and len(value) <= len(str(MAX_LIMIT))) \
+                or not 0 < int(value) <= MAX_LIMIT:
+            raise ConfigError(f"{where} has an unreadable {name}=: write a whole number from 1 "
+                              f"to {MAX_LIMIT} (omit {name}= for no limit)")
+        return int(value)
+    return parse
+
+
 # Option name -> parser, in the order of Grant's fields after key_id.
-_OPTIONS = {"models": _parse_models, "expires": parse_expiry}
+_OPTIONS = {"models": _parse_models, "expires": parse_expiry, "rpm": _parse_limit("rpm"),
+            "concurrency": _parse_limit("concurrency")}
 # An option name followed by '=' or ':' anywhere in a comment ('# models = a', '(models=a)'):
 # the writer meant a limit, which a comment would silently drop.
 _OPTION_IN_COMMENT = re.compile(rf"\b(?:{'|'.join(_OPTIONS)})\s*[=:]", re.IGNORECASE)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Optional
 
 from rayllm_auth._bootstrap import KEY_SOURCES
@@ -113,12 +113,26 @@ class Grant:
     ``models`` is None for a key that may use every model, else the model ids it may use
     (a LoRA id ``base:adapter`` is allowed when its base is, see :meth:`allows`).
     ``expires`` is None for a key that never expires, else the Unix time from which it is
-    refused.
+    refused. ``rpm`` (requests per minute) and ``concurrency`` (requests in flight) are
+    None for no limit, else enforced across the whole application
+    (:mod:`rayllm_auth.quota`). ``plain`` is True for a key with none of these: the
+    middleware's short path.
     """
 
     key_id: str
     models: Optional[frozenset[str]] = None
     expires: Optional[float] = None
+    rpm: Optional[int] = None
+    concurrency: Optional[int] = None
+    plain: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "plain", self.models is None and self.expires is None
+                           and self.rpm is None and self.concurrency is None)
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.rpm is not None or self.concurrency is not None
 
     def allows(self, model: str) -> bool:
         if self.models is None or model in self.models:
@@ -154,6 +168,7 @@ class KeySet:
                     f"models or expiry; configure it once"
                 )
             grants[entry.digest] = entry.grant
+        _refuse_ids_with_different_limits(grants.values())
         self._grants = grants
         self.sources = sources
 
@@ -181,6 +196,19 @@ class KeySet:
     def __reduce__(self):
         # Key digests travel nowhere: a replica reads its own keys from its own environment.
         raise TypeError("rayllm_auth.KeySet must not be pickled")
+
+
+def _refuse_ids_with_different_limits(grants: Iterable[Grant]) -> None:
+    # Limits are kept per key id across the application (keys sharing an id, e.g. an old
+    # and a new key during a rotation, share one budget): one id, one set of limits.
+    limits: dict[str, tuple] = {}
+    for grant in grants:
+        these = (grant.rpm, grant.concurrency)
+        if limits.setdefault(grant.key_id, these) != these:
+            raise ConfigError(
+                f"keys with the id {grant.key_id!r} have different rpm= or concurrency=: keys "
+                f"sharing an id share its limits, so give them the same ones"
+            )
 
 
 def environment_entries(environ: Mapping[str, str]) -> list[Entry]:
@@ -219,7 +247,7 @@ def _parse_key_list(value: str, variable: str) -> list[Entry]:
 
 def parse_entry(text: str, where: str, limits: Grant = Grant(""), *,
                 in_file: bool = False) -> Entry:
-    """One ``[ID:]KEY`` or ``[ID:]sha256:HEX`` entry, with the models and expiry of
+    """One ``[ID:]KEY`` or ``[ID:]sha256:HEX`` entry, with the models, expiry and limits of
     ``limits`` (its key id is ignored). Raises ConfigError naming ``where``.
 
     ``in_file``: a plain key must be named and at least SHORT_KEY_WARNING_LENGTH long, so
@@ -301,5 +329,4 @@ def _hashed_entry(hex_digest: str, key_id: Optional[str], where: str, limits: Gr
 
 
 def _entry(digest: bytes, key_id: Optional[str], limits: Grant) -> Entry:
-    grant = Grant(key_id or key_id_for_digest(digest), limits.models, limits.expires)
-    return Entry(digest, grant)
+    return Entry(digest, replace(limits, key_id=key_id or key_id_for_digest(digest)))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional
 
 from rayllm_auth import metrics
@@ -37,6 +37,7 @@ from rayllm_auth.keys import (
     KEY_SOURCES,
     RAY_LLM_API_KEYS_FILE,
     Entry,
+    Grant,
     KeySet,
     environment_entries,
 )
@@ -109,6 +110,15 @@ def read_sources(environ: Mapping[str, str] = os.environ) -> list[SourceReport]:
     return reports
 
 
+def with_default_limits(entry: Entry, defaults: Grant) -> Entry:
+    """``entry`` with the key file's default limits if it has no rpm= or concurrency= of
+    its own (keys from the environment variables never have)."""
+    if entry.grant.rate_limited:
+        return entry
+    return Entry(entry.digest, replace(entry.grant, rpm=defaults.rpm,
+                                       concurrency=defaults.concurrency))
+
+
 def load_keys(environ: Mapping[str, str] = os.environ) -> Optional[KeySet]:
     """Every key source in ``environ``, read once and combined: None when none is set (auth
     off). Raises ConfigError when a set source is unusable or the sources conflict. For
@@ -178,6 +188,8 @@ class KeyStore:
         entries = list(self._env_entries)
         if key_file is not None:
             entries.extend(key_file.entries)
+            if key_file.defaults is not None:
+                entries = [with_default_limits(e, key_file.defaults) for e in entries]
         return KeySet(entries, self._sources)
 
     def _time_to_settle(self, signature: Signature, now: float, *, at_start: bool) -> float:
@@ -237,6 +249,9 @@ class KeyStore:
             keys = self._combine(key_file)
         except ConfigError as exc:
             return self._failed(signature, str(exc))
+        except Exception as exc:  # a parser bug must not turn a reload into a 500
+            return self._failed(signature, f"{RAY_LLM_API_KEYS_FILE} ({self._path}) could not "
+                                           f"be read ({type(exc).__name__})")
         self._file, self._keys, self._failed_signature = key_file, keys, None
         self._unsettled = None
         metrics.record_reload("ok")

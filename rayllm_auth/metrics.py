@@ -3,11 +3,16 @@ wherever Ray's metrics are scraped (KubeRay pods' metrics port, Ray's Prometheus
 
 ``rayllm_auth_requests`` (Counter; tags ``outcome``, ``key_id``)
     One per auth decision. ``outcome``: ``ok``, ``missing``, ``malformed``, ``conflicting``,
-    ``invalid``, ``expired``, ``model_denied``, ``exempt``, or ``config_error`` (a replica that
+    ``invalid``, ``expired``, ``model_denied``, ``rate_limited`` (over its ``rpm`` or
+    ``concurrency``), ``exempt``, or ``config_error`` (a replica that
     refused to start because its key configuration is unusable). ``key_id`` is the key's
     non-secret id when the key was recognised, else empty.
 ``rayllm_auth_key_reloads`` (Counter; tag ``outcome``: ``ok`` or ``failed``)
     Key file reloads.
+``rayllm_auth_limits_fallbacks`` (Counter; tag ``change``: ``entered`` or ``left``)
+    A replica that could not reach its application's limits ledger and counts limits alone
+    (``entered``), and back to cluster-wide limits (``left``). ``entered`` minus ``left``
+    is the number of replicas in fallback now.
 ``rayllm_auth_key_expiry_timestamp_seconds`` (Gauge; tag ``key_id``)
     Unix time at which a key expires (the earliest, if several keys share the id), for the
     keys that have an expiry; 0 once the id has no expiring key any more (removed from the
@@ -30,6 +35,7 @@ import logging
 from typing import Optional
 
 __all__ = ["record_request", "record_ok", "ok_counts", "record_reload", "publish_expiries",
+           "record_limits_fallback",
            "pending", "flush", "FLUSH_INTERVAL_S"]
 
 logger = logging.getLogger("rayllm_auth")
@@ -37,12 +43,16 @@ logger = logging.getLogger("rayllm_auth")
 FLUSH_INTERVAL_S = 1.0
 _REQUESTS = ("rayllm_auth_requests", "Auth decisions of rayllm-auth", ("outcome", "key_id"))
 _RELOADS = ("rayllm_auth_key_reloads", "Key file reloads of rayllm-auth", ("outcome",))
+_FALLBACKS = ("rayllm_auth_limits_fallbacks",
+              "Replicas of rayllm-auth entering and leaving per-replica fallback limits",
+              ("change",))
 _EXPIRY = ("rayllm_auth_key_expiry_timestamp_seconds",
            "Unix time at which an API key expires (0: no longer configured)", ("key_id",))
 
 _requests: dict[tuple[str, str], int] = {}  # (outcome, key_id) -> count not yet handed to Ray
 _ok: dict[str, int] = {}  # key_id -> count of ("ok", key_id): the hot path's own dict
 _reloads: dict[tuple[str], int] = {}  # (outcome,) -> count not yet handed to Ray
+_fallbacks: dict[tuple[str], int] = {}  # (change,) -> count not yet handed to Ray
 # (key_id,) -> the expiry gauge's value, handed to Ray again on every flush: Ray 2.60 drops a
 # gauge series that has not been set for two export intervals (about 20 s here).
 _expiries: dict[tuple[str], float] = {}
@@ -76,6 +86,12 @@ def record_reload(outcome: str) -> None:
     _schedule_flush()
 
 
+def record_limits_fallback(entered: bool) -> None:
+    label = ("entered" if entered else "left",)
+    _fallbacks[label] = _fallbacks.get(label, 0) + 1
+    _schedule_flush()
+
+
 def publish_expiries(keys) -> None:
     """Set the expiry gauge to the earliest expiry of each key id in ``keys`` (a KeySet),
     and to 0 for ids published before that no longer have one."""
@@ -103,7 +119,8 @@ def _pending_batches() -> list[tuple[tuple, dict]]:
     requests = dict(_requests)
     for key_id, n in _ok.items():
         requests[("ok", key_id)] = requests.get(("ok", key_id), 0) + n
-    return [(_REQUESTS, requests), (_RELOADS, dict(_reloads)), (_EXPIRY, dict(_expiries))]
+    return [(_REQUESTS, requests), (_RELOADS, dict(_reloads)), (_FALLBACKS, dict(_fallbacks)),
+            (_EXPIRY, dict(_expiries))]
 
 
 def _schedule_flush() -> None:
@@ -125,7 +142,7 @@ def flush() -> None:
     if _expiries:
         _schedule_flush()
     batches = _pending_batches()
-    for values in (_ok, _requests, _reloads):
+    for values in (_ok, _requests, _reloads, _fallbacks):
         values.clear()
     for spec, values in batches:
         metric = _metric(spec) if values else None

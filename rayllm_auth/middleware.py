@@ -21,6 +21,7 @@ chunk.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -34,7 +35,9 @@ from rayllm_auth.credentials import take_key, without_credentials
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.keystore import KeyStore
 from rayllm_auth.model_scope import ModelScope
-from rayllm_auth.refusals import Answers, Refusal
+from rayllm_auth.quota import ReplicaQuota
+from rayllm_auth.ray_ledger import replica_quota
+from rayllm_auth.refusals import Answers, Refusal, rate_limit_headers
 
 __all__ = ["ApiKeyMiddleware", "EXEMPT_PATHS_VAR", "load_exempt_paths"]
 
@@ -66,7 +69,9 @@ class ApiKeyMiddleware:
     browsers like the app would; ``served_model`` is the one model a direct-streaming replica
     serves (see :mod:`rayllm_auth.model_scope`). Both are non-secret and travel with the
     pickled app. ``environ`` (keys, exempt paths), ``clock`` (monotonic, key file reloads) and
-    ``wall_clock`` (Unix time, key expiry) default to this process's own.
+    ``wall_clock`` (Unix time, key expiry) default to this process's own; ``quota`` makes
+    the per-key limits' :class:`~rayllm_auth.quota.ReplicaQuota` (by default shared with the
+    application's other replicas through its ledger actor).
 
     Raises ConfigError when built in a process whose key configuration is missing or
     unusable (and counts it as ``config_error``).
@@ -81,6 +86,7 @@ class ApiKeyMiddleware:
         environ: Mapping[str, str] = os.environ,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        quota: Callable[[], ReplicaQuota] = replica_quota,
     ):
         self.app = app
         try:
@@ -91,12 +97,15 @@ class ApiKeyMiddleware:
             metrics.flush()  # the replica is about to fail: no request will flush it
             raise
         self._wall_clock = wall_clock
+        self._make_quota, self._quota = quota, None  # built at the first limited request
         self._answers = Answers(cors)
         self._model_scope = ModelScope(served_model)
         self._denials = DenialLog(clock)
         self._ok_counts = metrics.ok_counts()
         self._reloading = self._store.watches_file
         self._keys = keys = self._store.current()  # used as is when there is no key file
+        if any(grant.rate_limited for grant in keys.grants):
+            self._warm_up_limits()
         ids = keys.key_ids
         logger.info(
             "rayllm-auth: API key required on every route; %d key(s) from %s, ids %s%s; "
@@ -115,9 +124,9 @@ class ApiKeyMiddleware:
         keys = self._store.current() if self._reloading else self._keys
         key, other_headers = take_key(scope["headers"])  # the key, or the Refusal saying why not
         grant = keys.lookup(key) if key.__class__ is bytes else None
-        if grant is None or grant.models is not None or grant.expires is not None:
+        if grant is None or not grant.plain:
             return await self._decide(key, grant, other_headers, scope, receive, send)
-        # A key for every model that never expires: nearly every request, so kept short.
+        # A key for every model, without expiry or limits: nearly every request, so kept short.
         self._admit(grant, other_headers, scope)
         try:  # counted without a function call: this is the per-request path
             self._ok_counts[grant.key_id] += 1
@@ -134,9 +143,10 @@ class ApiKeyMiddleware:
         else:
             refusal = None
         # An exempt path serves anyone, credentials removed: a refused key, and a key limited
-        # to some models too (it gets what a request without a key gets there, not less).
-        if (refusal is not None or grant.models is not None) and self._exempt \
-                and self._is_exempt(scope):
+        # to some models or by rpm=/concurrency= too (it gets what a request without a key
+        # gets there, not less, and spends none of its limits).
+        if (refusal is not None or grant.models is not None or grant.rate_limited) \
+                and self._exempt and self._is_exempt(scope):
             scope["headers"] = without_credentials(scope["headers"])  # exempt, not a key relay
             metrics.record_request("exempt")
             return await self.app(scope, receive, send)
@@ -146,8 +156,7 @@ class ApiKeyMiddleware:
         self._admit(grant, other_headers, scope)
         if grant.models is not None:
             return await self._call_limited(grant, scope, receive, send)
-        metrics.record_ok(grant.key_id)
-        await self.app(scope, receive, send)
+        await self._call_app(grant, scope, receive, send)
 
     @staticmethod
     def _admit(grant, other_headers, scope) -> None:
@@ -158,6 +167,15 @@ class ApiKeyMiddleware:
         if state is None:
             scope["state"] = state = {}
         state["user_id"] = grant.key_id
+
+    def _warm_up_limits(self) -> None:
+        """Reach the limits ledger now (its actor takes seconds to start the first time), so
+        the first limited requests find it answering instead of falling back."""
+        self._quota = self._make_quota()
+        try:
+            asyncio.get_running_loop().create_task(self._quota.upkeep())
+        except RuntimeError:
+            pass  # built outside an event loop: the first limited request reaches it
 
     async def _unchecked_scope(self, scope, receive, send):
         if scope["type"] != "lifespan":
@@ -170,17 +188,70 @@ class ApiKeyMiddleware:
             return  # the client went away while sending its body: nobody to answer
         if verdict.__class__ is Refusal:
             return await self._refuse(verdict, grant.key_id, scope, receive, send)
-        metrics.record_request("ok", grant.key_id)
-        await self.app(scope, *verdict)
+        await self._call_app(grant, scope, *verdict)
 
-    async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send):
+    async def _call_app(self, grant, scope, receive, send):
+        """Pass an admitted request on; a key with rpm= or concurrency= first needs the
+        quota's consent (:mod:`rayllm_auth.quota`), and its responses carry OpenAI's
+        rate-limit headers. A concurrency slot is held until the app returns: after the last
+        byte of a stream, or when the client has gone."""
+        if not grant.rate_limited:
+            metrics.record_ok(grant.key_id)
+            return await self.app(scope, receive, send)
+        if self._quota is None:
+            self._quota = self._make_quota()
+        verdict = self._quota.admit_now(grant.key_id, grant.rpm, grant.concurrency) \
+            or await self._quota.admit(grant.key_id, grant.rpm, grant.concurrency)
+        if verdict.refused is not None:
+            refusal = Refusal.RPM_EXCEEDED if verdict.refused == "rpm" else \
+                Refusal.CONCURRENCY_EXCEEDED
+            return await self._refuse(refusal, grant.key_id, scope, receive, send,
+                                      rate_limit_headers(verdict))
+        metrics.record_ok(grant.key_id)
+        headers = rate_limit_headers(verdict)
+        if grant.concurrency is None:
+            return await self.app(scope, receive, _adding_headers(send, headers))
+        quota, key_id, released = self._quota, grant.key_id, False
+
+        async def send_releasing(message):
+            # The slot goes back before the last byte: a client that waits for the end of
+            # one request before the next finds its slot free on any replica.
+            nonlocal released
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+            elif message["type"] == "http.response.body" and not message.get("more_body") \
+                    and not released:
+                released = True
+                await quota.release(key_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_releasing)
+        finally:
+            if not released:  # an error, a client gone, a WebSocket
+                await quota.release(key_id)  # frees the slot here before any await
+
+    async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send, headers=()):
         """Count, log and answer one refusal: the only way a request is refused."""
         metrics.record_request(refusal.outcome, key_id)
         self._denials.refused(refusal.outcome, scope, key_id)
-        await self._answers(refusal, scope)(scope, receive, send)
+        await self._answers(refusal, scope, headers)(scope, receive, send)
 
     def _is_exempt(self, scope) -> bool:
         # Starlette's router matches routes against get_route_path(scope); using the same
         # function means this check and the router always agree on which route a request
         # is for (whatever the root_path or route prefix). Exact match: no prefixes.
         return get_route_path(scope) in self._exempt
+
+
+def _adding_headers(send, headers: list[tuple[bytes, bytes]]):
+    """``send``, with ``headers`` added to the response's start (the app's own come first)."""
+    if not headers:
+        return send
+
+    async def send_with_headers(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+
+    return send_with_headers

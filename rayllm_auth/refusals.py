@@ -11,10 +11,12 @@ is accepted. No answer ever repeats what the client sent.
 from __future__ import annotations
 
 import enum
+import functools
 import json
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
-__all__ = ["Refusal", "Answers", "WEBSOCKET_POLICY_VIOLATION"]
+__all__ = ["Refusal", "Answers", "WEBSOCKET_POLICY_VIOLATION", "rate_limit_headers"]
 
 #: RFC 6455 close code for "policy violation"; sent before the handshake is accepted.
 WEBSOCKET_POLICY_VIOLATION = 1008
@@ -31,6 +33,7 @@ class _Spec(NamedTuple):
     message: str
     param: Optional[str] = None
     challenge: Optional[bytes] = None  #: WWW-Authenticate (RFC 6750 section 3)
+    error_type: str = "invalid_request_error"  #: OpenAI's error "type"
 
 
 class Refusal(_Spec, enum.Enum):
@@ -60,6 +63,15 @@ class Refusal(_Spec, enum.Enum):
                          "known to use only the model the request names.")
     TOO_LARGE = _Spec("model_denied", 413, "request_too_large",
                       "Request body too large for a key limited to some models.")
+    # A key over its rpm= or concurrency= (outcome rate_limited): OpenAI's 429, which the
+    # openai SDK retries after Retry-After; the answer carries the rate-limit headers.
+    RPM_EXCEEDED = _Spec("rate_limited", 429, "rate_limit_exceeded",
+                         "Rate limit reached for requests per minute (RPM) of this API key. "
+                         "Please try again after the time in the Retry-After header.",
+                         error_type="requests")
+    CONCURRENCY_EXCEEDED = _Spec("rate_limited", 429, "rate_limit_exceeded",
+                                 "Too many requests in flight for this API key. Please try "
+                                 "again when one of them has finished.", error_type="requests")
 
 
 class Answers:
@@ -72,17 +84,25 @@ class Answers:
     """
 
     def __init__(self, cors: Optional[Mapping[str, Any]]):
+        self._cors = cors
         self._http = {refusal: _with_cors(_error_response(refusal), cors) for refusal in Refusal}
 
-    def __call__(self, refusal: Refusal, scope) -> ASGIApp:
-        return self._http[refusal] if scope["type"] == "http" else _close_websocket
+    def __call__(self, refusal: Refusal, scope, headers: Sequence[tuple[bytes, bytes]] = ()
+                 ) -> ASGIApp:
+        """``headers``: more response headers (a 429's Retry-After and rate-limit headers)."""
+        if scope["type"] != "http":
+            return _close_websocket
+        if headers:
+            return _with_cors(_error_response(refusal, headers), self._cors)
+        return self._http[refusal]
 
 
-def _error_response(refusal: Refusal) -> ASGIApp:
-    body = json.dumps({"error": {"message": refusal.message, "type": "invalid_request_error",
+def _error_response(refusal: Refusal, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+                    ) -> ASGIApp:
+    body = json.dumps({"error": {"message": refusal.message, "type": refusal.error_type,
                                  "param": refusal.param, "code": refusal.code}}).encode()
     headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
+               (b"content-length", str(len(body)).encode()), *extra_headers]
     if refusal.challenge is not None:
         headers.append((b"www-authenticate", refusal.challenge))
     start = {"type": "http.response.start", "status": refusal.status, "headers": headers}
@@ -105,3 +125,39 @@ def _with_cors(app: ASGIApp, cors: Optional[Mapping[str, Any]]) -> ASGIApp:
 
 async def _close_websocket(scope, receive, send):
     await send({"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION, "reason": ""})
+
+
+def rate_limit_headers(verdict) -> list[tuple[bytes, bytes]]:
+    """OpenAI's rate-limit headers for a limited key's request (a
+    :class:`~rayllm_auth.quota.Verdict`): the requests-per-minute limit, what is left of it
+    and when the window frees a request; on a refusal, ``Retry-After`` (whole seconds, as
+    the ``openai`` SDK and HTTP read it) and ``retry-after-ms``."""
+    headers = []
+    if verdict.limit is not None:
+        headers += [(b"x-ratelimit-limit-requests", _number(verdict.limit)),
+                    (b"x-ratelimit-remaining-requests", str(verdict.remaining).encode()),
+                    (b"x-ratelimit-reset-requests", _duration(verdict.reset_s))]
+    if verdict.refused is not None:
+        wait = max(verdict.retry_after_s, 0.001)
+        headers += [(b"retry-after", _number(math.ceil(wait))),
+                    (b"retry-after-ms", _number(math.ceil(wait * 1000)))]
+    return headers
+
+
+# Cached: a limited key's every response carries these, and between two leases the limit
+# and the reset time do not change (what remains does: not cached).
+@functools.lru_cache(maxsize=1024)
+def _number(number: int) -> bytes:
+    return str(number).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _duration(seconds: float) -> bytes:
+    """OpenAI's (Go's) way of writing a duration, rounded up to the millisecond: ``120ms``,
+    ``1.5s``, ``6m0s``."""
+    millis = math.ceil(seconds * 1000)
+    if millis < 1000:
+        return f"{millis}ms".encode()
+    minutes, millis = divmod(millis, 60_000)
+    text = f"{millis / 1000:g}s"
+    return f"{minutes}m{text}".encode() if minutes else text.encode()

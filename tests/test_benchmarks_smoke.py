@@ -11,9 +11,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("script, expected", [
-    ("middleware_bench.py", ["1000 keys, valid", "added per streamed chunk: rayllm-auth"]),
+    ("middleware_bench.py", ["1000 keys, valid", "added per streamed chunk: rayllm-auth",
+                             "key with rpm= and concurrency="]),
     ("startup_bench.py", ["plugin, key set", "rayllm_auth imports"]),
     ("in_app_bench.py", ["stock", "minimal", "rayllm-auth"]),
+    ("limits_bench.py", ["rpm ", "concurrency ", "% on the request path"]),
 ])
 def test_quick_run(script, expected):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"],

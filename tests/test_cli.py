@@ -95,13 +95,18 @@ def test_doctor_reports_enforced_with_counts_and_ids_only(tmp_path):
     (tmp_path / "keys").write_text(f"team-b:{file_key} models=qwen\n"
                                    f"old:{new_key()} expires={iso_in(-60)}\n"
                                    f"soon:{new_key()} expires={soon}\n"
-                                   f"later:{new_key()} expires={iso_in(30 * 86400)}\n")
+                                   f"later:{new_key()} expires={iso_in(30 * 86400)}\n"
+                                   f"batch:{new_key()} rpm=600 concurrency=8\n"
+                                   f"*  rpm=60\n")
     result = run_python(DOCTOR, env={"RAY_LLM_API_KEYS": f"team-a:{env_key}",
                                      "RAY_LLM_API_KEYS_FILE": str(tmp_path / "keys")})
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "1 key(s), 0 limited to some models; ids team-a" in out
-    assert "4 key(s), 1 limited to some models; ids later, old, soon, team-b" in out
+    assert "5 key(s), 1 limited to some models; ids batch, later, old, soon, team-b" in out
+    assert re.search(r"limits +6 key id\(s\), each across the app's replicas: batch \(rpm=600 "
+                     r"concurrency=8\), later \(rpm=60\), old \(rpm=60\), soon \(rpm=60\), "
+                     r"team-a \(rpm=60\), team-b \(rpm=60\)\n", out)
     assert re.search(r"expired keys +old\n", out)
     assert re.search(rf"expiring in 7 days +soon at {soon[:13]}", out)
     assert "2.60.0, supported" in out and out.count(": present") == 2

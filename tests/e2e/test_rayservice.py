@@ -51,6 +51,7 @@ from tests.support.local_cluster import (
     llm_config,
 )
 from rayllm_auth.keystore import SETTLE_S
+from rayllm_auth.ray_ledger import NAMESPACE, actor_name
 from tests.support.secret_mount import SecretMount
 from tests.conftest import near_miss, new_key
 from tests.test_hostile_inputs import generated, is_preflight
@@ -133,7 +134,7 @@ def example_keys(cluster, mount):
     serve_key_file(mount, example_key_file(), KEYS["team-b"])
 
 
-APPS = ("rayservice", "serve-config", "slow")
+APPS = ("rayservice", "serve-config", "slow", "limits")
 
 
 def deploy_apps(cluster, wheel, names=APPS):
@@ -146,6 +147,11 @@ def deploy_apps(cluster, wheel, names=APPS):
         # Slow decode, so a stream is still running when its replica is killed.
         "slow": application("slow", "/slow", runtime_env={"pip": [str(wheel)], "env_vars": {
             "RAYLLM_AUTH_STANDIN_TOKEN_DELAY_S": "0.05"}}),
+        # Two ingress replicas, so per-key limits must hold across them.
+        "limits": application("limits", "/limits", runtime_env={
+            "pip": [str(wheel)], "env_vars": {"RAYLLM_AUTH_STANDIN_TOKEN_DELAY_S": "0.025"}},
+            ingress_deployment_config={"autoscaling_config": {
+                "min_replicas": 2, "initial_replicas": 2, "max_replicas": 2}}),
     }
     cluster.deploy([apps[name] for name in names])
     cluster.wait_for({name: {"RUNNING"} for name in names})
@@ -601,9 +607,200 @@ def test_replica_killed_mid_stream_comes_back_enforcing(cluster, wheel):
     assert ok.status_code == 200
 
 
+# -- per-key limits across two ingress replicas --------------------------------------------
+
+LIMITS_RPM = {"rpm-fast": 120, "rpm-slow": 60}
+LIMITED_KEYS = {name: new_key() for name in (*LIMITS_RPM, "lowered", "one-stream", "unlimited",
+                                             "survivor")}
+LIMITS_APP = "/limits"
+
+
+def limits_key_file(lowered_rpm: int = 1000) -> str:
+    """The example's key file plus keys with limits: three rpm=, one concurrency=."""
+    sha = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in LIMITED_KEYS.items()}
+    return example_key_file() + "".join([
+        f"rpm-fast:sha256:{sha['rpm-fast']} rpm={LIMITS_RPM['rpm-fast']}\n",
+        f"lowered:sha256:{sha['lowered']} rpm={lowered_rpm}\n",
+        f"survivor:sha256:{sha['survivor']} rpm=600 concurrency=8\n",
+        f"rpm-slow:sha256:{sha['rpm-slow']} rpm={LIMITS_RPM['rpm-slow']}\n",
+        f"one-stream:sha256:{sha['one-stream']} concurrency=1\n",
+        f"unlimited:sha256:{sha['unlimited']}\n",
+    ])
+
+
+@pytest.fixture
+def limits(cluster, wheel, mount):
+    """The limits app running, and the key file above in force in both its replicas."""
+    ensure_apps(cluster, wheel, "limits")
+    serve_key_file(mount, limits_key_file(), LIMITED_KEYS["unlimited"])
+
+    async def accepted_in_a_row(wanted=10, timeout=30):
+        deadline, in_a_row = time.monotonic() + timeout, 0
+        async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
+            while in_a_row < wanted:
+                assert time.monotonic() < deadline, "the limits app did not reload the file"
+                reply = await client.get(f"{LIMITS_APP}/v1/models",
+                                         headers={"x-api-key": LIMITED_KEYS["unlimited"]})
+                in_a_row = in_a_row + 1 if reply.status_code == 200 else 0
+                await asyncio.sleep(0.05)
+
+    asyncio.run(accepted_in_a_row())
+
+
+async def limits_request(client, key, max_tokens=2, stream=False):
+    """(status, seconds since the epoch when the answer came, response headers)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": max_tokens, "stream": stream}
+    reply = await client.post(f"{LIMITS_APP}/v1/chat/completions", json=body,
+                              headers={"authorization": f"Bearer {key}"})
+    return reply.status_code, time.time(), reply.headers
+
+
+async def paced(key, per_second, seconds):
+    """Requests with ``key`` at a fixed rate for ``seconds``; their (status, time, headers)."""
+    async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
+        started = time.monotonic()
+        tasks = []
+        for n in range(int(per_second * seconds)):
+            await asyncio.sleep(max(0.0, started + n / per_second - time.monotonic()))
+            tasks.append(asyncio.create_task(limits_request(client, key)))
+        return await asyncio.gather(*tasks)
+
+
+def most_in_any_window(times, width=60.0):
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u < t + width) for i, t in enumerate(times)),
+               default=0)
+
+
+def test_rpm_holds_across_two_ingress_replicas_under_twice_the_load(cluster, limits):
+    """Per key, at twice its rpm for 75 s: the requests admitted in any 60 s window are
+    within 5 % of the limit plus the leases' slack; a key without limits is untouched; a
+    refused request never reaches the engine."""
+    deployments = cluster.applications()["limits"]["deployments"]
+    ingress = [d for name, d in deployments.items() if name in ("OpenAiIngress", "LLMRouter")]
+    assert [sum(r["state"] == "RUNNING" for r in d["replicas"]) for d in ingress] == [2]
+    before = len(cluster.engine_calls())
+
+    async def scenario():
+        loads = {name: paced(LIMITED_KEYS[name], 2 * rpm / 60, 75)
+                 for name, rpm in LIMITS_RPM.items()}
+        loads["unlimited"] = paced(LIMITED_KEYS["unlimited"], 2, 75)
+        return dict(zip(loads, await asyncio.gather(*loads.values())))
+
+    results = asyncio.run(scenario())
+    FIGURES["limits"] = {}
+    for name, rpm in LIMITS_RPM.items():
+        statuses = [status for status, _, _ in results[name]]
+        admitted = [t for status, t, _ in results[name] if status == 200]
+        assert set(statuses) <= {200, 429}, statuses
+        slack = 2 * max(1, int(rpm * 0.02))  # two replicas' largest leases
+        most = most_in_any_window(admitted)
+        first_minute = [t for t in admitted if t < min(admitted) + 60]
+        FIGURES["limits"][name] = {"rpm": rpm, "most_in_60s": most,
+                                   "first_60s": len(first_minute)}
+        assert most <= rpm * 1.05 + slack, (name, most)
+        assert len(first_minute) >= rpm * 0.95, (name, len(first_minute))
+        refused = [h for status, _, h in results[name] if status == 429]
+        assert all(1 <= int(h["retry-after"]) <= 60 for h in refused)
+        assert all(h["x-ratelimit-limit-requests"] == str(rpm) for _, _, h in results[name])
+    assert {status for status, _, _ in results["unlimited"]} == {200}
+    admitted_total = sum(status == 200 for r in results.values() for status, _, _ in r)
+    assert len(cluster.engine_calls()) - before == admitted_total
+
+
+def test_concurrency_holds_across_replicas_and_a_stream_holds_its_slot(cluster, limits):
+    async def scenario():
+        async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
+            # Ten streams at once, each ~1 s of decode: exactly one may run.
+            first = await asyncio.gather(*(limits_request(
+                client, LIMITED_KEYS["one-stream"], max_tokens=40, stream=True)
+                for _ in range(10)))
+            after = await limits_request(client, LIMITED_KEYS["one-stream"])
+            return first, after
+
+    first, after = asyncio.run(scenario())
+    statuses = sorted(status for status, _, _ in first)
+    assert statuses == [200] + [429] * 9, statuses
+    assert all(h["retry-after"] == "1" for status, _, h in first if status == 429)
+    assert after[0] == 200  # the slot came back when the stream ended
+
+
+def test_openai_sdk_with_default_retries_completes_after_a_429(cluster, limits):
+    async def scenario():
+        async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
+            stream = asyncio.create_task(limits_request(
+                client, LIMITED_KEYS["one-stream"], max_tokens=20, stream=True))
+            await asyncio.sleep(0.2)  # the stream holds the key's one slot for ~0.5 s
+            sdk = openai.AsyncOpenAI(base_url=f"{SERVE_URL}{LIMITS_APP}/v1",
+                                     api_key=LIMITED_KEYS["one-stream"])  # default retries
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            return await stream, raw
+
+    stream, raw = asyncio.run(scenario())
+    assert stream[0] == 200
+    assert raw.retries_taken >= 1 and raw.parse().choices[0].message.content
+
+
+async def until_limit(key: str, limit: str, status: int, timeout: float = 30):
+    """Seconds until a request with ``key`` gets ``status`` under the rpm ``limit``."""
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
+        while time.monotonic() - started < timeout:
+            got, _, headers = await limits_request(client, key)
+            if got == status and headers.get("x-ratelimit-limit-requests") == limit:
+                return time.monotonic() - started, headers
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no {status} under rpm={limit} within {timeout} s")
+
+
+def test_lowering_a_keys_rpm_in_the_key_file_takes_effect(cluster, mount, limits):
+    asyncio.run(until_limit(LIMITED_KEYS["lowered"], "1000", 200))  # as the fixture wrote it
+    mount.update({"keys": limits_key_file(lowered_rpm=1)})
+    took, headers = asyncio.run(until_limit(LIMITED_KEYS["lowered"], "1", 429))
+    FIGURES["rpm_lowered_after_s"] = round(took, 1)
+    assert headers["x-ratelimit-limit-requests"] == "1"
+    assert took <= RELOAD_S + SETTLE_S + 2 + 1  # reload, settle, a lease's life, a margin
+
+
+def fallback_counts(cluster) -> dict:
+    counts = {}
+    for line in cluster.metrics().splitlines():
+        if line.startswith("ray_rayllm_auth_limits_fallbacks_total{"):
+            change = re.search(r'change="(\w+)"', line)[1]
+            counts[change] = counts.get(change, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+KILL_LEDGER = f"""
+import ray
+ray.init(address="auto")
+ray.kill(ray.get_actor({actor_name("limits")!r}, namespace={NAMESPACE!r}), no_restart=True)
+"""
+
+
+def test_ledger_killed_under_load_no_request_fails_and_limits_return(cluster, limits):
+    async def scenario():
+        load = asyncio.create_task(paced(LIMITED_KEYS["survivor"], 2, 30))  # under its limits
+        await asyncio.sleep(5)
+        killed = await asyncio.to_thread(cluster.run_python, KILL_LEDGER)
+        assert killed.returncode == 0, killed.stderr[-2000:]
+        return await load
+
+    results = asyncio.run(scenario())
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) == {200}, statuses  # no request failed because the ledger died
+    deadline = time.monotonic() + 60
+    while not (counts := fallback_counts(cluster)).get("left"):
+        assert time.monotonic() < deadline, counts
+        time.sleep(3)
+    assert counts.get("entered", 0) >= 1  # said, counted, and back to cluster-wide limits
+
+
 def test_no_plaintext_key_in_ray_logs_status_config_or_metrics(cluster):
     """After rotation, denials, errors, load and faults: everything Ray wrote or serves."""
-    assert cluster.places_holding(list(KEYS.values())) == []
+    assert cluster.places_holding([*KEYS.values(), *LIMITED_KEYS.values()]) == []
 
 
 def test_zz_cluster_restart_still_enforces(cluster, wheel):

@@ -1,0 +1,194 @@
+"""The cluster-wide books of one application's limits: what its single ledger actor holds.
+
+Replicas never ask the ledger per request. They take **leases**: a number of request permits
+(``rpm``) or concurrency slots (``concurrency``) for one key id, used locally until spent
+(see :mod:`rayllm_auth.quota`). The ledger only hands out what a limit still allows:
+
+Requests per minute
+    A permit is counted in the second it is granted, in one-second buckets per key, and a
+    bucket is counted until ``WINDOW_S`` after its *last* instant (``COUNTED_S``, 61 s
+    after its first): a permit granted at 12.99 still counts at 72.98, so the permits
+    granted in any 60 s window never exceed the key's ``rpm`` (a request may wait up to 1 s
+    longer than an exact window would make it). A replica uses a permit within ``LEASE_S`` of its grant or gives it
+    back (:meth:`Ledger.give_back_requests`), so requests *admitted* in any 60 s window
+    exceed ``rpm`` by at most the permits granted in the ``LEASE_S`` before it and used
+    inside it: at most the replicas' outstanding leases.
+Concurrency
+    Each replica's slots per key are recorded under its id; a replica reports its holdings
+    on every sync (the replica is the truth for them), and a replica silent for
+    ``HOLDING_TTL_S`` (dead, or its node lost) loses its slots. Slots granted never exceed
+    ``concurrency`` minus what the live replicas hold. A key for which a request was turned
+    away is *contended*: replicas then give back the slots they hold idle.
+
+Limits travel with each call (the replica read them from its key file), so a lowered limit
+takes effect on the next lease. Key ids are non-secret names: the ledger never sees a key.
+A restarted ledger starts empty, then each replica :meth:`restores <Ledger.restore>` what
+it was granted in the last window, so a killed ledger does not reset the windows.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+__all__ = ["Ledger", "RequestGrant", "WINDOW_S", "COUNTED_S", "LEASE_S", "HOLDING_TTL_S"]
+
+#: The rpm window, in seconds; one bucket per second.
+WINDOW_S = 60
+#: How long a one-second bucket is counted, from its first instant: to WINDOW_S after its
+#: last one (counting it only WINDOW_S would let a burst at S+0.99 and another at S+60.0,
+#: 59.01 s apart, both in full).
+COUNTED_S = WINDOW_S + 1
+#: A request permit not used this long after its grant is given back.
+LEASE_S = 2.0
+#: A replica that has not synced for this long loses its concurrency slots.
+HOLDING_TTL_S = 10.0
+
+
+@dataclass(frozen=True)
+class RequestGrant:
+    """The answer to a request-permit lease: ``granted`` permits (possibly 0), counted in
+    ``second``; ``remaining`` in the window after them; ``reset_s`` until the window frees
+    its oldest counted permit (0 when nothing is counted); the ledger's ``incarnation``."""
+
+    granted: int
+    second: int
+    remaining: int
+    reset_s: float
+    incarnation: str = ""
+
+
+@dataclass
+class _Window:
+    """Permits granted per second, for the last COUNTED_S seconds."""
+
+    counts: dict[int, int] = field(default_factory=dict)  # second -> permits granted
+
+    def used(self, now_s: int) -> int:
+        self._forget(now_s)
+        return sum(self.counts.values())
+
+    def reset_s(self, now: float) -> float:
+        if not self.counts:
+            return 0.0
+        return max(0.0, min(self.counts) + COUNTED_S - now)
+
+    def _forget(self, now_s: int) -> None:
+        for second in [s for s in self.counts if s <= now_s - COUNTED_S]:
+            del self.counts[second]
+
+
+class Ledger:
+    """The books; a plain object, so it is tested without Ray (:class:`LedgerActor` serves
+    one per application). ``clock`` gives seconds (the actor's own monotonic clock)."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        #: Changes when a ledger starts afresh: replicas seeing a new one restore their part.
+        self.incarnation = uuid.uuid4().hex
+        self._windows: dict[str, _Window] = {}
+        self._holdings: dict[str, dict[str, int]] = {}  # key id -> replica -> slots
+        self._last_sync: dict[str, float] = {}  # replica -> clock at its last call
+        self._contended: set[str] = set()
+
+    # -- requests per minute -----------------------------------------------------------------
+
+    def lease_requests(self, key_id: str, rpm: int, want: int, replica: str) -> RequestGrant:
+        now = self._clock()
+        self._last_sync[replica] = now
+        second = math.floor(now)
+        window = self._windows.setdefault(key_id, _Window())
+        free = max(0, rpm - window.used(second))
+        granted = min(want, free)
+        if granted:
+            window.counts[second] = window.counts.get(second, 0) + granted
+        return RequestGrant(granted, second, free - granted, window.reset_s(now),
+                            self.incarnation)
+
+    def give_back_requests(self, key_id: str, count: int, second: int) -> None:
+        """Permits granted in ``second`` and never used (a lease that ran out)."""
+        window = self._windows.get(key_id)
+        if window is not None and second in window.counts:
+            left = window.counts[second] - count
+            if left > 0:
+                window.counts[second] = left
+            else:
+                del window.counts[second]
+
+    # -- concurrency ---------------------------------------------------------------------------
+
+    def lease_slots(self, key_id: str, concurrency: int, want: int,
+                    replica: str) -> tuple[int, str]:
+        """Slots granted (possibly 0), never more than ``concurrency`` minus what live
+        replicas hold; and the ledger's incarnation."""
+        now = self._clock()
+        self._last_sync[replica] = now
+        self._drop_silent_replicas(now)
+        holders = self._holdings.setdefault(key_id, {})
+        free = max(0, concurrency - sum(holders.values()))
+        granted = min(want, free)
+        if granted:
+            holders[replica] = holders.get(replica, 0) + granted
+        if granted < want:
+            self._contended.add(key_id)
+        return granted, self.incarnation
+
+    def give_back_slots(self, key_id: str, count: int, replica: str) -> None:
+        """Slots ``replica`` no longer holds (its last request of the key ended)."""
+        self._last_sync[replica] = self._clock()
+        holders = self._holdings.get(key_id, {})
+        left = holders.get(replica, 0) - count
+        if left > 0:
+            holders[replica] = left
+        else:
+            holders.pop(replica, None)
+
+    def sync(self, replica: str, holdings: Mapping[str, int]) -> dict:
+        """A replica's heartbeat: the slots it holds now, per key id (its own truth, also
+        after giving idle slots back). Returns the incarnation and the contended keys, so
+        the replica can give back the idle slots of those."""
+        now = self._clock()
+        self._last_sync[replica] = now
+        for key_id, holders in self._holdings.items():
+            if key_id not in holdings:
+                holders.pop(replica, None)
+        for key_id, slots in holdings.items():
+            holders = self._holdings.setdefault(key_id, {})
+            if slots > 0:
+                holders[replica] = slots
+            else:
+                holders.pop(replica, None)
+        self._drop_silent_replicas(now)
+        contended = sorted(self._contended)
+        self._contended.clear()
+        return {"incarnation": self.incarnation, "contended": contended,
+                "replicas": len(self._last_sync)}
+
+    def restore(self, replica: str, granted: Mapping[str, Iterable[tuple[float, int]]],
+                holdings: Mapping[str, int]) -> str:
+        """What one replica was granted before this ledger started (``(age in seconds,
+        permits)`` per key id) and the slots it holds: a restarted ledger carries on
+        with the windows it lost. Returns the incarnation."""
+        now = self._clock()
+        for key_id, grants in granted.items():
+            window = self._windows.setdefault(key_id, _Window())
+            for age, count in grants:
+                if 0 <= age < COUNTED_S and count > 0:
+                    second = math.floor(now - age)
+                    window.counts[second] = window.counts.get(second, 0) + count
+        self.sync(replica, holdings)
+        return self.incarnation
+
+    def replicas(self) -> int:
+        """Replicas heard from within HOLDING_TTL_S (at least 1)."""
+        self._drop_silent_replicas(self._clock())
+        return max(1, len(self._last_sync))
+
+    def _drop_silent_replicas(self, now: float) -> None:
+        silent = [r for r, seen in self._last_sync.items() if now - seen > HOLDING_TTL_S]
+        for replica in silent:
+            del self._last_sync[replica]
+            for holders in self._holdings.values():
+                holders.pop(replica, None)

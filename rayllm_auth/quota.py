@@ -1,0 +1,518 @@
+"""One replica's side of the per-key limits: admit or refuse a limited key's request, mostly
+without leaving the process.
+
+A replica holds **leases** from its application's :class:`~rayllm_auth.ledger.Ledger`:
+request permits (``rpm``) and concurrency slots (``concurrency``) per key id. A request
+spends a local permit and takes a local slot; only when a key's lease is spent does the
+replica ask the ledger again. Lease sizes adapt: a lease spent before it runs out doubles
+the next one (up to ``MAX_LEASE_SHARE`` of the limit), a lease that runs out unused halves
+it, so a busy key asks about once per ``LEASE_S`` and a quiet one takes one permit at a
+time. A key the ledger refused is refused locally until the window frees a permit
+(``reset``), so overload costs no remote calls. Every ``SYNC_S``, off the request path, a
+replica holding leases gives back expired permits, tells the ledger the slots it holds (a
+heartbeat: a replica silent for ``HOLDING_TTL_S`` loses them) and gives back idle slots of
+keys other replicas wait for.
+
+When the ledger cannot be reached (its actor killed, its node lost, the head restarting),
+the replica keeps serving with **fallback limits**: each limit divided by the number of
+replicas last heard of, counted here alone. It says so once in the log and in
+``ray_rayllm_auth_quota_fallbacks_total``, tries the ledger again every ``RETRY_S``, and
+returns to cluster-wide limits as soon as it answers, restoring into a restarted ledger what
+this replica admitted in the last window. Limits are never dropped and traffic is never
+refused because the ledger is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional, Protocol
+
+from rayllm_auth.ledger import COUNTED_S, LEASE_S, Ledger, RequestGrant
+
+__all__ = ["ReplicaQuota", "Verdict", "LedgerUnavailable", "InProcessLedger", "SYNC_S",
+           "RETRY_S"]
+
+logger = logging.getLogger("rayllm_auth")
+
+#: How often a replica holding slots reports to the ledger.
+SYNC_S = 2.0
+#: How long a replica in fallback waits before asking the ledger again.
+RETRY_S = 5.0
+#: A key the ledger refused is refused here without asking for at most this long: permits
+#: that other replicas give back (leases that ran out unused) are seen after it.
+RPM_RECHECK_S = 1.0
+#: Largest lease, as a share of the limit: bounds what leases can hold idle.
+MAX_LEASE_SHARE = 0.02
+#: After the ledger refused a key a slot, this replica refuses it locally for this long (a
+#: flood of refused requests costs no remote calls; a slot freed elsewhere is seen after it).
+SLOT_REFUSAL_S = 0.05
+
+
+class LedgerUnavailable(Exception):
+    """The ledger did not answer (dead, unreachable or too slow)."""
+
+
+class LedgerCalls(Protocol):
+    """The ledger's methods as awaitables (:class:`~rayllm_auth.ledger.Ledger`'s signatures);
+    each raises LedgerUnavailable when the ledger cannot answer."""
+
+    async def lease_requests(self, key_id: str, rpm: int, want: int, replica: str) -> RequestGrant: ...
+    async def give_back_requests(self, key_id: str, count: int, second: int) -> None: ...
+    async def lease_slots(self, key_id: str, concurrency: int, want: int,
+                          replica: str) -> tuple[int, str]: ...
+    async def give_back_slots(self, key_id: str, count: int, replica: str) -> None: ...
+    async def sync(self, replica: str, holdings: dict) -> dict: ...
+    async def restore(self, replica: str, granted: dict, holdings: dict) -> str: ...
+
+
+class Verdict(NamedTuple):
+    """A limited key's request: admitted or not, and what its rate-limit headers say.
+    ``limit``/``remaining``/``reset_s`` describe requests per minute (None without
+    ``rpm``); ``refused`` names the limit that refused ("rpm" or "concurrency"). A tuple:
+    one is made per limited request."""
+
+    refused: Optional[str] = None
+    limit: Optional[int] = None
+    remaining: Optional[int] = None
+    reset_s: float = 0.0
+    retry_after_s: float = 0.0
+
+
+@dataclass
+class _RequestLease:
+    second: int  # the ledger's second the permits are counted in
+    left: int
+    expires: float  # local clock
+
+
+@dataclass
+class _KeyState:
+    leases: list[_RequestLease] = field(default_factory=list)
+    want: int = 1  # permits the next lease asks for
+    leasing: Optional[asyncio.Task] = None  # this key's one lease request in flight
+    waiting: int = 0  # requests waiting for that lease
+    exhausted_until: float = 0.0  # local clock: rpm refused locally until then
+    reset_at: float = 0.0  # local clock: when the window frees a permit, as last heard
+    remaining: int = 0  # in the window, as the ledger last said (minus what we spent since)
+    reset_s: float = 0.0
+    concurrency: Optional[int] = None  # the limit as last seen
+    slots_held: int = 0  # granted by the ledger, in use or idle
+    slots_used: int = 0
+    slots_pending: int = 0  # asked of the ledger, not answered yet
+    slots_returning: int = 0  # given back, the ledger not known to have heard yet
+    slot_refused_until: float = 0.0  # local clock
+    admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
+    admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, in fallback
+
+
+class ReplicaQuota:
+    """Admission for limited keys in one replica. ``ledger`` makes the remote calls;
+    ``clock`` is monotonic seconds. Not thread-safe: used from the replica's event loop.
+    ``heartbeat=False`` leaves :meth:`upkeep` to the caller (tests)."""
+
+    def __init__(self, ledger: LedgerCalls, replica: str, clock: Callable[[], float], *,
+                 on_fallback: Callable[[bool], None] = lambda entered: None,
+                 heartbeat: bool = True):
+        self._ledger = ledger
+        self._replica = replica
+        self._clock = clock
+        self._on_fallback = on_fallback
+        self._heartbeat = heartbeat
+        self._upkeep_task: Optional[asyncio.Task] = None
+        self._keys: dict[str, _KeyState] = {}
+        self._replicas = 1
+        self._incarnation: Optional[str] = None  # the ledger's, once it has answered a sync
+        self._fallback_until: Optional[float] = None  # None: the ledger is in use
+        self._rejoining = False  # back from fallback: the ledger must hear what we admitted
+
+    def assume_replicas(self, replicas: int) -> None:
+        """How many replicas share the limits until the ledger says (fallback shares)."""
+        self._replicas = max(1, replicas)
+
+    @property
+    def in_fallback(self) -> bool:
+        return self._fallback_until is not None
+
+    def admit_now(self, key_id: str, rpm: Optional[int],
+                  concurrency: Optional[int]) -> Optional[Verdict]:
+        """:meth:`admit`, when a permit and a slot held here admit the request (a busy key,
+        nearly always): no await, no remote call. None when only :meth:`admit` can decide
+        (nothing held here, or the key is refused): call it then."""
+        state = self._keys.get(key_id)
+        if state is None or (concurrency is not None
+                             and state.slots_used >= min(state.slots_held, concurrency)):
+            return None
+        now = self._clock()
+        if rpm is not None and (now < state.exhausted_until
+                                or not self._spend_local_permit(state, rpm, now)):
+            return None
+        if concurrency is not None:
+            state.slots_used += 1
+        state.concurrency = concurrency
+        self._keep_up()
+        self._count_admitted(state, now)
+        return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
+                       state.reset_s)
+
+    async def admit(self, key_id: str, rpm: Optional[int], concurrency: Optional[int]) -> Verdict:
+        """Admit one request of ``key_id`` (limits as its grant says now), or refuse it.
+        An admitted request with ``concurrency`` must be released (:meth:`release`) when it ends
+        (a request cancelled while this runs has nothing to release)."""
+        state = self._keys.get(key_id)
+        if state is None:
+            state = self._keys[key_id] = _KeyState()
+        state.concurrency = concurrency
+        self._keep_up()
+        now = self._clock()
+        if rpm is not None and now < state.exhausted_until and not self._retry_due(now):
+            return self._refused_rpm(state, rpm)  # before taking a slot: no remote call
+        if concurrency is not None and not await self._take_slot(key_id, state, concurrency):
+            remaining = self._remaining(state, None, rpm) if rpm else None
+            return Verdict("concurrency", rpm, remaining, state.reset_s, 1.0)
+        # The common case without an await: a permit from a lease held here.
+        now = self._clock()  # again: taking a slot may have waited for the ledger
+        if rpm is not None and not self._spend_local_permit(state, rpm, now):
+            try:
+                refusal = await self._take_permit(key_id, state, rpm)
+            except BaseException:  # cancelled while waiting for the ledger: the slot goes back
+                if concurrency is not None:
+                    self.release_soon(key_id)
+                raise
+            if refusal is not None:
+                if concurrency is not None:
+                    self.release_soon(key_id)
+                return refusal
+            now = self._clock()
+        self._count_admitted(state, now)
+        return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
+                       state.reset_s)
+
+    async def release(self, key_id: str) -> None:
+        """A request admitted with a concurrency limit has ended. When it was the key's last
+        one here, the key's slots go back to the ledger before this returns: call it before
+        the response's last byte, and the client's next request finds its slot free on any
+        replica. A busy key keeps its slots here (reused without remote calls)."""
+        state = self._keys.get(key_id)
+        if state is not None and state.slots_used > 0:
+            give_back = self._drop_slot(state)
+            if give_back:  # shielded: a client gone meanwhile must not keep the slot taken
+                await asyncio.shield(asyncio.ensure_future(
+                    self._give_back_slots(key_id, state, give_back)))
+
+    def release_soon(self, key_id: str) -> None:
+        """:meth:`release` where nothing may be awaited (a cancelled request's clean-up):
+        the slot is free here at once, the ledger hears of it in a task."""
+        state = self._keys.get(key_id)
+        if state is not None and state.slots_used > 0:
+            give_back = self._drop_slot(state)
+            if give_back:
+                asyncio.get_running_loop().create_task(
+                    self._give_back_slots(key_id, state, give_back))
+
+    # -- requests per minute -------------------------------------------------------------------
+
+    async def _take_permit(self, key_id, state: _KeyState, rpm: int) -> Optional[Verdict]:
+        """None when a permit was spent, else the refusal. One lease request per key at a
+        time: requests arriving meanwhile wait for its answer, then spend from it."""
+        while True:
+            now = self._clock()
+            if self._spend_local_permit(state, rpm, now):
+                return None
+            if now < state.exhausted_until and not self._retry_due(now):
+                return self._refused_rpm(state, rpm)
+            if state.leasing is None:
+                if self.in_fallback and not self._retry_due(now):
+                    return self._fallback_permit(state, rpm, now)
+                # A task, shielded: a requester that goes away does not cancel the lease,
+                # so what the ledger grants lands here and is spent or given back.
+                state.leasing = asyncio.get_running_loop().create_task(
+                    self._lease_permits(key_id, state, rpm))
+            state.waiting += 1
+            try:
+                await asyncio.shield(state.leasing)
+            finally:
+                state.waiting -= 1
+
+    def _spend_local_permit(self, state: _KeyState, rpm: int, now: float) -> bool:
+        """Spend a permit of a lease held here that has not run out; False when there is none."""
+        for lease in state.leases:
+            if lease.left > 0 and lease.expires > now:
+                lease.left -= 1
+                if lease.left == 0:  # spent before it ran out: ask for more next time
+                    state.want = min(state.want * 2, self._largest_lease(rpm))
+                return True
+        return False
+
+    async def _lease_permits(self, key_id, state: _KeyState, rpm: int) -> None:
+        try:
+            # Spent leases go; one that ran out unused stays until upkeep gives it back.
+            state.leases = [lease for lease in state.leases if lease.left > 0]
+            # Enough for the requests waiting now or the adaptive size, but never more than
+            # MAX_LEASE_SHARE of the limit: waiters can go away, and what they leave behind
+            # must stay within the bound the README states (a burst takes several leases).
+            want = min(max(state.want, state.waiting), self._largest_lease(rpm))
+            try:
+                grant = await self._ledger.lease_requests(key_id, rpm, max(want, 1),
+                                                          self._replica)
+                self._leave_fallback()
+                await self._heard(grant.incarnation)
+            except LedgerUnavailable:
+                self._enter_fallback(self._clock())
+                return
+            now = self._clock()
+            state.remaining, state.reset_s = grant.remaining, grant.reset_s
+            state.reset_at = now + grant.reset_s
+            if grant.granted == 0:
+                state.exhausted_until = now + min(max(grant.reset_s, 0.05), RPM_RECHECK_S)
+            else:
+                state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S))
+        finally:
+            state.leasing = None
+
+    def _remaining(self, state: _KeyState, now: Optional[float], rpm: int) -> int:
+        """Requests left in the window as far as this replica knows: what the ledger had
+        left at our last lease, plus our unspent permits; never above ``rpm`` (permits
+        leased under a limit lowered since are still spent, the header says the new one)."""
+        if now is None:
+            now = self._clock()
+        left = max(0, state.remaining)
+        for lease in state.leases:
+            if lease.expires > now:
+                left += lease.left
+        return min(left, rpm)
+
+    @staticmethod
+    def _largest_lease(rpm: int) -> int:
+        return max(1, math.floor(rpm * MAX_LEASE_SHARE))
+
+    def _refused_rpm(self, state: _KeyState, rpm: int) -> Verdict:
+        now = self._clock()
+        wait = max(state.exhausted_until - now, state.reset_at - now, 0.0)
+        return Verdict("rpm", rpm, 0, wait, wait)
+
+    def _fallback_permit(self, state: _KeyState, rpm: int, now: float) -> Optional[Verdict]:
+        """Requests per minute counted by this replica alone, against its share (at least
+        one request: a share is rounded up)."""
+        share = max(1, math.ceil(rpm / self._replicas))
+        second = math.floor(now)
+        recent = {s: n for s, n in state.admitted.items() if s > second - COUNTED_S}
+        used = sum(recent.values())
+        state.remaining = max(0, share - used - 1)
+        state.reset_s = (min(recent) + COUNTED_S - now) if recent else 0.0
+        if used >= share:
+            state.reset_at = now + state.reset_s
+            state.exhausted_until = now + max(state.reset_s, 0.05)
+            return self._refused_rpm(state, rpm)
+        return None
+
+    def _count_admitted(self, state: _KeyState, now: float) -> None:
+        second = int(now)  # floor: the clock is never negative
+        counts = (state.admitted, state.admitted_alone) if self.in_fallback else (state.admitted,)
+        for admitted in counts:
+            admitted[second] = admitted.get(second, 0) + 1
+            if len(admitted) > COUNTED_S:
+                for old in [s for s in admitted if s <= second - COUNTED_S]:
+                    del admitted[old]
+
+    # -- concurrency ---------------------------------------------------------------------------
+
+    async def _take_slot(self, key_id, state: _KeyState, concurrency: int) -> bool:
+        if state.slots_used < min(state.slots_held, concurrency):
+            state.slots_used += 1  # an idle slot held here (a lowered limit holds fewer)
+            return True
+        now = self._clock()
+        if state.slots_used >= concurrency or now < state.slot_refused_until:
+            return False
+        if self.in_fallback and not self._retry_due(now):
+            return self._fallback_slot(state, concurrency)
+        # A task, shielded: a slot granted to a requester that went away stays held here
+        # (idle: reused, or given back at the next upkeep), never lost.
+        granted = await asyncio.shield(asyncio.ensure_future(
+            self._lease_slot(key_id, state, concurrency)))
+        if granted is None:
+            return self._fallback_slot(state, concurrency)
+        if state.slots_used < min(state.slots_held, concurrency):
+            state.slots_used += 1
+            return True
+        state.slot_refused_until = self._clock() + SLOT_REFUSAL_S
+        return False
+
+    async def _lease_slot(self, key_id, state: _KeyState, concurrency: int) -> Optional[int]:
+        """Slots the ledger granted (added to those held), or None when it is gone."""
+        state.slots_pending += 1  # reported to the ledger as held while we wait
+        try:
+            granted, incarnation = await self._ledger.lease_slots(key_id, concurrency, 1,
+                                                                  self._replica)
+        except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+            return None
+        finally:
+            state.slots_pending -= 1
+        state.slots_held += granted
+        self._leave_fallback()
+        try:
+            await self._heard(incarnation)
+        except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+        return granted
+
+    def _fallback_slot(self, state: _KeyState, concurrency: int) -> bool:
+        """In flight counted by this replica alone, against its share (at least one)."""
+        share = max(1, math.ceil(concurrency / self._replicas))
+        if state.slots_used >= share:
+            return False
+        state.slots_used += 1
+        state.slots_held = max(state.slots_held, state.slots_used)
+        return True
+
+    def _drop_slot(self, state: _KeyState) -> int:
+        """One slot fewer in use; how many to give back (all, when it was the last)."""
+        state.slots_used -= 1
+        state.slot_refused_until = 0.0  # a slot of this key is free: ask again
+        if state.slots_used == 0 and state.slots_held and not self.in_fallback:
+            held, state.slots_held = state.slots_held, 0
+            state.slots_returning += held  # still reported until the ledger has them
+            return held
+        if self.in_fallback:
+            state.slots_held = state.slots_used
+        return 0
+
+    async def _give_back_slots(self, key_id: str, state: _KeyState, count: int) -> None:
+        """``count`` slots, already counted in ``slots_returning``, back to the ledger."""
+        try:
+            await self._ledger.give_back_slots(key_id, count, self._replica)
+        except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+        finally:
+            state.slots_returning -= count
+
+    # -- upkeep ----------------------------------------------------------------------------------
+
+    def _keep_up(self) -> None:
+        if self._heartbeat and (self._upkeep_task is None or self._upkeep_task.done()):
+            self._upkeep_task = asyncio.get_running_loop().create_task(self._keep_up_loop())
+
+    async def _keep_up_loop(self) -> None:
+        """Upkeep every SYNC_S, off the request path, while this replica holds leases."""
+        while True:
+            await asyncio.sleep(SYNC_S)
+            try:
+                await self.upkeep()
+            except Exception:  # never let the heartbeat die: the ledger would drop our slots
+                logger.exception("rayllm-auth: limits upkeep failed; trying again")
+            if not any(s.leases or s.slots_held for s in self._keys.values()):
+                return
+
+    async def upkeep(self) -> None:
+        """Give back expired request leases and idle slots beyond a (lowered) limit or of
+        keys other replicas wait for, report the slots held (a heartbeat that keeps them),
+        and restore our part into a restarted ledger. Skipped in fallback until a retry is
+        due."""
+        now = self._clock()
+        if self.in_fallback and not self._retry_due(now):
+            return
+        try:
+            for key_id, state in list(self._keys.items()):
+                expired = [l for l in state.leases if l.expires <= now]
+                if expired:  # out in one step, before any await: given back at most once,
+                    # and a lease task replacing the list meanwhile cannot undo it
+                    state.leases = [l for l in state.leases if l.expires > now]
+                for lease in expired:
+                    if lease.left:
+                        state.want = max(1, state.want // 2)
+                        await self._ledger.give_back_requests(key_id, lease.left, lease.second)
+                if state.slots_used == 0:  # no request of the key here: hold nothing
+                    await self._give_back_idle(key_id, state, 0)
+                elif state.concurrency is not None and state.slots_held > state.concurrency:
+                    await self._give_back_idle(key_id, state, state.concurrency)
+            reply = await self._ledger.sync(self._replica, self._holdings())
+            self._leave_fallback()
+            await self._heard(reply["incarnation"])
+            for key_id in reply["contended"]:
+                state = self._keys.get(key_id)
+                if state is not None:
+                    await self._give_back_idle(key_id, state, 0)
+            self._replicas = max(1, int(reply["replicas"]))
+        except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+
+    async def _heard(self, incarnation: str) -> None:
+        """Every answer names the ledger's incarnation. A new one (restarted, empty) gets
+        what this replica admitted in the window before anything else; back from fallback,
+        the ledger gets what was admitted alone; both with the slots held. Raises
+        LedgerUnavailable (nothing is then forgotten: it is sent again)."""
+        restarted = self._incarnation is not None and incarnation != self._incarnation
+        if restarted or self._rejoining:
+            which = "admitted" if restarted else "admitted_alone"
+            now = self._clock()
+            granted = {k: [(now - second, n) for second, n in getattr(s, which).items()]
+                       for k, s in self._keys.items() if getattr(s, which)}
+            known, self._incarnation = self._incarnation, incarnation  # one restore, not two
+            try:
+                await self._ledger.restore(self._replica, granted, self._holdings())
+            except LedgerUnavailable:
+                self._incarnation = known  # so the next answer restores again
+                raise
+            self._rejoining = False
+            for state in self._keys.values():
+                state.admitted_alone.clear()
+        self._incarnation = incarnation
+
+    async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
+        """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""
+        extra = state.slots_held - max(state.slots_used, keep)
+        if extra > 0:
+            state.slots_held -= extra
+            state.slots_returning += extra
+            await self._give_back_slots(key_id, state, extra)
+
+    def _holdings(self) -> dict[str, int]:
+        """Slots held per key, counting those asked for and not yet answered and those
+        given back and not yet received: the ledger takes a sync as the truth, and must
+        neither drop a grant on its way nor subtract a give-back twice."""
+        holdings = {k: s.slots_held + s.slots_pending + s.slots_returning
+                    for k, s in self._keys.items()}
+        return {k: n for k, n in holdings.items() if n}
+
+    def _retry_due(self, now: float) -> bool:
+        return self._fallback_until is not None and now >= self._fallback_until
+
+    def _enter_fallback(self, now: float) -> None:
+        entering = self._fallback_until is None
+        self._fallback_until = now + RETRY_S
+        if entering:
+            logger.error(
+                "rayllm-auth: the limits ledger cannot be reached; limiting each key to its "
+                "share here (limit / %d replicas, rounded up) until it answers again",
+                self._replicas)
+            self._on_fallback(True)
+
+    def _leave_fallback(self) -> None:
+        if self._fallback_until is not None:
+            self._fallback_until = None
+            self._rejoining = True  # the next answer's _heard() restores what we admitted
+            for state in self._keys.values():  # the ledger decides again, not our share
+                state.exhausted_until = 0.0
+            logger.warning("rayllm-auth: the limits ledger answers again; cluster-wide limits")
+            self._on_fallback(False)
+
+
+class InProcessLedger:
+    """:class:`LedgerCalls` on a ledger in this process: limits for one process, where there
+    is no Serve application to share them with (an app protected outside Serve, a test)."""
+
+    def __init__(self, ledger: Ledger):
+        self._ledger = ledger
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+        bound = getattr(self._ledger, method)
+
+        async def call(*args):
+            return bound(*args)
+
+        return call

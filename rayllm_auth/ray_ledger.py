@@ -1,0 +1,106 @@
+"""The ledger as a Ray actor, and a replica's connection to it.
+
+One named, detached actor per Serve application (``rayllm-auth-ledger-v1:<app>`` in the
+``rayllm_auth`` namespace), created by the first replica that sees a limited key
+(``get_if_exists``: every replica gets the same one), with no CPU reserved. Ray restarts it
+if it dies (``max_restarts=-1``); replicas then restore what they admitted in the window
+(:mod:`rayllm_auth.quota`). It lives on after its application is deleted (a few kilobytes);
+``ray kill`` removes it.
+
+Every call has a deadline (``CALL_TIMEOUT_S``): a ledger that does not answer in time is
+treated as gone (fallback limits), never waited for.
+
+Trust: the actor is reachable by any code that can reach the Ray cluster (as every Ray actor
+is), which could change its books; the limits are as strong as access to the cluster, which
+KubeRay keeps inside the pod network (Ray's own token auth, on by default from Ray 2.60, closes
+it to processes without the cluster's token). The HTTP clients the limits apply to never reach
+it: its name comes from Serve's application name, its key ids from the key file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+from rayllm_auth import metrics
+from rayllm_auth.ledger import Ledger
+from rayllm_auth.quota import InProcessLedger, LedgerUnavailable, ReplicaQuota
+
+__all__ = ["LedgerActor", "RayLedger", "replica_quota", "NAMESPACE"]
+
+logger = logging.getLogger("rayllm_auth")
+
+NAMESPACE = "rayllm_auth"
+#: A ledger call that takes longer than this counts as the ledger being gone.
+CALL_TIMEOUT_S = 1.0
+
+
+class LedgerActor(Ledger):
+    """The ledger, served by Ray: its own monotonic clock."""
+
+    def __init__(self):
+        super().__init__(time.monotonic)
+
+
+#: In the actor's name: a replica of a newer rayllm-auth with another ledger protocol never
+#: talks to an older ledger still running (detached actors outlive upgrades).
+PROTOCOL = 1
+
+
+def actor_name(app_name: str) -> str:
+    return f"rayllm-auth-ledger-v{PROTOCOL}:{app_name}"
+
+
+class RayLedger:
+    """:class:`~rayllm_auth.quota.LedgerCalls` on the application's ledger actor, created
+    or found on first use and found again after a failure."""
+
+    def __init__(self, app_name: str):
+        self._name = actor_name(app_name)
+        self._handle = None
+        self._lookup: Optional[asyncio.Future] = None  # the one lookup in flight
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        async def call(*args):
+            try:  # one deadline for finding the actor and calling it
+                return await asyncio.wait_for(self._call(method, args), CALL_TIMEOUT_S)
+            except Exception as exc:  # Ray's actor errors, timeouts: all mean "not now"
+                self._handle = None
+                raise LedgerUnavailable(type(exc).__name__) from None
+
+        return call
+
+    async def _call(self, method: str, args: tuple):
+        if self._handle is None:
+            # One lookup at a time (it blocks a thread until Ray answers), shared by callers.
+            if self._lookup is None or self._lookup.done():
+                self._lookup = asyncio.ensure_future(asyncio.to_thread(self._get_or_create))
+            self._handle = await asyncio.shield(self._lookup)
+        return await getattr(self._handle, method).remote(*args)
+
+    def _get_or_create(self):
+        import ray
+
+        return ray.remote(LedgerActor).options(
+            name=self._name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            max_restarts=-1, num_cpus=0,
+        ).remote()
+
+
+def replica_quota() -> ReplicaQuota:
+    """The limits of the Serve replica this runs in, shared through its application's
+    ledger; outside a Serve replica, limits for this process alone."""
+    try:
+        from ray import serve
+
+        context = serve.get_replica_context()
+    except Exception:  # not in a replica (RayServeException), or Serve not importable
+        return ReplicaQuota(InProcessLedger(Ledger(time.monotonic)), "local", time.monotonic)
+    quota = ReplicaQuota(RayLedger(context.app_name), context.replica_tag, time.monotonic,
+                         on_fallback=metrics.record_limits_fallback)
+    quota.assume_replicas(getattr(context, "world_size", 1) or 1)
+    return quota

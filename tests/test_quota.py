@@ -1,0 +1,628 @@
+"""Per-key limits without Ray: the ledger's books and one or more replicas' leases against
+them, on a clock the tests move. The oracle is counting: what each test admits is compared
+with the limit the test set, never with what the code under test computes."""
+
+import asyncio
+
+import pytest
+
+from rayllm_auth.ledger import COUNTED_S, HOLDING_TTL_S, LEASE_S, WINDOW_S, Ledger
+from rayllm_auth.quota import (
+    MAX_LEASE_SHARE,
+    RETRY_S,
+    SLOT_REFUSAL_S,
+    LedgerUnavailable,
+    ReplicaQuota,
+)
+
+
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class LocalLedger:
+    """The ledger's methods as awaitables, with a switch that makes it unreachable and a
+    count of the calls (the remote calls a real replica would make)."""
+
+    def __init__(self, ledger):
+        self.ledger, self.down, self.calls = ledger, False, 0
+
+    def __getattr__(self, name):
+        method = getattr(self.ledger, name)
+
+        async def call(*args):
+            self.calls += 1
+            if self.down:
+                raise LedgerUnavailable("down")
+            return method(*args)
+
+        return call
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def cluster(replicas=2, now=1000.0):
+    clock = Clock(now)
+    remote = LocalLedger(Ledger(clock))
+    return clock, remote, [ReplicaQuota(remote, f"r{i}", clock, heartbeat=False)
+                           for i in range(replicas)]
+
+
+async def admit_many(quota, key, count, rpm=None, concurrency=None):
+    verdicts = [await quota.admit(key, rpm, concurrency) for _ in range(count)]
+    return sum(v.refused is None for v in verdicts), verdicts
+
+
+def test_rpm_holds_across_replicas_and_frees_after_the_window():
+    clock, _, (a, b) = cluster()
+    admitted = 0
+    for _ in range(50):  # both replicas, interleaved, far above the limit
+        for quota in (a, b):
+            admitted += (run(quota.admit("team", 30, None))).refused is None
+        clock.now += 0.1
+    assert admitted == 30
+    clock.now += WINDOW_S
+    assert run(a.admit("team", 30, None)).refused is None
+
+
+def test_refused_request_says_which_limit_and_when_to_retry():
+    clock, _, (a,) = cluster(1)
+    run(admit_many(a, "team", 3, rpm=3))
+    verdict = run(a.admit("team", 3, None))
+    assert verdict.refused == "rpm" and verdict.limit == 3 and verdict.remaining == 0
+    assert 0 < verdict.retry_after_s <= COUNTED_S
+
+
+def test_a_refused_key_is_refused_locally_until_the_window_frees_a_permit():
+    clock, remote, (a,) = cluster(1)
+    run(admit_many(a, "team", 5, rpm=5))
+    calls = remote.calls
+    admitted, _ = run(admit_many(a, "team", 200, rpm=5))
+    assert admitted == 0 and remote.calls - calls <= 1
+
+
+def test_busy_key_makes_few_remote_calls():
+    clock, remote, (a,) = cluster(1)
+    for _ in range(1000):  # 100 requests/s for 10 s, limit far above
+        run(a.admit("busy", 60000, None))
+        clock.now += 0.01
+    assert remote.calls <= 0.02 * 1000
+
+
+def test_unused_permits_go_back_when_their_lease_runs_out():
+    clock, _, (a, b) = cluster()
+    for _ in range(8):  # a's lease grows while it is busy
+        run(a.admit("team", 1000, None))
+    clock.now += LEASE_S
+    run(a.upkeep())  # gives back what a's lease did not use
+    admitted, _ = run(admit_many(b, "team", 1000, rpm=1000))
+    assert admitted == 1000 - 8 - 0  # what a used stays counted, the rest came back
+
+
+def test_concurrency_holds_across_replicas_and_slots_return():
+    clock, _, (a, b) = cluster()
+    held = 0
+    for quota in (a, b, a, b, a):
+        held += run(quota.admit("team", None, 3)).refused is None
+    assert held == 3
+    run(a.release("team"))
+    run(a.upkeep())  # its idle slot of the contended key goes back
+    assert run(b.admit("team", None, 3)).refused == "concurrency"  # b refuses locally a while
+    clock.now += SLOT_REFUSAL_S
+    assert run(b.admit("team", None, 3)).refused is None
+
+
+def test_concurrency_refusal_releases_nothing_it_did_not_take():
+    _, _, (a,) = cluster(1)
+    for _ in range(2):
+        assert run(a.admit("team", None, 2)).refused is None
+    assert run(a.admit("team", None, 2)).refused == "concurrency"
+    run(a.release("team"))
+    assert run(a.admit("team", None, 2)).refused is None
+
+
+def test_rpm_refusal_gives_back_the_concurrency_slot():
+    _, _, (a,) = cluster(1)
+    assert run(a.admit("team", 1, 5)).refused is None
+    run(a.release("team"))
+    assert run(a.admit("team", 1, 5)).refused == "rpm"
+    assert run(a.admit("team", None, 1)).refused is None  # the slot came back
+
+
+def test_a_dead_replicas_slots_are_reclaimed():
+    clock, _, (a, b) = cluster()
+    assert run(a.admit("team", None, 1)).refused is None  # a then dies, holding it
+    assert run(b.admit("team", None, 1)).refused == "concurrency"
+    clock.now += HOLDING_TTL_S + 1
+    assert run(b.admit("team", None, 1)).refused is None
+
+
+def test_lowered_limit_applies_to_the_next_lease():
+    clock, _, (a,) = cluster(1)
+    run(admit_many(a, "team", 10, rpm=100))
+    clock.now += LEASE_S + 0.1  # the lease runs out, and what it did not use goes back
+    run(a.upkeep())
+    admitted, _ = run(admit_many(a, "team", 50, rpm=12))
+    assert admitted == 2
+
+
+def test_ledger_gone_falls_back_to_a_share_then_comes_back():
+    clock, remote, (a, b) = cluster()
+    run(a.admit("team", 40, None))
+    run(b.admit("team", 40, None))
+    run(a.upkeep())  # a learns there are two replicas
+    events = []
+    a._on_fallback = events.append
+    remote.down = True
+    clock.now += LEASE_S + 0.1
+    admitted, verdicts = run(admit_many(a, "team", 100, rpm=40))
+    assert events == [True]
+    assert admitted == 20 - 1  # its share (40 / 2), less what it admitted in the window
+    assert verdicts[-1].refused == "rpm"
+    remote.down = False
+    run(a.upkeep())
+    assert a.in_fallback  # not retried before RETRY_S
+    clock.now += RETRY_S
+    run(a.upkeep())
+    assert events == [True, False] and not a.in_fallback
+
+
+def test_ledger_gone_never_refuses_everything():
+    clock, remote, (a,) = cluster(1)
+    remote.down = True
+    admitted, _ = run(admit_many(a, "team", 5, rpm=10, concurrency=100))
+    assert admitted == 5
+
+
+def test_restarted_ledger_gets_back_what_replicas_admitted():
+    clock, remote, (a,) = cluster(1)
+    run(admit_many(a, "team", 30, rpm=40))
+    run(a.upkeep())  # a knows this ledger
+    remote.ledger = Ledger(clock)  # killed and started again: empty books
+    clock.now += LEASE_S
+    run(a.upkeep())  # a meets the new ledger and restores its part
+    admitted, _ = run(admit_many(a, "team", 100, rpm=40))
+    assert admitted == 40 - 30
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_ledger_grants_nothing_for_a_limit_below_one(bad):
+    assert Ledger(Clock()).lease_requests("k", bad, 5, "r").granted == 0
+
+
+def test_slots_stay_held_by_a_replica_whose_streams_run_long():
+    # No new request for longer than HOLDING_TTL_S: the heartbeat alone keeps the slot.
+    clock, remote, (a, b) = cluster()
+    assert run(a.admit("team", None, 1)).refused is None
+    for _ in range(5):
+        clock.now += HOLDING_TTL_S / 2
+        run(a.upkeep())
+    assert run(b.admit("team", None, 1)).refused == "concurrency"
+
+
+def test_heartbeat_runs_off_the_request_path(monkeypatch):
+    import rayllm_auth.quota as quota_module
+
+    monkeypatch.setattr(quota_module, "SYNC_S", 0.01)
+    clock = Clock()
+    remote = LocalLedger(Ledger(clock))
+    quota = ReplicaQuota(remote, "r", clock)
+
+    async def scenario():
+        assert (await quota.admit("team", None, 1)).refused is None
+        calls = remote.calls
+        await asyncio.sleep(0.1)
+        return remote.calls - calls
+
+    assert run(scenario()) >= 3  # syncs while the slot is held, with no request arriving
+
+
+def test_a_keys_last_request_ending_frees_its_slot_for_every_replica_at_once():
+    # One client, one request at a time, routed to either replica: never refused.
+    _, remote, (a, b) = cluster()
+    for quota in (a, b, b, a, a, b):
+        assert run(quota.admit("team", None, 1)).refused is None
+        run(quota.release("team"))
+
+
+def test_a_busy_key_reuses_its_slots_without_remote_calls():
+    _, remote, (a,) = cluster(1)
+
+    async def busy():
+        for _ in range(3):
+            assert (await a.admit("team", None, 3)).refused is None
+        calls = remote.calls
+        for _ in range(100):  # one ends, another starts: two always in flight
+            await a.release("team")
+            assert (await a.admit("team", None, 3)).refused is None
+        return remote.calls - calls
+
+    assert run(busy()) == 0
+
+
+# -- found by the adversarial review: a ledger whose calls really wait, as an actor call does --
+
+
+class RemoteLedger(LocalLedger):
+    """Each call waits ``delay`` seconds before the ledger runs it; ``late``: it runs, then
+    the answer misses the caller's deadline. Records the methods called."""
+
+    def __init__(self, ledger, delay=0.005):
+        super().__init__(ledger)
+        self.delay, self.late, self.methods = delay, False, []
+
+    def __getattr__(self, name):
+        method = getattr(self.ledger, name)
+
+        async def call(*args):
+            self.calls += 1
+            self.methods.append(name)
+            await asyncio.sleep(self.delay)
+            if self.down:
+                raise LedgerUnavailable("down")
+            result = method(*args)
+            if self.late:
+                raise LedgerUnavailable("TimeoutError")
+            return result
+
+        return call
+
+
+def remote_cluster(replicas=1):
+    clock = Clock()
+    remote = RemoteLedger(Ledger(clock))
+    return clock, remote, [ReplicaQuota(remote, f"r{i}", clock, heartbeat=False)
+                           for i in range(replicas)]
+
+
+def test_a_request_cancelled_while_waiting_for_a_permit_gives_its_slot_back():
+    _, remote, (a,) = remote_cluster()
+
+    async def scenario():
+        waiting = asyncio.create_task(a.admit("bot", 5, 1))
+        await asyncio.sleep(0.007)  # the slot is taken, the permit's lease call under way
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.05)  # the slot's give-back reaches the ledger
+        return await a.admit("bot", 5, 1)
+
+    assert run(scenario()).refused is None
+
+
+def test_a_heartbeat_never_drops_a_slot_grant_still_on_its_way():
+    _, remote, (a, b) = remote_cluster(2)
+
+    async def scenario():
+        taking = asyncio.create_task(a.admit("k", None, 1))
+        await asyncio.sleep(0.001)  # a's lease call is sent
+        await a.upkeep()  # a's heartbeat, sent while the grant is on its way
+        assert (await taking).refused is None
+        return (await b.admit("k", None, 1)).refused
+
+    assert run(scenario()) == "concurrency"
+
+
+def test_upkeep_survives_requests_of_new_keys_arriving_meanwhile():
+    clock, remote, (a,) = remote_cluster()
+
+    async def scenario():
+        for _ in range(4):
+            await a.admit("old", 1000, None)
+        clock.now += LEASE_S + 0.1  # the lease ran out: upkeep will give it back
+        upkeep = asyncio.create_task(a.upkeep())
+        await asyncio.sleep(0.001)
+        await a.admit("new", 1000, None)  # a key id this replica had not seen
+        await upkeep
+
+    run(scenario())
+
+
+def test_requests_arriving_together_share_one_lease_request():
+    _, remote, (a,) = remote_cluster()
+
+    async def burst():
+        for _ in range(40):  # a busy key: its leases have grown to the largest (20)
+            await a.admit("bulk", 1000, None)
+        verdicts = await asyncio.gather(*(a.admit("bulk", 1000, None) for _ in range(60)))
+        return verdicts, a._keys["bulk"].leases
+
+    verdicts, leases = run(burst())
+    assert all(v.refused is None for v in verdicts)
+    assert sum(lease.left for lease in leases) <= 1000 * 0.02  # never more than one lease idle
+
+
+def test_a_lowered_concurrency_applies_while_the_key_stays_busy():
+    _, _, (a,) = cluster(1)
+    for _ in range(4):
+        assert run(a.admit("bot", None, 4)).refused is None
+    run(a.release("bot"))
+    assert run(a.admit("bot", None, 1)).refused == "concurrency"  # 3 still in flight
+    for _ in range(3):
+        run(a.release("bot"))
+    assert run(a.admit("bot", None, 1)).refused is None
+    assert run(a.admit("bot", None, 1)).refused == "concurrency"
+
+
+def test_a_give_back_that_missed_its_deadline_is_not_repeated():
+    clock, remote, (a,) = remote_cluster()
+    run(admit_many(a, "bulk", 30, rpm=1000))  # leases of 1, 2, 4, 8, 16: 31 granted
+    clock.now += LEASE_S + 0.1
+    remote.late = True  # the ledger takes the give-back, the answer comes too late
+    run(a.upkeep())
+    remote.late = False
+    clock.now += RETRY_S
+    run(a.upkeep())
+    run(a.upkeep())
+    assert sum(remote.ledger._windows["bulk"].counts.values()) == 30
+
+
+def test_refused_requests_make_no_remote_calls():
+    clock, remote, (a,) = remote_cluster()
+    run(a.admit("one", None, 1))
+    calls = remote.calls
+    assert all(run(a.admit("one", None, 1)).refused for _ in range(200))
+    assert remote.calls - calls <= 1  # refused locally for SLOT_REFUSAL_S after the first
+    run(admit_many(a, "both", 5, rpm=5, concurrency=100))
+    calls = remote.calls
+    assert all(run(a.admit("both", 5, 100)).refused == "rpm" for _ in range(200))
+    assert remote.calls - calls <= 2  # the first refusal asks for a slot and a permit
+
+
+def test_a_blip_before_the_first_sync_restores_nothing_twice():
+    clock, remote, (a,) = remote_cluster()
+    remote.down = True
+    run(admit_many(a, "k", 10, rpm=100))
+    remote.down = False
+    clock.now += RETRY_S
+    run(a.upkeep())
+    run(a.upkeep())
+    window = remote.ledger._windows.get("k")
+    assert window is None or sum(window.counts.values()) <= 10
+
+
+def test_ray_ledger_waits_at_most_one_deadline_and_looks_up_once(monkeypatch):
+    import threading
+    import time as real_time
+
+    from rayllm_auth import ray_ledger
+
+    lookups = []
+
+    def slow_lookup(self):
+        lookups.append(threading.get_ident())
+        real_time.sleep(0.3)
+        raise RuntimeError("no actor")
+
+    monkeypatch.setattr(ray_ledger, "CALL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ray_ledger.RayLedger, "_get_or_create", slow_lookup)
+    ledger = ray_ledger.RayLedger("app")
+
+    async def scenario():
+        started = real_time.monotonic()
+        results = await asyncio.gather(*(ledger.sync("r", {}) for _ in range(5)),
+                                       return_exceptions=True)
+        return real_time.monotonic() - started, results
+
+    took, results = run(scenario())
+    assert all(isinstance(r, LedgerUnavailable) for r in results)
+    assert took < 0.28 and len(lookups) == 1
+
+
+# -- found by the second review, and by the end-to-end test ---------------------------------
+
+
+def test_a_give_back_sent_after_a_heartbeat_is_not_subtracted_twice():
+    _, remote, (a, b) = remote_cluster(2)
+
+    async def scenario():
+        assert (await a.admit("k", None, 2)).refused is None  # A streams on a
+        second = asyncio.create_task(a.admit("k", None, 2))  # B on a: its lease is sent
+        await asyncio.sleep(0.001)
+        a.release_soon("k")  # A ends: its slot's give-back is queued
+        await a.upkeep()  # a heartbeat sent before that give-back
+        assert (await second).refused is None
+        await asyncio.sleep(0.05)
+        in_flight_elsewhere = [await b.admit("k", None, 2) for _ in range(3)]
+        return sum(v.refused is None for v in in_flight_elsewhere)
+
+    assert run(scenario()) == 1  # B holds one of the two slots
+
+
+def test_a_restarted_ledger_hears_the_window_before_granting_much():
+    clock, remote, (a,) = cluster(1)
+    run(admit_many(a, "k", 90, rpm=100))
+    run(a.upkeep())  # a knows this ledger
+    remote.ledger = Ledger(clock)  # restarted, empty: a learns it from its next lease reply
+    clock.now += LEASE_S + 0.1
+    admitted, _ = run(admit_many(a, "k", 100, rpm=100))
+    assert admitted <= 10 + 2  # what was left, and at most the lease made before it heard
+
+
+def test_a_lease_granted_to_a_request_that_went_away_is_not_lost():
+    _, remote, (a,) = remote_cluster()
+
+    async def scenario():
+        gone = asyncio.create_task(a.admit("k", 2, None))
+        await asyncio.sleep(0.001)  # its lease call is under way
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await asyncio.sleep(0.02)  # the grant arrives
+        return [await a.admit("k", 2, None) for _ in range(3)]
+
+    verdicts = run(scenario())
+    assert [v.refused for v in verdicts] == [None, None, "rpm"]
+
+
+def test_requests_admitted_in_fallback_count_once_the_ledger_is_back():
+    clock, remote, (a, b) = cluster()
+    for quota in (a, b):
+        quota.assume_replicas(2)
+    remote.down = True
+    alone = sum(run(admit_many(q, "k", 30, rpm=40))[0] for q in (a, b))
+    assert alone == 40  # each its share, 20
+    remote.down = False
+    clock.now += RETRY_S
+    for quota in (a, b):  # their heartbeats reach the ledger again, with what they admitted
+        run(quota.upkeep())
+    after = sum(run(admit_many(q, "k", 30, rpm=40))[0] for q in (a, b))
+    assert after == 0  # the window is full
+
+
+def test_permits_given_back_elsewhere_reach_a_replica_that_was_refused():
+    # The second run of the end-to-end test admitted 108 of rpm=120 in the first minute: a
+    # refused replica waited for the window's reset, missing permits given back meanwhile.
+    clock, _, (a, b) = cluster()
+    # a's leases (1, 2, 4, 8, 16, then 20 each, the last 9) take the whole window; it uses
+    # 995 of them: 5 sit unused in its last lease.
+    run(admit_many(a, "k", 995, rpm=1000))
+    refused = run(b.admit("k", 1000, None))
+    assert refused.refused == "rpm" and refused.retry_after_s > 10  # the window's real reset
+    clock.now += LEASE_S + 0.1
+    run(a.upkeep())  # a gives its 5 unused permits back
+    admitted, _ = run(admit_many(b, "k", 10, rpm=1000))
+    assert admitted == 5
+
+
+async def admit_like_the_middleware(quota, key, rpm, concurrency):
+    return quota.admit_now(key, rpm, concurrency) or await quota.admit(key, rpm, concurrency)
+
+
+def test_admit_now_decides_only_from_what_is_held_here_and_never_calls_the_ledger():
+    clock, remote, (a,) = cluster(1)
+    assert a.admit_now("team", 100, 2) is None  # nothing held yet: only admit() can decide
+    assert remote.calls == 0
+    assert run(a.admit("team", 100, 2)).refused is None  # leases a permit and a slot
+    calls = remote.calls
+    verdicts = [a.admit_now("team", 100, 2) for _ in range(3)]
+    assert remote.calls == calls
+    # The lease held one permit and one slot, both spent: nothing more decided here.
+    assert verdicts == [None, None, None]
+
+
+@pytest.mark.parametrize("rpm, concurrency", [(120, None), (None, 3), (600, 3)])
+def test_admission_as_the_middleware_does_it_holds_the_limits_across_replicas(rpm, concurrency):
+    async def load():
+        clock, _, replicas = cluster(2)
+        ends, admitted, most_in_flight = [], 0, 0  # (step it ends at, replica)
+        for step in range(3000):  # 50 requests/s for 60 s, each lasting 0.2 s
+            for end in [e for e in ends if e[0] == step]:
+                ends.remove(end)
+                await end[1].release("team")
+            quota = replicas[step % 2]
+            verdict = await admit_like_the_middleware(quota, "team", rpm, concurrency)
+            if verdict.refused is None:
+                admitted += 1
+                ends.append((step + 10, quota))
+                most_in_flight = max(most_in_flight, len(ends))
+            clock.now += 0.02
+        return admitted, most_in_flight
+
+    admitted, most_in_flight = run(load())
+    if rpm is not None:  # reached exactly when it alone binds
+        assert admitted == rpm if concurrency is None else admitted <= rpm
+    if concurrency is not None:
+        assert most_in_flight == concurrency
+
+
+def test_a_burst_just_before_a_second_ends_still_counts_sixty_seconds_later():
+    # Found by review: with buckets forgotten 60 s after their first instant, 10 permits at
+    # 5000.99 and 10 more at 5060.00 (59.01 s apart) were both granted for rpm=10.
+    clock = Clock(5000.99)
+    ledger = Ledger(clock)
+    assert ledger.lease_requests("team", 10, 10, "r0").granted == 10
+    clock.now = 5060.0
+    refused = ledger.lease_requests("team", 10, 10, "r0")
+    assert refused.granted == 0 and 0 < refused.reset_s <= 1.0
+    clock.now = 5000.99 + WINDOW_S + 0.01  # a full 60 s after the last grant
+    assert ledger.lease_requests("team", 10, 10, "r0").granted == 10
+
+
+def test_fallback_counts_a_burst_for_a_full_window_too():
+    clock, remote, (a,) = cluster(1, now=5000.99)
+    remote.down = True
+    admitted, _ = run(admit_many(a, "team", 12, rpm=10))
+    clock.now = 5060.0
+    more, _ = run(admit_many(a, "team", 12, rpm=10))
+    assert (admitted, more) == (10, 0)
+
+
+class SlowLedger(LocalLedger):
+    """A ledger whose every call yields to the event loop first, as an actor call does."""
+
+    def __getattr__(self, name):
+        method = super().__getattr__(name)
+
+        async def call(*args):
+            for _ in range(3):
+                await asyncio.sleep(0)
+            return await method(*args)
+
+        return call
+
+
+def test_a_lease_for_a_burst_that_went_away_holds_no_more_than_the_largest_lease():
+    # Found by review: a lease was sized for every waiter (up to the whole rpm); when they
+    # all went away its permits stayed spendable, on top of the window's rpm.
+    async def burst():
+        clock = Clock(1000.99)
+        quota = ReplicaQuota(SlowLedger(Ledger(clock)), "r0", clock, heartbeat=False)
+        waiters = [asyncio.create_task(quota.admit("team", 100, None)) for _ in range(100)]
+        await asyncio.sleep(0)
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        for _ in range(10):
+            await asyncio.sleep(0)  # the lease lands, nobody left to spend it
+        return sum(lease.left for lease in quota._keys["team"].leases)
+
+    assert run(burst()) <= max(1, int(100 * MAX_LEASE_SHARE))
+
+
+def test_a_burst_larger_than_a_lease_is_still_admitted_up_to_the_limit():
+    async def burst():
+        clock = Clock()
+        quota = ReplicaQuota(SlowLedger(Ledger(clock)), "r0", clock, heartbeat=False)
+        verdicts = await asyncio.gather(*(quota.admit("team", 100, None) for _ in range(150)))
+        return sum(v.refused is None for v in verdicts)
+
+    assert run(burst()) == 100
+
+
+def test_upkeep_survives_a_lease_replacing_the_list_while_it_gives_permits_back():
+    # Found by review: upkeep removed expired leases one by one around its awaits; a lease
+    # request meanwhile rebuilt the list and upkeep raised ValueError, skipping the heartbeat.
+    async def scenario():
+        clock = Clock()
+        remote = SlowLedger(Ledger(clock))
+        quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+        for _ in range(2):
+            await quota.admit("team", 1000, None)  # a lease of 1, then one of 2 (1 unused)
+        clock.now += LEASE_S + 0.5
+        for _ in range(2):
+            await quota.admit("team", 1000, None)  # a third lease, spent
+        clock.now += LEASE_S + 0.5  # both run out: one with a permit left, one spent
+        upkeep = asyncio.create_task(quota.upkeep())
+        await asyncio.sleep(0)
+        request = asyncio.create_task(quota.admit("team", 1000, None))
+        await upkeep  # raised ValueError before the fix
+        await request
+        return quota._keys["team"].leases
+
+    leases = run(scenario())
+    assert all(lease.expires > 1000.0 + 2 * (LEASE_S + 0.5) for lease in leases)
+
+
+def test_remaining_never_says_more_than_the_limit_after_it_was_lowered():
+    clock, _, (a,) = cluster(1)
+    for _ in range(40):
+        run(a.admit("team", 600, None))  # leases grow to 12 permits
+    verdict = run(a.admit("team", 3, None))  # the key file now says rpm=3
+    assert verdict.limit == 3 and verdict.remaining <= 3
