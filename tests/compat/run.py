@@ -57,10 +57,11 @@ EXTRAS = {"2.49.2": ["rllib"]}
 
 #: What a ray-llm image of the time has and a bare ``pip install`` today does not:
 #: - serve.ingress pickles the FastAPI app, and today's FastAPI holds a lock (in its
-#:   telemetry object) that cannot be pickled, so stock Ray 2.49 and 2.54 fail with "Failed
-#:   to serialize the ASGI app" unless FastAPI is one of their time (for 2.49 then
-#:   prometheus-fastapi-instrumentator must predate Starlette 1.0 too; 2.54 gets the FastAPI
-#:   that Ray 2.60's environment resolves to);
+#:   telemetry object) that cannot be pickled, so stock Ray 2.49, 2.54 and 2.56 fail ("Failed
+#:   to serialize the ASGI app", "cannot pickle '_thread.lock' object") unless FastAPI is
+#:   one of their time (for 2.49
+#:   then prometheus-fastapi-instrumentator must predate Starlette 1.0 too; 2.54 and 2.56
+#:   get the FastAPI that Ray 2.60's environment resolves to; 2.57 on pickle it as it is);
 #: - Ray 2.54's Serve LLM imports boto3 unconditionally (its cloud filesystem helpers);
 #: - protobuf 7 removed ``FieldDescriptor.label``, which Serve's config code of both reads
 #:   (and vLLM 0.15's grpcio-reflection must then be one that accepts protobuf 6).
@@ -68,6 +69,7 @@ CONSTRAINTS = {
     "2.49.2": ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7.1.0",
                "protobuf==6.33.6"],
     "2.54.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
+    "2.56.1": ["fastapi==0.136.3"],
 }
 
 #: The end-to-end module that uses only what every supported Ray has: ``serve deploy`` of
