@@ -9,10 +9,10 @@ Requests per minute
     bucket is counted until ``WINDOW_S`` after its *last* instant (``COUNTED_S``, 61 s
     after its first): a permit granted at 12.99 still counts at 72.98, so the permits
     granted in any 60 s window never exceed the key's ``rpm`` (a request may wait up to 1 s
-    longer than an exact window would make it). A replica uses a permit within ``LEASE_S`` of its grant or gives it
-    back (:meth:`Ledger.give_back_requests`), so requests *admitted* in any 60 s window
-    exceed ``rpm`` by at most the permits granted in the ``LEASE_S`` before it and used
-    inside it: at most the replicas' outstanding leases.
+    longer than an exact window would make it). A replica uses a permit within ``LEASE_S``
+    of its grant or gives it back (:meth:`Ledger.give_back_requests`), so requests
+    *admitted* in any 60 s window exceed ``rpm`` by at most the permits granted in the
+    ``LEASE_S`` before it and used inside it: at most the replicas' outstanding leases.
 Concurrency
     Each replica's slots per key are recorded under its id; a replica reports its holdings
     on every sync (the replica is the truth for them), and a replica silent for

@@ -153,9 +153,7 @@ class ReplicaQuota:
             state.slots_used += 1
         state.concurrency = concurrency
         self._keep_up()
-        self._count_admitted(state, now)
-        return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
-                       state.reset_s)
+        return self._admitted(state, rpm, now)
 
     async def admit(self, key_id: str, rpm: Optional[int], concurrency: Optional[int]) -> Verdict:
         """Admit one request of ``key_id`` (limits as its grant says now), or refuse it.
@@ -186,6 +184,10 @@ class ReplicaQuota:
                     self.release_soon(key_id)
                 return refusal
             now = self._clock()
+        return self._admitted(state, rpm, now)
+
+    def _admitted(self, state: _KeyState, rpm: Optional[int], now: float) -> Verdict:
+        """Count an admitted request in its second (fallback shares, restores) and say so."""
         self._count_admitted(state, now)
         return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
                        state.reset_s)
