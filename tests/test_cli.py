@@ -16,7 +16,7 @@ from rayllm_auth.keyfile import parse_key_file
 from rayllm_auth.keystore import load_keys as load_key_set
 from rayllm_auth.support import SUPPORTED_RAY
 from tests.conftest import new_key
-from tests.fresh_python import REPO, run_python
+from tests.fresh_python import REPO, run_forked
 
 
 def keygen_fields(out: str) -> dict:
@@ -98,7 +98,7 @@ def test_doctor_reports_enforced_with_counts_and_ids_only(tmp_path):
                                    f"later:{new_key()} expires={iso_in(30 * 86400)}\n"
                                    f"batch:{new_key()} rpm=600 concurrency=8\n"
                                    f"*  rpm=60\n")
-    result = run_python(DOCTOR, env={"RAY_LLM_API_KEYS": f"team-a:{env_key}",
+    result = run_forked(DOCTOR, env={"RAY_LLM_API_KEYS": f"team-a:{env_key}",
                                      "RAY_LLM_API_KEYS_FILE": str(tmp_path / "keys")})
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -132,7 +132,7 @@ def test_keygen_expires_after_a_duration_or_at_a_time(capsys):
 
 
 def test_doctor_fails_loudly_on_unsupported_ray_and_bad_keys():
-    result = run_python("import ray; ray.__version__ = '2.61.0'\n" + DOCTOR,
+    result = run_forked("import ray; ray.__version__ = '2.61.0'\n" + DOCTOR,
                         env={"RAY_LLM_API_KEYS": " , ", "VLLM_API_KEY": new_key()})
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"Ray 2.61.0 is not supported (supported: ray {SUPPORTED_RAY})" in result.stdout
@@ -144,7 +144,7 @@ def test_doctor_fails_loudly_on_a_changed_layout():
     simulate = ("import wrapt\n"
                 "wrapt.register_post_import_hook(lambda m: delattr(m, 'make_fastapi_ingress'),"
                 " 'ray.llm._internal.serve.core.ingress.ingress')\n")
-    result = run_python(simulate + DOCTOR, env={"RAY_LLM_API_KEYS": new_key()})
+    result = run_forked(simulate + DOCTOR, env={"RAY_LLM_API_KEYS": new_key()})
     assert result.returncode == 1, result.stdout + result.stderr
     assert "NOT ENFORCED" in result.stdout
     # With keys set the .pth's patch fails closed first, so doctor sees what a replica would.
@@ -152,5 +152,5 @@ def test_doctor_fails_loudly_on_a_changed_layout():
 
 
 def test_doctor_without_keys_says_auth_is_off():
-    result = run_python(DOCTOR)
+    result = run_forked(DOCTOR)
     assert result.returncode == 0 and "auth OFF" in result.stdout
