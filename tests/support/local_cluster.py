@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -131,14 +133,25 @@ class LocalCluster:
         """Stop the cluster, then (unless ``remove_dir`` is False, e.g. for a restart) delete
         its directory: it holds the runtime_env virtualenv, a 6 GB clone of this one.
         RAYLLM_AUTH_KEEP_CLUSTER_DIR=1 keeps it for debugging."""
-        # With HAProxy (direct streaming), Serve first: it stops the HAProxy it started, which
-        # `ray stop` would leave behind, still holding port 8000. Without it, `ray stop` ends
-        # every process; a graceful Serve shutdown would only add 30-50 s per cluster.
-        if self.env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-            self._run("serve", "shutdown", "-y", "-a", DASHBOARD, check=False, timeout=120)
+        # `ray stop` ends every Ray process, but not the HAProxy Serve started (direct
+        # streaming), which would keep port 8000: those are killed by the pids Serve logged,
+        # as Serve's own shutdown kills them (a graceful `serve shutdown` took 60 s).
+        haproxies = self._haproxy_pids()
         self._run("ray", "stop", "--force", check=False)
+        for pid in haproxies:
+            try:
+                if b"haproxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass  # already gone
         if remove_dir and os.environ.get("RAYLLM_AUTH_KEEP_CLUSTER_DIR") != "1":
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _haproxy_pids(self) -> set[int]:
+        """The HAProxy processes this cluster's Serve started, from its log lines."""
+        logs = self.root.glob("ray/session_*/logs/serve/*.log")
+        return {int(pid) for log in logs for pid in re.findall(
+            rb"Starting HAProxy \(spawn #\d+, pid=(\d+)", log.read_bytes())}
 
     def _run(self, *cmd, check=True, env=None, timeout=600):
         # cwd: Ray puts the starting directory on every worker's sys.path; a checkout of
@@ -221,8 +234,8 @@ class LocalCluster:
 INGRESS_CLASSES = (":OpenAiIngress", ":LLMRouter")
 
 
-def ingress_pids() -> dict[str, int]:
-    """{application name: pid of its ingress replica}, from Ray's state API."""
+def ingress_replica_pids() -> dict[str, set[int]]:
+    """{application name: pids of its live ingress replicas}, from Ray's state API."""
     reply = httpx.get(f"{DASHBOARD}/api/v0/actors", timeout=30, params={
         "detail": "1", "limit": "10000", "filter_keys": "state", "filter_predicates": "=",
         "filter_values": "ALIVE"})
@@ -231,5 +244,13 @@ def ingress_pids() -> dict[str, int]:
     for actor in reply.json()["data"]["result"]["result"]:
         name = actor.get("class_name", "")  # ServeReplica:<app>:OpenAiIngress
         if name.endswith(INGRESS_CLASSES):
-            pids[name.split(":")[1]] = actor["pid"]
+            pids.setdefault(name.split(":")[1], set()).add(actor["pid"])
+    return pids
+
+
+def ingress_pids() -> dict[str, int]:
+    """{application name: pid of its one ingress replica}; fails for an app with more."""
+    pids = {}
+    for app, replicas in ingress_replica_pids().items():
+        (pids[app],) = replicas
     return pids
