@@ -43,6 +43,7 @@ RESULTS = Path(__file__).resolve().parent
 PINS = {
     "2.49.2": "0.10.0",
     "2.54.1": "0.15.0",
+    "2.55.1": "0.18.0",
     "2.56.1": "0.22.0",
     "2.57.1": "0.25.1",
     "2.58.1": "0.26.0",
@@ -69,6 +70,7 @@ CONSTRAINTS = {
     "2.49.2": ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7.1.0",
                "protobuf==6.33.6"],
     "2.54.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
+    "2.55.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6"],
     "2.56.1": ["fastapi==0.136.3"],
 }
 
