@@ -11,8 +11,7 @@ Deployment: the RayService's serveConfigV2 is extracted and deployed with `serve
 REST path KubeRay's operator uses). Its Secret's `keys` file, with this run's keys in place of
 the placeholder digests, is laid out the way the kubelet mounts a Secret (SecretMount), and
 RAY_LLM_API_KEYS_FILE points at it as the pods' env does. examples/serve_config.yaml is
-deployed beside it, and a third app with two ingress replicas and a slow stand-in decode
-serves the per-key limits and the replica-kill tests.
+deployed beside it, and a third app with a slow stand-in decode serves the replica-kill test.
 Changed, because this machine forces it: the pip entry becomes the locally built wheel (no
 package index), the GPU request a quarter CPU, Ray's RAYLLM_VLLM_ENGINE_CLS selects the
 stand-in engine, each app gets its own name and route, and the reload interval is 1 s instead
@@ -48,7 +47,7 @@ from tests.support.local_cluster import (
     LocalCluster,
     application,
     cpu_only,
-    ingress_replica_pids,
+    ingress_pids,
     llm_config,
 )
 from rayllm_auth.keystore import SETTLE_S
@@ -135,7 +134,7 @@ def example_keys(cluster, mount):
     serve_key_file(mount, example_key_file(), KEYS["team-b"])
 
 
-APPS = ("rayservice", "serve-config", "limits")
+APPS = ("rayservice", "serve-config", "slow", "limits")
 
 
 def deploy_apps(cluster, wheel, names=APPS):
@@ -145,8 +144,10 @@ def deploy_apps(cluster, wheel, names=APPS):
     apps = {
         "rayservice": runnable_here(service_app, wheel, "rayservice", "/"),
         "serve-config": runnable_here(plain_app, wheel, "serve-config", "/plain"),
-        # Two ingress replicas, so per-key limits must hold across them; a slow decode, so a
-        # stream is still running when its replicas are killed.
+        # Slow decode, so a stream is still running when its replica is killed.
+        "slow": application("slow", "/slow", runtime_env={"pip": [str(wheel)], "env_vars": {
+            "RAYLLM_AUTH_STANDIN_TOKEN_DELAY_S": "0.05"}}),
+        # Two ingress replicas, so per-key limits must hold across them.
         "limits": application("limits", "/limits", runtime_env={
             "pip": [str(wheel)], "env_vars": {"RAYLLM_AUTH_STANDIN_TOKEN_DELAY_S": "0.025"}},
             ingress_deployment_config={"autoscaling_config": {
@@ -577,41 +578,33 @@ def breaks_ray_proxy(headers) -> bool:
     return False
 
 
-def test_replicas_killed_mid_stream_come_back_enforcing(cluster, wheel):
-    # The limits app: two ingress replicas and a slow stand-in decode, so a stream is still
-    # running when every ingress replica of its app is killed.
-    ensure_apps(cluster, wheel, "limits")
-    killed = ingress_replica_pids()["limits"]
-    with httpx.stream("POST", f"{SERVE_URL}{LIMITS_APP}/v1/chat/completions", timeout=120,
+def test_replica_killed_mid_stream_comes_back_enforcing(cluster, wheel):
+    ensure_apps(cluster, wheel, "slow")
+    (pid,) = [p for app, p in ingress_pids().items() if app == "slow"]
+    with httpx.stream("POST", f"{SERVE_URL}/slow/v1/chat/completions", timeout=120,
                       headers={"authorization": f"Bearer {KEY}"},
                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                             "max_tokens": 400, "stream": True}) as reply:
         lines = reply.iter_lines()
         assert next(lines).startswith("data: ")  # the stream is under way
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         with pytest.raises(httpx.HTTPError):
             for _ in lines:
                 pass
     answers = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        status = httpx.get(f"{SERVE_URL}{LIMITS_APP}/v1/models", timeout=60).status_code
+        status = httpx.get(f"{SERVE_URL}/slow/v1/models", timeout=60).status_code
         answers.append(status)
         if status not in (500, 502, 503, 504):
             break
         time.sleep(0.5)
     FIGURES["after_kill"] = {"probes": len(answers), "first_answer": answers[-1]}
-    assert answers[-1] == 401  # a replacement's very first answer without a key
+    assert answers[-1] == 401  # the replacement's very first answer without a key
     assert set(answers[:-1]) <= {500, 502, 503, 504}  # never a 200 in between
-    while len(replaced := ingress_replica_pids().get("limits", set()) - killed) < len(killed):
-        assert time.monotonic() < deadline, f"{len(replaced)} of {len(killed)} replaced"
-        time.sleep(0.5)
-    for _ in range(10):  # both replacements, whichever the proxy picks
-        assert httpx.get(f"{SERVE_URL}{LIMITS_APP}/v1/models", timeout=60).status_code == 401
-        ok = httpx.get(f"{SERVE_URL}{LIMITS_APP}/v1/models", headers={"x-api-key": KEY},
-                       timeout=60)
-        assert ok.status_code == 200
+    assert ingress_pids()["slow"] != pid
+    ok = httpx.get(f"{SERVE_URL}/slow/v1/models", headers={"x-api-key": KEY}, timeout=60)
+    assert ok.status_code == 200
 
 
 # -- per-key limits across two ingress replicas --------------------------------------------

@@ -234,8 +234,8 @@ class LocalCluster:
 INGRESS_CLASSES = (":OpenAiIngress", ":LLMRouter")
 
 
-def ingress_replica_pids() -> dict[str, set[int]]:
-    """{application name: pids of its live ingress replicas}, from Ray's state API."""
+def ingress_pids() -> dict[str, int]:
+    """{application name: pid of its ingress replica}, from Ray's state API."""
     reply = httpx.get(f"{DASHBOARD}/api/v0/actors", timeout=30, params={
         "detail": "1", "limit": "10000", "filter_keys": "state", "filter_predicates": "=",
         "filter_values": "ALIVE"})
@@ -244,13 +244,5 @@ def ingress_replica_pids() -> dict[str, set[int]]:
     for actor in reply.json()["data"]["result"]["result"]:
         name = actor.get("class_name", "")  # ServeReplica:<app>:OpenAiIngress
         if name.endswith(INGRESS_CLASSES):
-            pids.setdefault(name.split(":")[1], set()).add(actor["pid"])
-    return pids
-
-
-def ingress_pids() -> dict[str, int]:
-    """{application name: pid of its one ingress replica}; fails for an app with more."""
-    pids = {}
-    for app, replicas in ingress_replica_pids().items():
-        (pids[app],) = replicas
+            pids[name.split(":")[1]] = actor["pid"]
     return pids
