@@ -58,14 +58,15 @@ EXTRAS = {"2.49.2": ["rllib"]}
 
 #: What a ray-llm image of the time has and a bare ``pip install`` today does not:
 #: - serve.ingress pickles the FastAPI app, and today's FastAPI holds a lock (in its
-#:   telemetry object) that cannot be pickled, so stock Ray 2.49, 2.54 and 2.56 fail ("Failed
-#:   to serialize the ASGI app", "cannot pickle '_thread.lock' object") unless FastAPI is
-#:   one of their time (for 2.49
-#:   then prometheus-fastapi-instrumentator must predate Starlette 1.0 too; 2.54 and 2.56
-#:   get the FastAPI that Ray 2.60's environment resolves to; 2.57 on pickle it as it is);
-#: - Ray 2.54's Serve LLM imports boto3 unconditionally (its cloud filesystem helpers);
-#: - protobuf 7 removed ``FieldDescriptor.label``, which Serve's config code of both reads
-#:   (and vLLM 0.15's grpcio-reflection must then be one that accepts protobuf 6).
+#:   telemetry object) that cannot be pickled, so stock Ray 2.49 and 2.54 to 2.56 fail
+#:   ("Failed to serialize the ASGI app", "cannot pickle '_thread.lock' object") unless
+#:   FastAPI is one of their time (for 2.49 then prometheus-fastapi-instrumentator must
+#:   predate Starlette 1.0 too; 2.54 to 2.56 get the FastAPI that Ray 2.60's environment
+#:   resolves to; 2.57 on pickle it as it is);
+#: - Ray 2.54's Serve LLM imports boto3 unconditionally (its cloud filesystem helpers; 2.55
+#:   gets the same pins as 2.54, unchecked one by one);
+#: - protobuf 7 removed ``FieldDescriptor.label``, which Serve's config code of 2.49 and 2.54
+#:   reads (and vLLM 0.15's grpcio-reflection must then be one that accepts protobuf 6).
 CONSTRAINTS = {
     "2.49.2": ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7.1.0",
                "protobuf==6.33.6"],
