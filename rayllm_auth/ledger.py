@@ -23,7 +23,8 @@ Concurrency
 Limits travel with each call (the replica read them from its key file), so a lowered limit
 takes effect on the next lease. Key ids are non-secret names: the ledger never sees a key.
 A restarted ledger starts empty, then each replica :meth:`restores <Ledger.restore>` what
-it was granted in the last window, so a killed ledger does not reset the windows.
+it admitted in the last window, so a killed ledger does not reset the windows; a replica
+back from fallback restores what it admitted on its own.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class Ledger:
         self._holdings: dict[str, dict[str, int]] = {}  # key id -> replica -> slots
         self._last_sync: dict[str, float] = {}  # replica -> clock at its last call
         self._contended: set[str] = set()
+        self._restored: dict[str, float] = {}  # restore part token -> clock when applied
 
     # -- requests per minute -----------------------------------------------------------------
 
@@ -166,18 +168,27 @@ class Ledger:
         return {"incarnation": self.incarnation, "contended": contended,
                 "replicas": len(self._last_sync)}
 
-    def restore(self, replica: str, granted: Mapping[str, Iterable[tuple[float, int]]],
+    def restore(self, replica: str, parts: Iterable[tuple[str, Mapping[str, Iterable[tuple[float, int]]]]],
                 holdings: Mapping[str, int]) -> str:
-        """What one replica was granted before this ledger started (``(age in seconds,
-        permits)`` per key id) and the slots it holds: a restarted ledger carries on
-        with the windows it lost. Returns the incarnation."""
+        """What one replica admitted that these books lack, and the slots it holds: each
+        part is a token and ``(age in seconds, requests)`` per key id (what it admitted
+        before this ledger started, or on its own while it could not reach it). A part is
+        applied once: sent again with its token (its answer was lost), it is skipped.
+        Returns the incarnation."""
         now = self._clock()
-        for key_id, grants in granted.items():
-            window = self._windows.setdefault(key_id, _Window())
-            for age, count in grants:
-                if 0 <= age < COUNTED_S and count > 0:
-                    second = math.floor(now - age)
-                    window.counts[second] = window.counts.get(second, 0) + count
+        for token, seen in list(self._restored.items()):
+            if now - seen > 2 * COUNTED_S:  # a part sent again this late has nothing counted
+                del self._restored[token]
+        for token, granted in parts:
+            if token in self._restored:
+                continue
+            self._restored[token] = now
+            for key_id, grants in granted.items():
+                window = self._windows.setdefault(key_id, _Window())
+                for age, count in grants:
+                    if 0 <= age < COUNTED_S and count > 0:
+                        second = math.floor(now - age)
+                        window.counts[second] = window.counts.get(second, 0) + count
         self.sync(replica, holdings)
         return self.incarnation
 

@@ -173,7 +173,7 @@ class ApiKeyMiddleware:
         the first limited requests find it answering instead of falling back."""
         self._quota = self._make_quota()
         try:
-            asyncio.get_running_loop().create_task(self._quota.upkeep())
+            self._quota.reach_ledger_soon()
         except RuntimeError:
             pass  # built outside an event loop: the first limited request reaches it
 

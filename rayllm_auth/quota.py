@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Protocol
+from typing import Awaitable, Callable, NamedTuple, Optional, Protocol
 
 from rayllm_auth.ledger import COUNTED_S, LEASE_S, Ledger, RequestGrant
 
@@ -52,7 +53,12 @@ SLOT_REFUSAL_S = 0.05
 
 
 class LedgerUnavailable(Exception):
-    """The ledger did not answer (dead, unreachable or too slow)."""
+    """The ledger did not answer (dead, unreachable or too slow). ``late_answer``: the call,
+    still in flight, when it only missed its deadline; the ledger may yet apply it."""
+
+    def __init__(self, reason: str, late_answer: Optional[Awaitable] = None):
+        super().__init__(reason)
+        self.late_answer = late_answer
 
 
 class LedgerCalls(Protocol):
@@ -65,7 +71,7 @@ class LedgerCalls(Protocol):
                           replica: str) -> tuple[int, str]: ...
     async def give_back_slots(self, key_id: str, count: int, replica: str) -> None: ...
     async def sync(self, replica: str, holdings: dict) -> dict: ...
-    async def restore(self, replica: str, granted: dict, holdings: dict) -> str: ...
+    async def restore(self, replica: str, parts: list, holdings: dict) -> str: ...
 
 
 class Verdict(NamedTuple):
@@ -105,7 +111,7 @@ class _KeyState:
     slots_returning: int = 0  # given back, the ledger not known to have heard yet
     slot_refused_until: float = 0.0  # local clock
     admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
-    admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, in fallback
+    admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
 
 
 class ReplicaQuota:
@@ -127,10 +133,20 @@ class ReplicaQuota:
         self._incarnation: Optional[str] = None  # the ledger's, once it has answered a sync
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
         self._rejoining = False  # back from fallback: the ledger must hear what we admitted
+        #: What the ledger must still hear: (token, {key id: {local second: requests}}); a
+        #: part is sent again, with its token, until a restore is answered (the ledger
+        #: applies a token once, so a restore applied whose answer was lost counts once).
+        self._unrestored: list[tuple[str, dict[str, dict[int, int]]]] = []
+        self._tasks: set[asyncio.Task] = set()  # background calls, kept from the collector
 
     def assume_replicas(self, replicas: int) -> None:
         """How many replicas share the limits until the ledger says (fallback shares)."""
         self._replicas = max(1, replicas)
+
+    def reach_ledger_soon(self) -> None:
+        """Start reaching the ledger now, in a task (its actor can take seconds to start the
+        first time): the first limited requests then find it answering. In an event loop."""
+        self._spawn(self.upkeep())
 
     @property
     def in_fallback(self) -> bool:
@@ -211,8 +227,7 @@ class ReplicaQuota:
         if state is not None and state.slots_used > 0:
             give_back = self._drop_slot(state)
             if give_back:
-                asyncio.get_running_loop().create_task(
-                    self._give_back_slots(key_id, state, give_back))
+                self._spawn(self._give_back_slots(key_id, state, give_back))
 
     # -- requests per minute -------------------------------------------------------------------
 
@@ -259,11 +274,12 @@ class ReplicaQuota:
             try:
                 grant = await self._ledger.lease_requests(key_id, rpm, max(want, 1),
                                                           self._replica)
-                self._leave_fallback()
-                await self._heard(grant.incarnation)
-            except LedgerUnavailable:
+            except LedgerUnavailable as gone:
                 self._enter_fallback(self._clock())
+                if gone.late_answer is not None:
+                    self._spawn(self._give_back_late_grant(key_id, gone.late_answer))
                 return
+            # The grant is kept before anything else is awaited: the ledger counted it.
             now = self._clock()
             state.remaining, state.reset_s = grant.remaining, grant.reset_s
             state.reset_at = now + grant.reset_s
@@ -271,8 +287,24 @@ class ReplicaQuota:
                 state.exhausted_until = now + min(max(grant.reset_s, 0.05), RPM_RECHECK_S)
             else:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S))
+            self._leave_fallback()
+            try:
+                await self._heard(grant.incarnation)
+            except LedgerUnavailable:
+                self._enter_fallback(self._clock())
         finally:
             state.leasing = None
+
+    async def _give_back_late_grant(self, key_id: str, answer: Awaitable) -> None:
+        """A lease the ledger granted after this replica stopped waiting (and admitted on
+        fallback permits instead): its permits go back, else the ledger would count them
+        for a minute while nobody spends them."""
+        try:
+            grant = await asyncio.wait_for(answer, COUNTED_S)
+            if grant.granted:
+                await self._ledger.give_back_requests(key_id, grant.granted, grant.second)
+        except Exception:  # the ledger is gone (a new one starts empty) or still slow:
+            pass  # the permits stay counted, which errs on the side of the limit
 
     def _remaining(self, state: _KeyState, now: Optional[float], rpm: int) -> int:
         """Requests left in the window as far as this replica knows: what the ledger had
@@ -308,16 +340,14 @@ class ReplicaQuota:
             state.reset_at = now + state.reset_s
             state.exhausted_until = now + max(state.reset_s, 0.05)
             return self._refused_rpm(state, rpm)
+        # The ledger hears of it when it answers again; a permit of a lease is not counted
+        # here: the ledger counted it when it granted the lease.
+        _count(state.admitted_alone, second)
         return None
 
-    def _count_admitted(self, state: _KeyState, now: float) -> None:
-        second = int(now)  # floor: the clock is never negative
-        counts = (state.admitted, state.admitted_alone) if self.in_fallback else (state.admitted,)
-        for admitted in counts:
-            admitted[second] = admitted.get(second, 0) + 1
-            if len(admitted) > COUNTED_S:
-                for old in [s for s in admitted if s <= second - COUNTED_S]:
-                    del admitted[old]
+    @staticmethod
+    def _count_admitted(state: _KeyState, now: float) -> None:
+        _count(state.admitted, int(now))  # floor: the clock is never negative
 
     # -- concurrency ---------------------------------------------------------------------------
 
@@ -444,24 +474,29 @@ class ReplicaQuota:
     async def _heard(self, incarnation: str) -> None:
         """Every answer names the ledger's incarnation. A new one (restarted, empty) gets
         what this replica admitted in the window before anything else; back from fallback,
-        the ledger gets what was admitted alone; both with the slots held. Raises
-        LedgerUnavailable (nothing is then forgotten: it is sent again)."""
+        the ledger gets what was admitted on fallback permits; both with the slots held.
+        Raises LedgerUnavailable (nothing is then forgotten: it is sent again, and the
+        ledger applies each part once)."""
         restarted = self._incarnation is not None and incarnation != self._incarnation
+        if restarted:  # everything in the window: the parts not delivered are in it
+            self._unrestored = [_restore_part(self._keys, "admitted")]
+        elif self._rejoining:
+            self._unrestored.append(_restore_part(self._keys, "admitted_alone"))
         if restarted or self._rejoining:
-            which = "admitted" if restarted else "admitted_alone"
-            now = self._clock()
-            granted = {k: [(now - second, n) for second, n in getattr(s, which).items()]
-                       for k, s in self._keys.items() if getattr(s, which)}
-            known, self._incarnation = self._incarnation, incarnation  # one restore, not two
-            try:
-                await self._ledger.restore(self._replica, granted, self._holdings())
-            except LedgerUnavailable:
-                self._incarnation = known  # so the next answer restores again
-                raise
-            self._rejoining = False
             for state in self._keys.values():
                 state.admitted_alone.clear()
+            self._rejoining = False
         self._incarnation = incarnation
+        sending = [part for part in self._unrestored if part[1]]
+        if not sending:
+            self._unrestored = []
+            return
+        now = self._clock()
+        parts = [(token, {k: [(now - second, n) for second, n in counts.items()]
+                          for k, counts in granted.items()}) for token, granted in sending]
+        await self._ledger.restore(self._replica, parts, self._holdings())
+        sent = {token for token, _ in sending}
+        self._unrestored = [part for part in self._unrestored if part[0] not in sent]
 
     async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
         """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""
@@ -478,6 +513,13 @@ class ReplicaQuota:
         holdings = {k: s.slots_held + s.slots_pending + s.slots_returning
                     for k, s in self._keys.items()}
         return {k: n for k, n in holdings.items() if n}
+
+    def _spawn(self, coro) -> None:
+        """Run ``coro`` in a task this object keeps until it ends (the loop keeps only
+        weak references to tasks)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _retry_due(self, now: float) -> bool:
         return self._fallback_until is not None and now >= self._fallback_until
@@ -500,6 +542,20 @@ class ReplicaQuota:
                 state.exhausted_until = 0.0
             logger.warning("rayllm-auth: the limits ledger answers again; cluster-wide limits")
             self._on_fallback(False)
+
+
+def _count(counts: dict[int, int], second: int) -> None:
+    """One more request in ``second``; seconds no longer counted go."""
+    counts[second] = counts.get(second, 0) + 1
+    if len(counts) > COUNTED_S:
+        for old in [s for s in counts if s <= second - COUNTED_S]:
+            del counts[old]
+
+
+def _restore_part(keys: dict[str, _KeyState], which: str):
+    """A copy of every key's ``admitted`` or ``admitted_alone`` counts, under a new token."""
+    return uuid.uuid4().hex, {k: dict(getattr(s, which)) for k, s in keys.items()
+                              if getattr(s, which)}
 
 
 class InProcessLedger:

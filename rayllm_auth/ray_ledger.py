@@ -8,7 +8,8 @@ if it dies (``max_restarts=-1``); replicas then restore what they admitted in th
 ``ray kill`` removes it.
 
 Every call has a deadline (``CALL_TIMEOUT_S``): a ledger that does not answer in time is
-treated as gone (fallback limits), never waited for.
+treated as gone (fallback limits), never waited for; the call stays in flight, and a lease
+the ledger grants after the deadline is given back (:mod:`rayllm_auth.quota`).
 
 Trust: the actor is reachable by any code that can reach the Ray cluster (as every Ray actor
 is), which could change its books; the limits are as strong as access to the cluster, which
@@ -45,7 +46,7 @@ class LedgerActor(Ledger):
 
 #: In the actor's name: a replica of a newer rayllm-auth with another ledger protocol never
 #: talks to an older ledger still running (detached actors outlive upgrades).
-PROTOCOL = 1
+PROTOCOL = 2  # 2: restore takes parts with tokens
 
 
 def actor_name(app_name: str) -> str:
@@ -66,9 +67,14 @@ class RayLedger:
             raise AttributeError(method)
 
         async def call(*args):
+            answer = asyncio.ensure_future(self._call(method, args))
+            answer.add_done_callback(_retrieve)
             try:  # one deadline for finding the actor and calling it
-                return await asyncio.wait_for(self._call(method, args), CALL_TIMEOUT_S)
-            except Exception as exc:  # Ray's actor errors, timeouts: all mean "not now"
+                return await asyncio.wait_for(asyncio.shield(answer), CALL_TIMEOUT_S)
+            except asyncio.TimeoutError:  # the call stays in flight: the ledger may apply it
+                self._handle = None
+                raise LedgerUnavailable("TimeoutError", late_answer=answer) from None
+            except Exception as exc:  # Ray's actor errors: "not now"
                 self._handle = None
                 raise LedgerUnavailable(type(exc).__name__) from None
 
@@ -89,6 +95,12 @@ class RayLedger:
             name=self._name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
             max_restarts=-1, num_cpus=0,
         ).remote()
+
+
+def _retrieve(answer: asyncio.Future) -> None:
+    """A call nobody awaits any more ends quietly (asyncio logs an unretrieved error)."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 def replica_quota() -> ReplicaQuota:
