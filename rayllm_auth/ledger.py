@@ -109,9 +109,13 @@ class Ledger:
         return RequestGrant(granted, second, free - granted, window.reset_s(now),
                             self.incarnation)
 
-    def give_back_requests(self, key_id: str, count: int, second: int) -> None:
-        """Permits granted in ``second`` and never used (a lease that ran out)."""
+    def give_back_requests(self, key_id: str, count: int, second: int,
+                           incarnation: str) -> None:
+        """Permits granted in ``second`` and never used (a lease that ran out). Permits
+        another incarnation granted are not in these books: nothing is taken off."""
         window = self._windows.get(key_id)
+        if incarnation != self.incarnation:
+            return
         if window is not None and second in window.counts:
             left = window.counts[second] - count
             if left > 0:
@@ -168,18 +172,22 @@ class Ledger:
         return {"incarnation": self.incarnation, "contended": contended,
                 "replicas": len(self._last_sync)}
 
-    def restore(self, replica: str, parts: Iterable[tuple[str, Mapping[str, Iterable[tuple[float, int]]]]],
+    def restore(self, replica: str, incarnation: str,
+                parts: Iterable[tuple[str, Mapping[str, Iterable[tuple[float, int]]]]],
                 holdings: Mapping[str, int]) -> str:
         """What one replica admitted that these books lack, and the slots it holds: each
         part is a token and ``(age in seconds, requests)`` per key id (what it admitted
-        before this ledger started, or on its own while it could not reach it). A part is
-        applied once: sent again with its token (its answer was lost), it is skipped.
-        Returns the incarnation."""
+        before this ledger started, or on its own while it could not reach it). The parts
+        are applied only by the ``incarnation`` they were made for (a replica that has not
+        yet seen this ledger restart sends less than it must: it learns from the answer and
+        sends the whole window); a part is applied once: sent again with its token (its
+        answer was lost), it is skipped. The holdings are taken in any case. Returns the
+        incarnation."""
         now = self._clock()
         for token, seen in list(self._restored.items()):
             if now - seen > 2 * COUNTED_S:  # a part sent again this late has nothing counted
                 del self._restored[token]
-        for token, granted in parts:
+        for token, granted in parts if incarnation == self.incarnation else ():
             if token in self._restored:
                 continue
             self._restored[token] = now

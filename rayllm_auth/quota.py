@@ -66,12 +66,14 @@ class LedgerCalls(Protocol):
     each raises LedgerUnavailable when the ledger cannot answer."""
 
     async def lease_requests(self, key_id: str, rpm: int, want: int, replica: str) -> RequestGrant: ...
-    async def give_back_requests(self, key_id: str, count: int, second: int) -> None: ...
+    async def give_back_requests(self, key_id: str, count: int, second: int,
+                                 incarnation: str) -> None: ...
     async def lease_slots(self, key_id: str, concurrency: int, want: int,
                           replica: str) -> tuple[int, str]: ...
     async def give_back_slots(self, key_id: str, count: int, replica: str) -> None: ...
     async def sync(self, replica: str, holdings: dict) -> dict: ...
-    async def restore(self, replica: str, parts: list, holdings: dict) -> str: ...
+    async def restore(self, replica: str, incarnation: str, parts: list,
+                      holdings: dict) -> str: ...
 
 
 class Verdict(NamedTuple):
@@ -92,6 +94,7 @@ class _RequestLease:
     second: int  # the ledger's second the permits are counted in
     left: int
     expires: float  # local clock
+    incarnation: str  # the ledger that counted them: only it takes them back
 
 
 @dataclass
@@ -286,7 +289,8 @@ class ReplicaQuota:
             if grant.granted == 0:
                 state.exhausted_until = now + min(max(grant.reset_s, 0.05), RPM_RECHECK_S)
             else:
-                state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S))
+                state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S,
+                                                  grant.incarnation))
             self._leave_fallback()
             try:
                 await self._heard(grant.incarnation)
@@ -302,7 +306,8 @@ class ReplicaQuota:
         try:
             grant = await asyncio.wait_for(answer, COUNTED_S)
             if grant.granted:
-                await self._ledger.give_back_requests(key_id, grant.granted, grant.second)
+                await self._ledger.give_back_requests(key_id, grant.granted, grant.second,
+                                                      grant.incarnation)
         except Exception:  # the ledger is gone (a new one starts empty) or still slow:
             pass  # the permits stay counted, which errs on the side of the limit
 
@@ -378,8 +383,10 @@ class ReplicaQuota:
         try:
             granted, incarnation = await self._ledger.lease_slots(key_id, concurrency, 1,
                                                                   self._replica)
-        except LedgerUnavailable:
+        except LedgerUnavailable as gone:
             self._enter_fallback(self._clock())
+            if gone.late_answer is not None:
+                self._spawn(self._correct_late_slot_grant(gone.late_answer))
             return None
         finally:
             state.slots_pending -= 1
@@ -390,6 +397,17 @@ class ReplicaQuota:
         except LedgerUnavailable:
             self._enter_fallback(self._clock())
         return granted
+
+    async def _correct_late_slot_grant(self, answer: Awaitable) -> None:
+        """A slot the ledger granted after this replica stopped waiting: the ledger hears
+        the slots actually held here (a sync is the truth), else it would count the slot
+        for this replica until it fell silent, refusing other replicas meanwhile."""
+        try:
+            granted, _ = await asyncio.wait_for(answer, COUNTED_S)
+            if granted:
+                await self._ledger.sync(self._replica, self._holdings())
+        except Exception:  # gone: a replica silent for HOLDING_TTL_S loses its slots anyway
+            pass
 
     def _fallback_slot(self, state: _KeyState, concurrency: int) -> bool:
         """In flight counted by this replica alone, against its share (at least one)."""
@@ -455,7 +473,8 @@ class ReplicaQuota:
                 for lease in expired:
                     if lease.left:
                         state.want = max(1, state.want // 2)
-                        await self._ledger.give_back_requests(key_id, lease.left, lease.second)
+                        await self._ledger.give_back_requests(key_id, lease.left, lease.second,
+                                                              lease.incarnation)
                 if state.slots_used == 0:  # no request of the key here: hold nothing
                     await self._give_back_idle(key_id, state, 0)
                 elif state.concurrency is not None and state.slots_held > state.concurrency:
@@ -482,21 +501,27 @@ class ReplicaQuota:
             self._unrestored = [_restore_part(self._keys, "admitted")]
         elif self._rejoining:
             self._unrestored.append(_restore_part(self._keys, "admitted_alone"))
-        if restarted or self._rejoining:
+        must_report = restarted or self._rejoining  # the slots held, at least
+        if must_report:
             for state in self._keys.values():
                 state.admitted_alone.clear()
             self._rejoining = False
         self._incarnation = incarnation
-        sending = [part for part in self._unrestored if part[1]]
-        if not sending:
-            self._unrestored = []
-            return
         now = self._clock()
-        parts = [(token, {k: [(now - second, n) for second, n in counts.items()]
+        sending = _still_counted(self._unrestored, now)
+        self._unrestored = sending
+        if not sending and not must_report:
+            return
+        # Ages from the end of each local second: on a ledger whose clock has another
+        # fraction (another node) a request is counted a little long, never too short.
+        parts = [(token, {k: [(max(0.0, now - second - 1), n) for second, n in counts.items()]
                           for k, counts in granted.items()}) for token, granted in sending]
-        await self._ledger.restore(self._replica, parts, self._holdings())
+        answered = await self._ledger.restore(self._replica, incarnation, parts,
+                                              self._holdings())
         sent = {token for token, _ in sending}
         self._unrestored = [part for part in self._unrestored if part[0] not in sent]
+        if answered != incarnation:  # it restarted meanwhile and applied nothing
+            await self._heard(answered)
 
     async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
         """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""
@@ -517,7 +542,12 @@ class ReplicaQuota:
     def _spawn(self, coro) -> None:
         """Run ``coro`` in a task this object keeps until it ends (the loop keeps only
         weak references to tasks)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()  # never started: no "coroutine was never awaited" warning
+            raise
+        task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -550,6 +580,15 @@ def _count(counts: dict[int, int], second: int) -> None:
     if len(counts) > COUNTED_S:
         for old in [s for s in counts if s <= second - COUNTED_S]:
             del counts[old]
+
+
+def _still_counted(parts, now: float):
+    """``parts`` without the seconds a ledger no longer counts, and without empty parts."""
+    oldest = now - COUNTED_S
+    trimmed = [(token, {k: {s: n for s, n in counts.items() if s > oldest}
+                        for k, counts in granted.items()}) for token, granted in parts]
+    trimmed = [(token, {k: c for k, c in granted.items() if c}) for token, granted in trimmed]
+    return [(token, granted) for token, granted in trimmed if granted]
 
 
 def _restore_part(keys: dict[str, _KeyState], which: str):

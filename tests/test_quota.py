@@ -638,6 +638,7 @@ class LateHandle:
 
     def __init__(self, ledger):
         self.ledger, self.late, self.down = ledger, set(), False
+        self.before = {}  # method name -> called before the actor applies the call
 
     def __getattr__(self, name):
         handle = self
@@ -647,6 +648,7 @@ class LateHandle:
             def remote(*args):
                 if handle.down:
                     raise RuntimeError("actor died")
+                handle.before.get(name, lambda: None)()
                 result = getattr(handle.ledger, name)(*args)
 
                 async def answer():
@@ -668,6 +670,13 @@ def late_cluster(monkeypatch):
     monkeypatch.setattr(ray_ledger.RayLedger, "_get_or_create", lambda self: handle)
     return clock, handle, ReplicaQuota(ray_ledger.RayLedger("app"), "r0", clock,
                                        heartbeat=False)
+
+
+def replica_on(handle, clock, name):
+    """Another replica of the same application, on the same actor handle."""
+    from rayllm_auth import ray_ledger
+
+    return ReplicaQuota(ray_ledger.RayLedger("app"), name, clock, heartbeat=False)
 
 
 def counted(ledger, key):
@@ -744,3 +753,124 @@ def test_a_grant_kept_when_the_restore_after_it_fails(monkeypatch):
 
     leases = run(scenario())
     assert sum(lease.left for lease in leases) == 1  # the grant's other permit, held here
+
+
+# -- found by the fifth review (the late-answer fix) -----------------------------------------
+
+
+def test_back_from_fallback_the_ledger_hears_the_slots_taken_alone():
+    # A key with only concurrency= admits nothing "alone" for rpm; the rejoin must still
+    # report the slots, or another replica is granted one already in use.
+    clock, remote, (a, b) = cluster(2)
+    for quota in (a, b):
+        quota.assume_replicas(2)
+
+    async def scenario():
+        remote.down = True
+        await a.upkeep()
+        assert (await a.admit("k", None, 2)).refused is None  # its share, alone
+        remote.down = False
+        clock.now += RETRY_S
+        assert (await a.admit("k", None, 2)).refused is None  # from the ledger: 2 on a
+        return [(await b.admit("k", None, 2)).refused for _ in range(2)]
+
+    assert run(scenario()) == ["concurrency", "concurrency"]
+
+
+def test_a_slot_granted_after_its_deadline_is_not_held_for_a_replica_that_left(monkeypatch):
+    clock, handle, a = late_cluster(monkeypatch)
+    b = replica_on(handle, clock, "r1")
+
+    async def scenario():
+        handle.late = {"lease_slots"}
+        assert (await a.admit("k", None, 1)).refused is None  # on its fallback share
+        await a.release("k")
+        await asyncio.sleep(0.3)  # the late grant lands: the ledger hears a holds nothing
+        handle.late = set()
+        return (await b.admit("k", None, 1)).refused
+
+    assert run(scenario()) is None
+
+
+def test_a_restore_that_keeps_missing_its_deadline_does_not_grow(monkeypatch):
+    clock, handle, quota = late_cluster(monkeypatch)
+
+    async def scenario():
+        await quota.upkeep()
+        for _ in range(40):  # 200 s of: ledger gone, one request alone, back, restore late
+            handle.down = True
+            await quota.admit("k", 1000, None)
+            handle.down, handle.late = False, {"restore"}
+            clock.now += RETRY_S
+            await quota.upkeep()
+        await asyncio.sleep(0.3)
+
+    run(scenario())
+    seconds = [s for _, granted in quota._unrestored for counts in granted.values()
+               for s in counts]
+    assert seconds and min(seconds) > clock.now - COUNTED_S
+    assert len(quota._unrestored) <= COUNTED_S / RETRY_S + 1
+
+
+def test_permits_given_back_to_a_restarted_ledger_take_nothing_off():
+    clock = Clock()
+    old, new = Ledger(clock), Ledger(clock)
+    grant = old.lease_requests("k", 10, 3, "r0")
+    new.lease_requests("k", 10, 3, "r1")  # restored or granted there, in the same second
+    new.give_back_requests("k", 3, grant.second, grant.incarnation)
+    assert counted(new, "k") == 3
+    old.give_back_requests("k", 3, grant.second, grant.incarnation)
+    assert counted(old, "k") == 0
+
+
+def test_a_restore_the_restarted_ledger_receives_is_not_counted_twice(monkeypatch):
+    # Ray delivers a call made while the actor restarted to the new actor: a restore made
+    # for the old ledger (what was admitted alone) lands there; the whole window follows.
+    clock, handle, quota = late_cluster(monkeypatch)
+
+    async def scenario():
+        await quota.upkeep()
+        handle.down = True
+        admitted, _ = await admit_many(quota, "k", 30, rpm=100)
+        handle.down = False
+        clock.now += RETRY_S
+        def restart():  # once
+            handle.ledger = Ledger(clock)
+            handle.before.clear()
+
+        handle.before["restore"] = restart
+        await quota.upkeep()  # the old ledger answers the sync, the new one the restore
+        await quota.upkeep()
+        return admitted
+
+    assert run(scenario()) == 30
+    assert counted(handle.ledger, "k") == 30
+
+
+def test_restored_requests_count_a_full_minute_on_a_ledger_with_another_clock():
+    # Another node's monotonic clock has another fraction: a restored request must not land
+    # in the bucket before its own and be forgotten early.
+    clock = Clock(1000.9)
+    remote = LocalLedger(Ledger(lambda: clock.now + 0.5))
+    a, b = (ReplicaQuota(remote, name, clock, heartbeat=False) for name in ("r0", "r1"))
+    run(a.upkeep())
+    remote.down = True
+    admitted, _ = run(admit_many(a, "k", 10, rpm=10))
+    remote.down = False
+    clock.now += RETRY_S
+    run(a.upkeep())
+    clock.now = 1000.9 + WINDOW_S - 0.4  # less than a minute after those 10
+    assert admitted == 10 and run(b.admit("k", 10, None)).refused == "rpm"
+
+
+def test_reaching_the_ledger_outside_an_event_loop_leaves_no_coroutine_behind():
+    import gc
+    import warnings
+
+    _, _, (a,) = cluster(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError):
+            a.reach_ledger_soon()
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
