@@ -633,12 +633,15 @@ def test_remaining_never_says_more_than_the_limit_after_it_was_lowered():
 
 class LateHandle:
     """A ledger actor's handle: each call is applied by the actor at once; the answers of
-    the methods named in ``late`` come back after 0.1 s (a busy actor, a loaded machine);
-    while ``down``, calls fail before reaching it."""
+    the methods named in ``late`` are held back until :meth:`deliver` (a busy actor, a
+    loaded machine: they miss RayLedger's deadline); while ``down``, calls fail before
+    reaching it."""
 
     def __init__(self, ledger):
         self.ledger, self.late, self.down = ledger, set(), False
         self.before = {}  # method name -> called before the actor applies the call
+        self.held = 0  # answers held back
+        self._gate = None
 
     def __getattr__(self, name):
         handle = self
@@ -650,15 +653,33 @@ class LateHandle:
                     raise RuntimeError("actor died")
                 handle.before.get(name, lambda: None)()
                 result = getattr(handle.ledger, name)(*args)
+                late = name in handle.late
 
                 async def answer():
-                    if name in handle.late:
-                        await asyncio.sleep(0.1)
+                    if late:
+                        if handle._gate is None:
+                            handle._gate = asyncio.Event()
+                        handle.held += 1
+                        try:
+                            await handle._gate.wait()
+                        finally:
+                            handle.held -= 1
                     return result
 
                 return answer()
 
         return Method
+
+    async def deliver(self, quota):
+        """Let the held answers through, and wait until ``quota`` has acted on them."""
+        if self._gate is not None:
+            self._gate.set()
+        for _ in range(500):
+            if not self.held and not quota._tasks:
+                break
+            await asyncio.sleep(0.01)
+        self._gate = None
+        assert not self.held and not quota._tasks
 
 
 def late_cluster(monkeypatch):
@@ -666,7 +687,9 @@ def late_cluster(monkeypatch):
 
     clock = Clock()
     handle = LateHandle(Ledger(clock))
-    monkeypatch.setattr(ray_ledger, "CALL_TIMEOUT_S", 0.05)
+    # Long enough for a call answered at once on a loaded machine (the first one looks the
+    # actor up in a thread); a held answer always misses it.
+    monkeypatch.setattr(ray_ledger, "CALL_TIMEOUT_S", 0.25)
     monkeypatch.setattr(ray_ledger.RayLedger, "_get_or_create", lambda self: handle)
     return clock, handle, ReplicaQuota(ray_ledger.RayLedger("app"), "r0", clock,
                                        heartbeat=False)
@@ -693,8 +716,8 @@ def test_a_lease_answer_that_misses_its_deadline_loses_no_permit(monkeypatch):
         handle.late = {"lease_requests"}
         first = await quota.admit("team", 10, None)  # granted, the answer late: fallback
         assert first.refused is None and quota.in_fallback
-        await asyncio.sleep(0.3)  # the late answer arrives: its permit goes back
         handle.late = set()
+        await handle.deliver(quota)  # the late answer arrives: its permit goes back
         clock.now += RETRY_S
         admitted, _ = await admit_many(quota, "team", 20, rpm=10)
         return 1 + admitted
@@ -716,8 +739,8 @@ def test_a_restore_applied_whose_answer_was_lost_counts_once(monkeypatch):
         clock.now += RETRY_S
         rejoined = await quota.admit("team", 20, None)  # lease kept, the restore late
         assert quota.in_fallback
-        await asyncio.sleep(0.3)  # the ledger applied the restore
         handle.late = set()
+        await handle.deliver(quota)  # the ledger had applied the restore
         clock.now += RETRY_S
         rest, _ = await admit_many(quota, "team", 40, rpm=20)  # the restore sent again
         return admitted + alone + (rejoined.refused is None) + rest
@@ -748,7 +771,8 @@ def test_a_grant_kept_when_the_restore_after_it_fails(monkeypatch):
         handle.down, handle.late = False, {"restore"}
         clock.now += RETRY_S
         await quota.admit("team", 100, None)  # a lease of 2 granted, the restore late
-        await asyncio.sleep(0.3)
+        handle.late = set()
+        await handle.deliver(quota)
         return quota._keys["team"].leases
 
     leases = run(scenario())
@@ -785,8 +809,8 @@ def test_a_slot_granted_after_its_deadline_is_not_held_for_a_replica_that_left(m
         handle.late = {"lease_slots"}
         assert (await a.admit("k", None, 1)).refused is None  # on its fallback share
         await a.release("k")
-        await asyncio.sleep(0.3)  # the late grant lands: the ledger hears a holds nothing
         handle.late = set()
+        await handle.deliver(a)  # the late grant lands: the ledger hears a holds nothing
         return (await b.admit("k", None, 1)).refused
 
     assert run(scenario()) is None
@@ -797,13 +821,14 @@ def test_a_restore_that_keeps_missing_its_deadline_does_not_grow(monkeypatch):
 
     async def scenario():
         await quota.upkeep()
-        for _ in range(40):  # 200 s of: ledger gone, one request alone, back, restore late
+        for _ in range(16):  # 80 s of: ledger gone, one request alone, back, restore late
             handle.down = True
             await quota.admit("k", 1000, None)
             handle.down, handle.late = False, {"restore"}
             clock.now += RETRY_S
             await quota.upkeep()
-        await asyncio.sleep(0.3)
+        handle.late = set()
+        await handle.deliver(quota)
 
     run(scenario())
     seconds = [s for _, granted in quota._unrestored for counts in granted.values()
