@@ -19,7 +19,6 @@ from tests.support.local_cluster import (
     SERVE_URL,
     LocalCluster,
     application,
-    llm_config,
 )
 from tests.conftest import new_key
 
@@ -30,11 +29,6 @@ pytestmark = pytest.mark.e2e
 LIMITED = {"served-only": new_key(), "elsewhere": new_key()}
 
 EXTRAS = Path(__file__).parent / "rlt_extras"  # a user's own ingress class
-
-# The engine of an app whose ingress must not start: scaled to zero, so the refusal costs no
-# LLMServer replica (each is a process importing Ray LLM and vLLM: about 40 CPU-seconds).
-IDLE_LLM = llm_config(deployment_config={
-    "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1}})
 
 @pytest.fixture(scope="module")
 def cluster(wheel, cluster_key_env, tmp_path_factory):
@@ -61,14 +55,12 @@ def cluster(wheel, cluster_key_env, tmp_path_factory):
                 **pip, "env_vars": {"RAY_LLM_API_KEYS": " , "}}),
             # A runtime_env given to the ingress deployment in code replaces the app's pip:
             # list the plugin there too. First with a key variable broken for that replica...
-            application("badreplica", "/badreplica", runtime_env=pip, llm_configs=[IDLE_LLM],
-                        ingress_deployment_config={
+            application("badreplica", "/badreplica", runtime_env=pip, ingress_deployment_config={
                 "max_constructor_retry_count": 1, "ray_actor_options": {"runtime_env": {
                     **pip, "env_vars": {"VLLM_API_KEY": ""}}}}),
             # ...then forgetting it: the app was built protected, the replica cannot load the
             # middleware, so it must not start.
-            application("noplugin", "/noplugin", runtime_env=pip, llm_configs=[IDLE_LLM],
-                        ingress_deployment_config={
+            application("noplugin", "/noplugin", runtime_env=pip, ingress_deployment_config={
                 "max_constructor_retry_count": 1, "ray_actor_options": {"runtime_env": {
                     "env_vars": {"SOME_SETTING": "1"}}}}),
         ])
