@@ -583,8 +583,9 @@ def _count(counts: dict[int, int], second: int) -> None:
 
 
 def _still_counted(parts, now: float):
-    """``parts`` without the seconds a ledger no longer counts, and without empty parts."""
-    oldest = now - COUNTED_S
+    """``parts`` without the seconds a ledger no longer counts (their age, sent from the
+    end of the second, would be COUNTED_S or more), and without empty parts."""
+    oldest = now - COUNTED_S - 1
     trimmed = [(token, {k: {s: n for s, n in counts.items() if s > oldest}
                         for k, counts in granted.items()}) for token, granted in parts]
     trimmed = [(token, {k: c for k, c in granted.items() if c}) for token, granted in trimmed]
