@@ -22,7 +22,7 @@ REPLICA_WRAPPER_MODULE = "ray.serve._private.http_util"
 
 LAYOUT = Layout(
     name="core_ingress_layout",
-    ray=">=2.57,<2.61",
+    ray=">=2.56,<2.61",
     summary="wrap `core/ingress/ingress.py:init()` and `make_fastapi_ingress(app=)`; replica "
             "side `ASGIAppReplicaWrapper._set_asgi_app`",
     targets=(
