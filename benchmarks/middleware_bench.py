@@ -112,6 +112,9 @@ def make_variants(inner, keys: list[str]) -> dict:
         "none": inner,
         "rayllm-auth": ApiKeyMiddleware(inner),
         **previous,
+        # Token accounting on: the request body read, the response read for its usage.
+        "rayllm-auth, token usage on": ApiKeyMiddleware(
+            inner, environ={**os.environ, "RAY_LLM_AUTH_TOKEN_USAGE": "1"}),
         "rayllm-auth-file": middleware_from_file(inner, [f"k{i}:{k}" for i, k in enumerate(keys)]),
         "vllm": AuthenticationMiddleware(inner, tokens=keys),
         "forum": BaseHTTPMiddleware(inner, dispatch=forum_dispatch),

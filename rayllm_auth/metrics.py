@@ -13,6 +13,10 @@ wherever Ray's metrics are scraped (KubeRay pods' metrics port, Ray's Prometheus
     A replica that could not reach its application's limits ledger and counts limits alone
     (``entered``), and back to cluster-wide limits (``left``). ``entered`` minus ``left``
     is the number of replicas in fallback now.
+``rayllm_auth_tokens`` (Counter; tags ``key_id``, ``model``, ``kind``)
+    Tokens the engine reported in a response's ``usage`` (:mod:`rayllm_auth.usage`), when
+    token accounting is on. ``kind``: ``prompt`` or ``completion``; ``model``: the model
+    the engine says it served.
 ``rayllm_auth_key_expiry_timestamp_seconds`` (Gauge; tag ``key_id``)
     Unix time at which a key expires (the earliest, if several keys share the id), for the
     keys that have an expiry; 0 once the id has no expiring key any more (removed from the
@@ -35,7 +39,7 @@ import logging
 from typing import Optional
 
 __all__ = ["record_request", "record_ok", "ok_counts", "record_reload", "publish_expiries",
-           "record_limits_fallback",
+           "record_limits_fallback", "record_tokens",
            "pending", "flush", "FLUSH_INTERVAL_S"]
 
 logger = logging.getLogger("rayllm_auth")
@@ -46,6 +50,8 @@ _RELOADS = ("rayllm_auth_key_reloads", "Key file reloads of rayllm-auth", ("outc
 _FALLBACKS = ("rayllm_auth_limits_fallbacks",
               "Replicas of rayllm-auth entering and leaving per-replica fallback limits",
               ("change",))
+_TOKENS = ("rayllm_auth_tokens", "Prompt and completion tokens per API key and model",
+           ("key_id", "model", "kind"))
 _EXPIRY = ("rayllm_auth_key_expiry_timestamp_seconds",
            "Unix time at which an API key expires (0: no longer configured)", ("key_id",))
 
@@ -53,6 +59,7 @@ _requests: dict[tuple[str, str], int] = {}  # (outcome, key_id) -> count not yet
 _ok: dict[str, int] = {}  # key_id -> count of ("ok", key_id): the hot path's own dict
 _reloads: dict[tuple[str], int] = {}  # (outcome,) -> count not yet handed to Ray
 _fallbacks: dict[tuple[str], int] = {}  # (change,) -> count not yet handed to Ray
+_tokens: dict[tuple[str, str, str], int] = {}  # (key_id, model, kind) -> tokens not yet handed
 # (key_id,) -> the expiry gauge's value, handed to Ray again on every flush: Ray 2.60 drops a
 # gauge series that has not been set for two export intervals (about 20 s here).
 _expiries: dict[tuple[str], float] = {}
@@ -92,6 +99,14 @@ def record_limits_fallback(entered: bool) -> None:
     _schedule_flush()
 
 
+def record_tokens(key_id: str, model: str, prompt: int, completion: int) -> None:
+    for kind, count in (("prompt", prompt), ("completion", completion)):
+        if count:
+            label = (key_id, model, kind)
+            _tokens[label] = _tokens.get(label, 0) + count
+    _schedule_flush()
+
+
 def publish_expiries(keys) -> None:
     """Set the expiry gauge to the earliest expiry of each key id in ``keys`` (a KeySet),
     and to 0 for ids published before that no longer have one."""
@@ -120,7 +135,7 @@ def _pending_batches() -> list[tuple[tuple, dict]]:
     for key_id, n in _ok.items():
         requests[("ok", key_id)] = requests.get(("ok", key_id), 0) + n
     return [(_REQUESTS, requests), (_RELOADS, dict(_reloads)), (_FALLBACKS, dict(_fallbacks)),
-            (_EXPIRY, dict(_expiries))]
+            (_TOKENS, dict(_tokens)), (_EXPIRY, dict(_expiries))]
 
 
 def _schedule_flush() -> None:
@@ -142,7 +157,7 @@ def flush() -> None:
     if _expiries:
         _schedule_flush()
     batches = _pending_batches()
-    for values in (_ok, _requests, _reloads, _fallbacks):
+    for values in (_ok, _requests, _reloads, _fallbacks, _tokens):
         values.clear()
     for spec, values in batches:
         metric = _metric(spec) if values else None

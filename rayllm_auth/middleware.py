@@ -38,6 +38,7 @@ from rayllm_auth.model_scope import ModelScope
 from rayllm_auth.quota import ReplicaQuota
 from rayllm_auth.ray_ledger import replica_quota
 from rayllm_auth.refusals import Answers, Refusal, rate_limit_headers
+from rayllm_auth.usage import prepare as prepare_usage, usage_enabled
 
 __all__ = ["ApiKeyMiddleware", "EXEMPT_PATHS_VAR", "load_exempt_paths"]
 
@@ -92,6 +93,7 @@ class ApiKeyMiddleware:
         try:
             self._store = KeyStore(environ, clock, wall_clock=wall_clock)
             self._exempt = load_exempt_paths(environ)
+            self._counts_tokens = usage_enabled(environ)
         except ConfigError:
             metrics.record_request("config_error")
             metrics.flush()  # the replica is about to fail: no request will flush it
@@ -124,7 +126,7 @@ class ApiKeyMiddleware:
         keys = self._store.current() if self._reloading else self._keys
         key, other_headers = take_key(scope["headers"])  # the key, or the Refusal saying why not
         grant = keys.lookup(key) if key.__class__ is bytes else None
-        if grant is None or not grant.plain:
+        if grant is None or not grant.plain or self._counts_tokens:
             return await self._decide(key, grant, other_headers, scope, receive, send)
         # A key for every model, without expiry or limits: nearly every request, so kept short.
         self._admit(grant, other_headers, scope)
@@ -194,10 +196,21 @@ class ApiKeyMiddleware:
         """Pass an admitted request on; a key with rpm= or concurrency= first needs the
         quota's consent (:mod:`rayllm_auth.quota`), and its responses carry OpenAI's
         rate-limit headers. A concurrency slot is held until the app returns: after the last
-        byte of a stream, or when the client has gone."""
+        byte of a stream, or when the client has gone. With token accounting on, the
+        request's usage is counted (:mod:`rayllm_auth.usage`)."""
+        app = self.app
+        if self._counts_tokens:
+            prepared = await prepare_usage(grant.key_id, scope, receive)
+            if prepared is None:
+                return  # the client went away while sending its body: nobody to answer
+            if prepared.__class__ is Refusal:
+                return await self._refuse(prepared, grant.key_id, scope, receive, send)
+            receive, counting = prepared
+            if counting is not None:
+                app = _counted(self.app, counting)
         if not grant.rate_limited:
             metrics.record_ok(grant.key_id)
-            return await self.app(scope, receive, send)
+            return await app(scope, receive, send)
         if self._quota is None:
             self._quota = self._make_quota()
         verdict = self._quota.admit_now(grant.key_id, grant.rpm, grant.concurrency) \
@@ -210,7 +223,7 @@ class ApiKeyMiddleware:
         metrics.record_ok(grant.key_id)
         headers = rate_limit_headers(verdict)
         if grant.concurrency is None:
-            return await self.app(scope, receive, _adding_headers(send, headers))
+            return await app(scope, receive, _adding_headers(send, headers))
         quota, key_id, released = self._quota, grant.key_id, False
 
         async def send_releasing(message):
@@ -226,7 +239,7 @@ class ApiKeyMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_releasing)
+            await app(scope, receive, send_releasing)
         finally:
             if not released:  # an error, a client gone, a WebSocket
                 await quota.release(key_id)  # frees the slot here before any await
@@ -242,6 +255,15 @@ class ApiKeyMiddleware:
         # function means this check and the router always agree on which route a request
         # is for (whatever the root_path or route prefix). Exact match: no prefixes.
         return get_route_path(scope) in self._exempt
+
+
+def _counted(app, counting):
+    """``app``, called with the ``send`` that counts its response's usage."""
+
+    async def counted_app(scope, receive, send):
+        await app(scope, receive, counting(send))
+
+    return counted_app
 
 
 def _adding_headers(send, headers: list[tuple[bytes, bytes]]):

@@ -41,6 +41,7 @@ from typing import Optional, Union
 from starlette._utils import get_route_path
 from starlette.datastructures import Headers, QueryParams
 
+from rayllm_auth.bodies import read_body, replay
 from rayllm_auth.keys import Grant
 from rayllm_auth.refusals import Refusal
 
@@ -120,7 +121,7 @@ class ModelScope:
         elif source is Source.QUERY:
             named = _query_models(scope)
         else:
-            body = await _read_body(receive)
+            body = await read_body(receive, MAX_SCOPED_BODY_BYTES)
             if body is None:
                 return None
             if len(body) > MAX_SCOPED_BODY_BYTES:
@@ -128,7 +129,7 @@ class ModelScope:
             named = await _body_models(scope, body)
             if named:
                 named += _query_models(scope)  # whatever else a handler might read
-            receive = _replay(body, receive)
+            receive = replay(body, receive)
         if not named:
             return Refusal.MODEL_REQUIRED
         if not all(grant.allows(model) for model in named):
@@ -148,36 +149,6 @@ def _query_models(scope) -> list[str]:
     # Starlette's own parser, as FastAPI's Query() uses: the same decoding, every repeat.
     query = scope.get("query_string")
     return QueryParams(query).getlist("model") if query else []
-
-
-async def _read_body(receive) -> Optional[bytes]:
-    """The whole request body, or None if the client disconnected. Stops reading (and
-    returns what it has) once the body is over the limit."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunk = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_SCOPED_BODY_BYTES or not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    """A ``receive`` that gives the app the body already read, then the client's own
-    messages (so the app still sees a disconnect during a streamed response)."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 async def _body_models(scope, body: bytes) -> list[str]:

@@ -4,13 +4,20 @@ Selected with Ray's own switch, ``RAYLLM_VLLM_ENGINE_CLS=rayllm_auth.testing.eng
 so ``build_openai_app``, the ingress, the router and the Serve proxy all run unchanged; only
 the GPU part is replaced. Never use it to serve real traffic: it generates placeholder text.
 
-It answers chat and completions (streaming or not) in OpenAI's shape, and records every
-call it receives, so tests can prove that refused requests never reach the engine:
+It answers chat, completions (streaming or not) and embeddings in OpenAI's shape, with the
+``usage`` vLLM would report: one token per whitespace-separated word of the prompt, one per
+generated word; a stream reports it in a last event without choices when the request's
+``stream_options.include_usage`` is true (in every event with ``continuous_usage_stats``).
+It records every call it receives, so tests can prove that refused requests never reach
+the engine, and every usage it reports, so tests can compare counts with it:
 
 ``RAYLLM_AUTH_STANDIN_CALLS_FILE``
     if set, each call appends one line ``<method> <model> credentials=<forwarded|none>`` to
     this file; ``forwarded`` when the request that reached the engine still carried an
     ``Authorization`` or ``x-api-key`` header.
+``RAYLLM_AUTH_STANDIN_USAGE_FILE``
+    if set, each usage the engine reports (in a response, or a stream's usage event)
+    appends one line ``<method> <model> prompt=<n> completion=<n>`` to this file.
 ``RAYLLM_AUTH_STANDIN_TOKEN_DELAY_S``
     seconds per generated token (default 0): a GPU-like decode time for benchmarks.
 ``RAYLLM_AUTH_STANDIN_MAX_BATCH``
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -35,6 +43,7 @@ try:  # Ray 2.51 and later
     from ray.llm._internal.serve.core.configs.openai_api_models import (
         ChatCompletionResponse,
         CompletionResponse,
+        EmbeddingResponse,
         ErrorResponse,
     )
     from ray.llm._internal.serve.core.engine.protocol import LLMEngine
@@ -42,18 +51,21 @@ except ImportError:  # Ray 2.44 to 2.49: same protocol, other modules
     from ray.llm._internal.serve.configs.openai_api_models import (
         ChatCompletionResponse,
         CompletionResponse,
+        EmbeddingResponse,
         ErrorResponse,
     )
     from ray.llm._internal.serve.deployments.llm.llm_engine import LLMEngine
 
-__all__ = ["StandInEngine", "CALLS_FILE_VAR", "WORDS"]
+__all__ = ["StandInEngine", "CALLS_FILE_VAR", "USAGE_FILE_VAR", "WORDS", "EMBEDDING_SIZE"]
 
 CALLS_FILE_VAR = "RAYLLM_AUTH_STANDIN_CALLS_FILE"
+USAGE_FILE_VAR = "RAYLLM_AUTH_STANDIN_USAGE_FILE"
 TOKEN_DELAY_VAR = "RAYLLM_AUTH_STANDIN_TOKEN_DELAY_S"
 MAX_BATCH_VAR = "RAYLLM_AUTH_STANDIN_MAX_BATCH"
 #: The generated text cycles through these words, one word per token.
 WORDS = ("hello", "from", "the", "stand-in", "engine")
 _DEFAULT_MAX_TOKENS = 16
+EMBEDDING_SIZE = 4
 
 
 class StandInEngine(LLMEngine):
@@ -61,6 +73,7 @@ class StandInEngine(LLMEngine):
         self.llm_config = llm_config
         self.model_id = llm_config.model_id
         self._calls_file = os.environ.get(CALLS_FILE_VAR)
+        self._usage_file = os.environ.get(USAGE_FILE_VAR)
         self._token_delay = float(os.environ.get(TOKEN_DELAY_VAR, "0"))
         max_batch = int(os.environ.get(MAX_BATCH_VAR, "0"))
         self._batch = asyncio.Semaphore(max_batch) if max_batch > 0 else None
@@ -87,7 +100,21 @@ class StandInEngine(LLMEngine):
 
     async def embeddings(self, request, raw_request_info=None):
         self._record("embeddings", request.model, raw_request_info)
-        yield _error("the stand-in engine does not compute embeddings", 400)
+        inputs = getattr(request, "input", None)
+        if inputs is None:  # an EmbeddingChatRequest: one embedding of the conversation
+            texts = [_prompt_words(getattr(request, "messages", None))]
+        else:
+            texts = [_prompt_words(i) for i in (inputs if _is_batch(inputs) else [inputs])]
+        prompt_tokens = sum(texts)
+        self._report_usage("embeddings", prompt_tokens, 0)
+        yield EmbeddingResponse.model_validate({
+            "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+            "model": self.model_id,
+            "data": [{"index": i, "object": "embedding",
+                      "embedding": [float(n)] + [0.5] * (EMBEDDING_SIZE - 1)}
+                     for i, n in enumerate(texts)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        })
 
     async def transcriptions(self, request, raw_request_info=None):
         self._record("transcriptions", request.model, raw_request_info)
@@ -98,31 +125,44 @@ class StandInEngine(LLMEngine):
             return
         headers = {h.lower() for h in getattr(raw_request_info, "headers", None) or {}}
         forwarded = "forwarded" if headers & {"authorization", "x-api-key"} else "none"
-        fd = os.open(self._calls_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, f"{method} {model} credentials={forwarded}\n".encode())
-        finally:
-            os.close(fd)
+        _append(self._calls_file, f"{method} {model} credentials={forwarded}")
+
+    def _report_usage(self, method: str, prompt: int, completion: int) -> dict:
+        if self._usage_file:
+            _append(self._usage_file,
+                    f"{method} {self.model_id} prompt={prompt} completion={completion}")
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
 
     async def _generate(self, method: str, request, raw_request_info) -> AsyncGenerator[Any, None]:
         self._record(method, request.model, raw_request_info)
+        if request.max_tokens is not None and request.max_tokens < 1:
+            yield _error(f"max_tokens must be at least 1, got {request.max_tokens}", 400)
+            return  # as vLLM's sampling parameters refuse it: no usage
         n_tokens = request.max_tokens or _DEFAULT_MAX_TOKENS
         tokens = [WORDS[i % len(WORDS)] + " " for i in range(n_tokens)]
         chat = method == "chat"
+        prompt_tokens = _prompt_words(request.messages if chat else request.prompt)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         async with self._batch or contextlib.nullcontext():
             if request.stream:
+                options = request.stream_options
+                include_usage = bool(options and options.include_usage)
+                continuous = include_usage and bool(options.continuous_usage_stats)
                 for index, token in enumerate(tokens):
                     await self._decode_one_token()
-                    last = index == len(tokens) - 1
-                    yield "data: " + _stream_chunk(
-                        chat, ident, created, self.model_id, token, last
-                    ) + "\n\n"
+                    usage = _usage(prompt_tokens, index + 1) if continuous else None
+                    yield _event(_stream_chunk(chat, ident, created, self.model_id, token,
+                                               index == len(tokens) - 1, usage))
+                if include_usage:
+                    usage = self._report_usage(method, prompt_tokens, n_tokens)
+                    yield _event(_usage_chunk(chat, ident, created, self.model_id, usage))
                 return
             for _ in tokens:
                 await self._decode_one_token()
-        yield _full_response(chat, ident, created, self.model_id, "".join(tokens), n_tokens)
+        usage = self._report_usage(method, prompt_tokens, n_tokens)
+        yield _full_response(chat, ident, created, self.model_id, "".join(tokens), usage)
 
     async def _decode_one_token(self) -> None:
         if self._token_delay:
@@ -135,23 +175,40 @@ class StandInEngine(LLMEngine):
         return build_vllm_app(self)
 
 
-def _stream_chunk(chat: bool, ident, created, model, token: str, last: bool) -> str:
-    import json
-
+def _stream_chunk(chat: bool, ident, created, model, token: str, last: bool,
+                  usage: Optional[dict]) -> dict:
     finish = "length" if last else None
     if chat:
         choice = {"index": 0, "delta": {"role": "assistant", "content": token},
                   "finish_reason": finish}
-        obj = "chat.completion.chunk"
     else:
         choice = {"index": 0, "text": token, "finish_reason": finish}
-        obj = "text_completion"
-    return json.dumps({"id": ident, "object": obj, "created": created, "model": model,
-                       "choices": [choice]})
+    chunk = _chunk(chat, ident, created, model, [choice])
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
 
 
-def _full_response(chat: bool, ident, created, model, text: str, n_tokens: int):
-    usage = {"prompt_tokens": 1, "completion_tokens": n_tokens, "total_tokens": n_tokens + 1}
+def _usage_chunk(chat: bool, ident, created, model, usage: dict) -> dict:
+    """The last event of a stream whose request asked for usage, as vLLM sends it."""
+    return {**_chunk(chat, ident, created, model, []), "usage": usage}
+
+
+def _chunk(chat: bool, ident, created, model, choices: list) -> dict:
+    return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created, "model": model, "choices": choices}
+
+
+def _event(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _full_response(chat: bool, ident, created, model, text: str, usage: dict):
     if chat:
         return ChatCompletionResponse.model_validate({
             "id": ident, "object": "chat.completion", "created": created, "model": model,
@@ -164,6 +221,38 @@ def _full_response(chat: bool, ident, created, model, text: str, n_tokens: int):
         "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
         "usage": usage,
     })
+
+
+def _is_batch(value) -> bool:
+    """A list of prompts (strings or token-id lists), not one prompt of token ids."""
+    return isinstance(value, list) and bool(value) and not isinstance(value[0], int)
+
+
+def _prompt_words(prompt) -> int:
+    """The stand-in's tokenizer: one token per whitespace-separated word of the text in a
+    prompt (a string, a list of them, chat messages with string or part-list contents), one
+    per id of a prompt given as token ids."""
+    if prompt is None:
+        return 0
+    if isinstance(prompt, str):
+        return len(prompt.split())
+    if isinstance(prompt, int):
+        return 1
+    if isinstance(prompt, dict):  # a chat message, or a content part
+        if "content" in prompt:
+            return _prompt_words(prompt["content"])
+        return _prompt_words(prompt.get("text")) if prompt.get("type") == "text" else 0
+    if isinstance(prompt, (list, tuple)):
+        return sum(_prompt_words(item) for item in prompt)
+    return _prompt_words(getattr(prompt, "model_dump", lambda: None)())
+
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def _error(message: str, code: int):

@@ -6,6 +6,7 @@ every call it receives."""
 import http.client
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.e2e
 # In a key file beside the environment's keys: one key limited to the served model, one to
 # a model this cluster does not serve.
 LIMITED = {"served-only": new_key(), "elsewhere": new_key()}
+# Used by the token accounting test only, so its counts start at zero.
+METERED = new_key()
 
 EXTRAS = Path(__file__).parent / "rlt_extras"  # a user's own ingress class
 
@@ -34,7 +37,8 @@ EXTRAS = Path(__file__).parent / "rlt_extras"  # a user's own ingress class
 def cluster(wheel, cluster_key_env, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "keys"
     key_file.write_text(f"served-only:{LIMITED['served-only']} models={MODEL}\n"
-                        f"elsewhere:{LIMITED['elsewhere']} models=another-model\n")
+                        f"elsewhere:{LIMITED['elsewhere']} models=another-model\n"
+                        f"metered:{METERED}\n")
     # rlt_extras on PYTHONPATH: the user's own code baked into the image, as Serve's docs advise.
     cluster = LocalCluster({**cluster_key_env, "PYTHONPATH": str(EXTRAS.parent),
                             "RAY_LLM_API_KEYS_FILE": str(key_file)}).start()
@@ -42,8 +46,9 @@ def cluster(wheel, cluster_key_env, tmp_path_factory):
         pip = {"pip": [str(wheel)]}
         cluster.deploy([
             # What a RayService's serveConfigV2 holds: Ray's import path, the plugin in pip.
-            application("main", "/", runtime_env={
-                **pip, "env_vars": {"RAYLLM_ENABLE_VERBOSE_TELEMETRY": "1"}}),
+            # Token accounting on here: every test of this app also runs through it.
+            application("main", "/", runtime_env={**pip, "env_vars": {
+                "RAYLLM_ENABLE_VERBOSE_TELEMETRY": "1", "RAY_LLM_AUTH_TOKEN_USAGE": "1"}}),
             application("dev", "/dev", runtime_env=pip, import_path=(
                 "ray.llm._internal.serve.core.ingress.dev_ingress:build_dev_openai_app")),
             application("custom", "/custom", runtime_env=pip,
@@ -293,9 +298,47 @@ def test_key_id_reaches_ray_http_metrics_as_user_id(cluster, keys):
         time.sleep(3)
 
 
+def tokens_counted(metrics: str, key_id: str) -> dict:
+    """{(model, kind): tokens} of ray_rayllm_auth_tokens_total for ``key_id``."""
+    counted = {}
+    for labels, value in re.findall(r"^ray_rayllm_auth_tokens_total\{([^}]*)\} (\S+)$",
+                                    metrics, re.M):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if tags.get("key_id") == key_id:
+            label = (tags["model"], tags["kind"])
+            counted[label] = counted.get(label, 0) + float(value)
+    return counted
+
+
+def test_token_metrics_equal_what_the_engine_reported(cluster):
+    before = len(cluster.engine_usage())
+    sdk = client(METERED)
+    sdk.chat.completions.create(**chat_body())
+    chunks = list(sdk.chat.completions.create(**chat_body(stream=True)))
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    asked = list(sdk.chat.completions.create(**chat_body(stream=True),
+                                             stream_options={"include_usage": True}))
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 4
+    sdk.completions.create(model=MODEL, prompt="count these four words", max_tokens=3)
+    assert all(c.choices for c in sdk.completions.create(
+        model=MODEL, prompt=["two words", "three more words"], max_tokens=2, stream=True))
+    assert len(sdk.embeddings.create(model=MODEL, input=["a b", "c d e"]).data) == 2
+    reported = cluster.engine_usage()[before:]
+    assert len(reported) == 6, reported  # every request's usage, the streams' included
+    expected = {}
+    for line in reported:
+        _method, model, prompt, completion = line.split()
+        for kind, field in (("prompt", prompt), ("completion", completion)):
+            expected[(model, kind)] = expected.get((model, kind), 0) + int(field.split("=")[1])
+    deadline = time.monotonic() + 60
+    while (counted := tokens_counted(cluster.metrics(), "metered")) != expected:
+        assert time.monotonic() < deadline, (counted, expected)
+        time.sleep(2)
+
+
 def test_zz_no_key_appears_in_ray_logs_status_or_metrics(cluster, keys):
     """Last in the module: after all the traffic above, search everything Ray wrote."""
-    assert cluster.places_holding([*keys.values(), *LIMITED.values()]) == []
+    assert cluster.places_holding([*keys.values(), *LIMITED.values(), METERED]) == []
 
 
 BENCHMARK_SMOKE = """

@@ -108,6 +108,7 @@ class LocalCluster:
     def __init__(self, env: dict[str, str], *, num_cpus: int = 16):
         self.root = Path(tempfile.mkdtemp(prefix="rlt-", dir="/tmp"))
         self.calls_file = self.root / "engine-calls.log"
+        self.usage_file = self.root / "engine-usage.log"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))},
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -115,6 +116,7 @@ class LocalCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAYLLM_VLLM_ENGINE_CLS": STANDIN_ENGINE,
             "RAYLLM_AUTH_STANDIN_CALLS_FILE": str(self.calls_file),
+            "RAYLLM_AUTH_STANDIN_USAGE_FILE": str(self.usage_file),
             "VLLM_TARGET_DEVICE": "cpu",
             **env,
         }
@@ -208,6 +210,10 @@ class LocalCluster:
 
     def engine_calls(self) -> list[str]:
         return self.calls_file.read_text().splitlines() if self.calls_file.exists() else []
+
+    def engine_usage(self) -> list[str]:
+        """Every usage the stand-in engine reported: ``<method> <model> prompt=N completion=N``."""
+        return self.usage_file.read_text().splitlines() if self.usage_file.exists() else []
 
     def metrics(self) -> str:
         """Ray's Prometheus endpoint (the node's metrics agent)."""

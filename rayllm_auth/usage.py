@@ -1,0 +1,212 @@
+"""Token accounting: the prompt and completion tokens of each key's requests, per model,
+exactly as the engine reports them in ``usage``, counted in
+``ray_rayllm_auth_tokens_total{key_id,model,kind}`` (:mod:`rayllm_auth.metrics`).
+
+On for every key with ``RAY_LLM_AUTH_TOKEN_USAGE=1`` (read in the replica). Counted routes:
+``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``; every other
+route passes untouched and costs nothing.
+
+* A response that is not streamed: its JSON body's ``usage`` and ``model``.
+* A stream: engines report usage in a stream only when the request says
+  ``"stream_options": {"include_usage": true}``, as one last event whose ``choices`` is
+  empty. A request that did not ask gets it added to its body (its other ``stream_options``
+  kept, ``continuous_usage_stats`` off), and exactly that event is taken out of the stream:
+  the client receives the events it asked for and nothing else. A request that asked is
+  passed on unchanged and counted from the events it receives.
+
+Not counted, because the engine reports nothing: a response that is not a 200, a stream
+the client left before its end. A request whose body cannot be read as the app would read
+it (not JSON, ``stream`` or ``stream_options`` invalid) is passed on unchanged: the app
+refuses it. A body over ``MAX_METERED_BODY_BYTES`` is refused (413), as for a key limited
+to some models.
+
+Streams are read one ASGI message at a time, and only a message that holds the bytes
+``"usage"`` is looked into (a JSON string cannot hold them: its quotes are escaped).
+Ray's ingress and vLLM's server send whole server-sent events in each message (one event,
+or a batch of them), so a usage event is never split; a message with usage that does not
+end on an event boundary is passed on unchanged and not counted, and that is logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Mapping, Optional
+
+from pydantic import TypeAdapter, ValidationError
+from starlette._utils import get_route_path
+
+from rayllm_auth import metrics
+from rayllm_auth.bodies import read_body, replay
+from rayllm_auth.errors import ConfigError
+from rayllm_auth.refusals import Refusal
+
+__all__ = ["USAGE_VAR", "METERED_ROUTES", "MAX_METERED_BODY_BYTES", "usage_enabled",
+           "prepare"]
+
+logger = logging.getLogger("rayllm_auth")
+
+USAGE_VAR = "RAY_LLM_AUTH_TOKEN_USAGE"
+METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_STREAMED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+#: Largest request body read (as model_scope's), and largest JSON response read for usage.
+MAX_METERED_BODY_BYTES = 64 * 1024 * 1024
+# vLLM's `stream`, `include_usage` and `continuous_usage_stats` are `bool | None` fields of
+# pydantic models; FastAPI validates them from json.loads' output, in lax mode. The same
+# adapter reads them here, so "true", 1 or "yes" mean here what they mean to the app.
+_FLAG = TypeAdapter(Optional[bool])
+_USAGE = b'"usage"'
+_EVENT_END = b"\n\n"
+_warned_split_event = False
+
+
+def usage_enabled(environ: Mapping[str, str]) -> bool:
+    """``RAY_LLM_AUTH_TOKEN_USAGE``: "1" (or true/yes/on) counts every key's tokens; unset,
+    empty, "0" (or false/no/off) counts none. Raises ConfigError for anything else."""
+    value = environ.get(USAGE_VAR, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{USAGE_VAR} must be 1 (count every key's tokens) or 0, not {value!r}")
+
+
+async def prepare(key_id: str, scope, receive):
+    """Get a request ready to be counted. Returns the (receive, wrap) pair to call the app
+    with, ``wrap(send)`` being the ``send`` that counts (None for a route not counted);
+    None when the client went away while sending its body; or a Refusal."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return receive, None
+    route = get_route_path(scope)
+    if route not in METERED_ROUTES:
+        return receive, None
+    body = await read_body(receive, MAX_METERED_BODY_BYTES)
+    if body is None:
+        return None
+    if len(body) > MAX_METERED_BODY_BYTES:
+        return Refusal.TOO_LARGE
+    strip = False
+    if route in _STREAMED_ROUTES:
+        asking = _asking_for_usage(body)
+        if asking is not None:
+            body, strip = asking, True
+            scope["headers"] = [
+                *((k, v) for k, v in scope["headers"] if k.lower() != b"content-length"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+    return replay(body, receive), lambda send: _CountingSend(send, key_id, strip)
+
+
+def _asking_for_usage(body: bytes) -> Optional[bytes]:
+    """``body`` rewritten to ask for the stream's usage, or None when it needs no rewrite (not
+    a stream, or its client asked) or must not get one (the app would refuse it as it is)."""
+    try:
+        request = json.loads(body)
+        if not isinstance(request, dict) or _FLAG.validate_python(request.get("stream")) \
+                is not True:
+            return None
+        options = request.get("stream_options")
+        if options is None:
+            options = {}
+        if not isinstance(options, dict) or _FLAG.validate_python(options.get("include_usage")):
+            return None  # refused by the app, or its client asked: passed on as it is
+        _FLAG.validate_python(options.get("continuous_usage_stats"))  # raises if refused
+        request["stream_options"] = {**options, "include_usage": True,
+                                     "continuous_usage_stats": False}
+        return json.dumps(request).encode()
+    except (ValueError, ValidationError, RecursionError):  # what the app refuses too
+        return None
+
+
+class _CountingSend:
+    """A ``send`` that counts the usage a 200 response reports, and takes the usage event
+    out of a stream whose client did not ask for it (``strip``)."""
+
+    __slots__ = ("_send", "_key_id", "_strip", "_stream", "_chunks", "_size", "_counted")
+
+    def __init__(self, send, key_id: str, strip: bool):
+        self._send, self._key_id, self._strip = send, key_id, strip
+        self._stream: Optional[bool] = None  # None: not a 200, nothing to count
+        self._chunks: list[bytes] = []  # a JSON response's body, until its end
+        self._size = 0
+        self._counted = (0, 0)  # prompt, completion tokens counted for this response
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.body" and self._stream is not None:
+            body = message.get("body", b"")
+            if self._stream:
+                if _USAGE in body:
+                    message = {**message, "body": self._read_events(body)}
+            elif self._size <= MAX_METERED_BODY_BYTES:
+                self._chunks.append(body)
+                self._size += len(body)
+                if not message.get("more_body", False) and self._size <= MAX_METERED_BODY_BYTES:
+                    self._read_json(b"".join(self._chunks))
+        elif message["type"] == "http.response.start" and message.get("status") == 200:
+            content_type = next((v for k, v in message.get("headers", ())
+                                 if k.lower() == b"content-type"), b"")
+            if content_type.startswith(b"text/event-stream"):
+                self._stream = True
+            elif content_type.startswith(b"application/json"):
+                self._stream = False
+        await self._send(message)
+
+    def _read_events(self, body: bytes) -> bytes:
+        """``body`` (whole server-sent events) counted, the usage event taken out if
+        ``strip``."""
+        if not body.endswith(_EVENT_END):
+            _warn_split_event()
+            return body
+        kept = []
+        for event in body[:-len(_EVENT_END)].split(_EVENT_END):
+            if _USAGE in event and self._count(_event_data(event)) and self._strip:
+                continue  # the event this middleware asked for: not the client's
+            kept.append(event + _EVENT_END)
+        return b"".join(kept)
+
+    def _read_json(self, body: bytes) -> None:
+        try:
+            self._count(json.loads(body))
+        except (ValueError, RecursionError):
+            pass  # not the app's JSON answer: nothing reported
+
+    def _count(self, document) -> bool:
+        """Count the usage ``document`` reports (a stream may report a running total: only
+        what is new is counted). True if it is a usage-only event (no choices)."""
+        if not isinstance(document, dict):
+            return False
+        usage = document.get("usage")
+        if not isinstance(usage, dict):
+            return False
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens") or 0
+        if not (_is_count(prompt) and _is_count(completion)):
+            return False
+        model = document.get("model")
+        counted_prompt, counted_completion = self._counted
+        metrics.record_tokens(self._key_id, model if isinstance(model, str) else "",
+                              max(0, prompt - counted_prompt),
+                              max(0, completion - counted_completion))
+        self._counted = (max(prompt, counted_prompt), max(completion, counted_completion))
+        return document.get("choices") == []
+
+
+def _is_count(value) -> bool:
+    return value.__class__ is int and value >= 0
+
+
+def _event_data(event: bytes):
+    """The JSON in one server-sent event's ``data:`` lines, or None."""
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
+             if line.startswith(b"data:")]
+    try:
+        return json.loads(b"\n".join(lines)) if lines else None
+    except (ValueError, RecursionError):
+        return None  # [DONE], or not JSON
+
+
+def _warn_split_event() -> None:
+    global _warned_split_event
+    if not _warned_split_event:
+        _warned_split_event = True
+        logger.warning("rayllm-auth: a streamed message with usage did not end on an event "
+                       "boundary; its usage is not counted (this is logged once)")

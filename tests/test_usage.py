@@ -1,0 +1,202 @@
+"""Token accounting (RAY_LLM_AUTH_TOKEN_USAGE=1) at the ASGI level: Ray's own ingress app and
+stream wrapper around the stand-in engine, which writes every usage it reports to a file.
+That file is the oracle: the counted tokens must equal it exactly, and a stream's client
+must receive exactly what the same request gets from the app without rayllm-auth."""
+
+import asyncio
+import json
+import types
+
+import pytest
+
+from rayllm_auth import metrics, usage
+from rayllm_auth.errors import ConfigError
+from rayllm_auth.testing.engine import USAGE_FILE_VAR, StandInEngine
+from tests.engine_app import build_engine_app
+from tests.ray_app import bearer, call
+
+MODEL = "usage-model"
+PROMPT = "one two three four five"  # five tokens to the stand-in's tokenizer
+
+
+@pytest.fixture
+def engine(monkeypatch, tmp_path):
+    usage_file = tmp_path / "usage"
+    monkeypatch.setenv(USAGE_FILE_VAR, str(usage_file))
+    engine = StandInEngine(types.SimpleNamespace(model_id=MODEL))
+    engine.reported = lambda: [line.split() for line in usage_file.read_text().splitlines()] \
+        if usage_file.exists() else []
+    return engine
+
+
+@pytest.fixture
+def counting(monkeypatch, key_env, fresh_metrics):
+    monkeypatch.setenv(usage.USAGE_VAR, "1")
+    return key_env
+
+
+def counted() -> dict:
+    """{(key_id, model, kind): tokens} counted so far."""
+    return {label: n for (name, label), n in metrics.pending().items()
+            if name == "rayllm_auth_tokens"}
+
+
+def engine_totals(engine) -> dict:
+    """The same shape as counted(), from the engine's own reports, for key team-a."""
+    totals = {}
+    for _method, model, prompt, completion in engine.reported():
+        for kind, field in (("prompt", prompt), ("completion", completion)):
+            n = int(field.split("=")[1])
+            if n:
+                totals[("team-a", model, kind)] = totals.get(("team-a", model, kind), 0) + n
+    return totals
+
+
+def post(app, path, body, key, *, raw=None):
+    headers = [*bearer(key), ("content-type", "application/json")]
+    return asyncio.run(call(app, "POST", path, headers,
+                            body=raw if raw is not None else json.dumps(body).encode()))
+
+
+def events(reply) -> list:
+    """A stream's events as JSON (ids and times removed, as they differ per request)."""
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    found = []
+    for event in reply.body.split(b"\n\n"):
+        data = event.removeprefix(b"data: ")
+        if data and data != b"[DONE]":
+            chunk = json.loads(data)
+            chunk.pop("id"), chunk.pop("created")
+            found.append(chunk)
+    assert reply.body.endswith(b"data: [DONE]\n\n")
+    return found
+
+
+def chat(stream=False, **extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3,
+            "stream": stream, **extra}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 100])
+def test_a_stream_that_did_not_ask_is_counted_and_gets_exactly_the_stock_events(
+        engine, counting, batch):
+    stock = post(build_engine_app(engine, batch=batch, protect=False), "/v1/chat/completions",
+                 chat(True), counting["team-a"])
+    assert engine.reported() == []  # the stock request asked for no usage: none reported
+    reply = post(build_engine_app(engine, batch=batch), "/v1/chat/completions", chat(True),
+                 counting["team-a"])
+    assert reply.status == 200
+    assert events(reply) == events(stock)  # the usage event asked for here is taken out
+    assert all("usage" not in e for e in events(reply))
+    assert engine.reported() == [["chat", MODEL, "prompt=5", "completion=3"]]
+    assert counted() == engine_totals(engine) == {
+        ("team-a", MODEL, "prompt"): 5, ("team-a", MODEL, "completion"): 3}
+
+
+@pytest.mark.parametrize("options", [{"include_usage": True}, {"include_usage": "true"},
+                                     {"include_usage": True, "continuous_usage_stats": True}])
+def test_a_stream_that_asked_for_usage_gets_it_and_is_counted_once(engine, counting, options):
+    body = chat(True, stream_options=options)
+    stock = post(build_engine_app(engine, batch=2, protect=False), "/v1/chat/completions",
+                 body, counting["team-a"])
+    reply = post(build_engine_app(engine, batch=2), "/v1/chat/completions", body,
+                 counting["team-a"])
+    assert events(reply) == events(stock)
+    assert events(reply)[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
+                                          "total_tokens": 8}
+    # Two requests reported (stock and protected); only the protected one is counted, once
+    # (with continuous_usage_stats every event carries the running total).
+    assert counted() == {("team-a", MODEL, "prompt"): 5, ("team-a", MODEL, "completion"): 3}
+
+
+def test_non_streamed_chat_completions_and_embeddings_are_counted_exactly(engine, counting):
+    app = build_engine_app(engine)
+    key = counting["team-a"]
+    assert post(app, "/v1/chat/completions", chat(max_tokens=7), key).json()["usage"][
+        "completion_tokens"] == 7
+    assert post(app, "/v1/completions", {"model": MODEL, "prompt": ["a b", "c"],
+                                         "max_tokens": 2}, key).status == 200
+    stream = post(app, "/v1/completions", {"model": MODEL, "prompt": "x y", "max_tokens": 4,
+                                           "stream": True}, key)
+    assert all("usage" not in e for e in events(stream))
+    embedded = post(app, "/v1/embeddings", {"model": MODEL, "input": ["a b c", "d"]}, key)
+    assert embedded.json()["usage"]["prompt_tokens"] == 4
+    assert [m for m, *_ in engine.reported()] == ["chat", "completions", "completions",
+                                                  "embeddings"]
+    assert counted() == engine_totals(engine) == {
+        ("team-a", MODEL, "prompt"): 5 + 3 + 2 + 4, ("team-a", MODEL, "completion"): 7 + 2 + 4}
+
+
+def test_each_key_is_counted_under_its_own_id(engine, counting):
+    app = build_engine_app(engine)
+    post(app, "/v1/chat/completions", chat(), counting["team-a"])
+    post(app, "/v1/chat/completions", chat(True), counting["vllm"])
+    (vllm_id,) = {key_id for key_id, _, _ in counted()} - {"team-a"}
+    assert vllm_id.startswith("key-")
+    assert counted() == {("team-a", MODEL, "prompt"): 5, ("team-a", MODEL, "completion"): 3,
+                         (vllm_id, MODEL, "prompt"): 5, (vllm_id, MODEL, "completion"): 3}
+
+
+def test_accounting_off_changes_nothing_and_counts_nothing(engine, key_env, fresh_metrics):
+    app = build_engine_app(engine)
+    reply = post(app, "/v1/chat/completions", chat(True), key_env["team-a"])
+    assert reply.status == 200 and all("usage" not in e for e in events(reply))
+    assert engine.reported() == []  # the request reached the engine unchanged
+    post(app, "/v1/chat/completions", chat(), key_env["team-a"])
+    assert counted() == {}
+
+
+@pytest.mark.parametrize("raw", [
+    b"{not json", b"[1, 2]", json.dumps(chat(True, stream_options="yes")).encode(),
+    json.dumps(chat(True, stream_options={"include_usage": "maybe"})).encode(),
+    json.dumps(chat(True, stream_options={"continuous_usage_stats": "maybe"})).encode(),
+    json.dumps(chat("maybe")).encode(),
+])
+def test_a_body_the_app_refuses_is_passed_on_unchanged_and_counts_nothing(
+        engine, counting, raw):
+    stock = post(build_engine_app(engine, protect=False), "/v1/chat/completions", None,
+                 counting["team-a"], raw=raw)
+    reply = post(build_engine_app(engine), "/v1/chat/completions", None, counting["team-a"],
+                 raw=raw)
+    assert stock.status == reply.status == 400
+    assert reply.json() == stock.json()
+    assert counted() == {} and engine.reported() == []
+
+
+def test_stream_given_as_a_string_is_read_as_the_app_reads_it(engine, counting):
+    reply = post(build_engine_app(engine), "/v1/chat/completions", chat("true"),
+                 counting["team-a"])
+    assert all("usage" not in e for e in events(reply))
+    assert counted() == engine_totals(engine) != {}
+
+
+def test_an_engine_error_counts_nothing(engine, counting):
+    reply = post(build_engine_app(engine), "/v1/chat/completions",
+                 chat(True, max_tokens=-1), counting["team-a"])
+    assert reply.status == 400 and counted() == {}
+
+
+def test_a_body_over_the_limit_is_refused(engine, counting, monkeypatch):
+    monkeypatch.setattr(usage, "MAX_METERED_BODY_BYTES", 100)
+    reply = post(build_engine_app(engine), "/v1/chat/completions",
+                 chat(messages=[{"role": "user", "content": "x" * 200}]), counting["team-a"])
+    assert reply.status == 413 and engine.reported() == []
+
+
+def test_other_routes_are_not_read(counting, reached):
+    from tests.ray_app import build_ray_app
+
+    reply = post(build_ray_app(reached), "/tokenize", {"model": MODEL, "prompt": "a"},
+                 counting["team-a"])
+    assert reply.status == 200 and reached == ["tokenize"] and counted() == {}
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("0", False), ("", False),
+                                       ("off", False)])
+def test_the_switch(value, on):
+    assert usage.usage_enabled({usage.USAGE_VAR: value}) is on
+
+
+def test_a_misspelt_switch_stops_the_replica():
+    with pytest.raises(ConfigError, match=usage.USAGE_VAR):
+        usage.usage_enabled({usage.USAGE_VAR: "maybe"})
