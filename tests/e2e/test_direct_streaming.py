@@ -10,7 +10,13 @@ import openai
 import pytest
 
 from tests.conftest import new_key
-from tests.support.local_cluster import MODEL, SERVE_URL, LocalCluster, application
+from tests.support.local_cluster import (
+    MODEL,
+    SERVE_URL,
+    LocalCluster,
+    application,
+    token_totals,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +54,7 @@ def cluster(wheel, tmp_path_factory):
                 "RAY_LLM_API_KEYS": f"ds-client:sha256:{digest}",
                 "VLLM_API_KEY": VLLM_KEY,
                 "RAY_LLM_API_KEYS_FILE": str(key_file),
+                "RAY_LLM_AUTH_TOKEN_USAGE": "1",
             }}),
             application("off", "/off", runtime_env={"pip": pip}),
         ])
@@ -73,6 +80,21 @@ def test_every_vllm_route_needs_a_key(cluster, method, path):
     reply = request(method, path)
     assert reply.status_code == 401, reply.text[:300]
     assert reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_token_metrics_equal_what_vllms_app_reported(cluster):
+    # vLLM's own app in the LLMServer replica; the key is limited to the model, so its body
+    # is read twice (model check, then usage).
+    before = len(cluster.engine_usage())
+    sdk = openai.OpenAI(base_url=f"{SERVE_URL}/v1", api_key=ALLOWED_KEY, max_retries=0)
+    chunks = list(sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "three words here"}], max_tokens=3,
+        stream=True))
+    assert all(c.choices for c in chunks)  # the usage event asked for here is taken out
+    assert sdk.completions.create(model=MODEL, prompt="a b", max_tokens=2).usage.prompt_tokens == 2
+    reported = cluster.engine_usage()[before:]
+    assert len(reported) == 2, reported
+    cluster.wait_for_tokens_counted("allowed", token_totals(reported))
 
 
 def test_model_limits_hold_on_vllms_own_app(cluster):

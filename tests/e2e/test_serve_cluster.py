@@ -6,7 +6,6 @@ every call it receives."""
 import http.client
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.support.local_cluster import (
     SERVE_URL,
     LocalCluster,
     application,
+    token_totals,
 )
 from tests.conftest import new_key
 
@@ -298,18 +298,6 @@ def test_key_id_reaches_ray_http_metrics_as_user_id(cluster, keys):
         time.sleep(3)
 
 
-def tokens_counted(metrics: str, key_id: str) -> dict:
-    """{(model, kind): tokens} of ray_rayllm_auth_tokens_total for ``key_id``."""
-    counted = {}
-    for labels, value in re.findall(r"^ray_rayllm_auth_tokens_total\{([^}]*)\} (\S+)$",
-                                    metrics, re.M):
-        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if tags.get("key_id") == key_id:
-            label = (tags["model"], tags["kind"])
-            counted[label] = counted.get(label, 0) + float(value)
-    return counted
-
-
 def test_token_metrics_equal_what_the_engine_reported(cluster):
     before = len(cluster.engine_usage())
     sdk = client(METERED)
@@ -325,15 +313,7 @@ def test_token_metrics_equal_what_the_engine_reported(cluster):
     assert len(sdk.embeddings.create(model=MODEL, input=["a b", "c d e"]).data) == 2
     reported = cluster.engine_usage()[before:]
     assert len(reported) == 6, reported  # every request's usage, the streams' included
-    expected = {}
-    for line in reported:
-        _method, model, prompt, completion = line.split()
-        for kind, field in (("prompt", prompt), ("completion", completion)):
-            expected[(model, kind)] = expected.get((model, kind), 0) + int(field.split("=")[1])
-    deadline = time.monotonic() + 60
-    while (counted := tokens_counted(cluster.metrics(), "metered")) != expected:
-        assert time.monotonic() < deadline, (counted, expected)
-        time.sleep(2)
+    cluster.wait_for_tokens_counted("metered", token_totals(reported))
 
 
 def test_zz_no_key_appears_in_ray_logs_status_or_metrics(cluster, keys):

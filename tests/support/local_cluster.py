@@ -215,6 +215,16 @@ class LocalCluster:
         """Every usage the stand-in engine reported: ``<method> <model> prompt=N completion=N``."""
         return self.usage_file.read_text().splitlines() if self.usage_file.exists() else []
 
+    def wait_for_tokens_counted(self, key_id: str, expected: dict, timeout: float = 60) -> None:
+        """Wait until ray_rayllm_auth_tokens_total for ``key_id`` is exactly ``expected``
+        ({(model, kind): tokens}); fail with both if it is not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (counted := tokens_counted(self.metrics(), key_id)) != expected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tokens counted for {key_id}: {counted}, "
+                                     f"the engine reported {expected}")
+            time.sleep(2)
+
     def metrics(self) -> str:
         """Ray's Prometheus endpoint (the node's metrics agent)."""
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30).text
@@ -234,6 +244,29 @@ class LocalCluster:
         }
         places += [name for name, text in outputs.items() if any(s in text for s in secrets)]
         return places
+
+
+def token_totals(usage_lines: list[str]) -> dict:
+    """{(model, kind): tokens} from the stand-in engine's usage lines."""
+    totals = {}
+    for line in usage_lines:
+        _method, model, *counts = line.split()
+        for kind, count in (c.split("=") for c in counts):
+            if int(count):
+                totals[(model, kind)] = totals.get((model, kind), 0) + int(count)
+    return totals
+
+
+def tokens_counted(metrics: str, key_id: str) -> dict:
+    """{(model, kind): tokens} of ray_rayllm_auth_tokens_total for ``key_id``."""
+    counted = {}
+    for labels, value in re.findall(r"^ray_rayllm_auth_tokens_total\{([^}]*)\} (\S+)$",
+                                    metrics, re.M):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if tags.get("key_id") == key_id:
+            label = (tags["model"], tags["kind"])
+            counted[label] = counted.get(label, 0) + int(float(value))
+    return counted
 
 
 #: The ingress deployment's class name: OpenAiIngress from Ray 2.51, LLMRouter before.
