@@ -200,3 +200,14 @@ def test_the_switch(value, on):
 def test_a_misspelt_switch_stops_the_replica():
     with pytest.raises(ConfigError, match=usage.USAGE_VAR):
         usage.usage_enabled({usage.USAGE_VAR: "maybe"})
+
+
+def test_a_stream_field_written_with_escapes_is_still_read(engine, counting):
+    # The body is only parsed when it holds b"stream" or a \u escape: this one has no
+    # b"stream" at all, and must still be counted with its usage event taken out.
+    raw = json.dumps(chat(True)).replace('"stream"', '"\\u0073tream"').encode()
+    assert b"stream" not in raw
+    reply = post(build_engine_app(engine), "/v1/chat/completions", None, counting["team-a"],
+                 raw=raw)
+    assert all("usage" not in e for e in events(reply))
+    assert counted() == engine_totals(engine) != {}
