@@ -40,21 +40,16 @@ import uuid
 from typing import Any, AsyncGenerator, Optional
 
 try:  # Ray 2.51 and later
-    from ray.llm._internal.serve.core.configs.openai_api_models import (
-        ChatCompletionResponse,
-        CompletionResponse,
-        EmbeddingResponse,
-        ErrorResponse,
-    )
+    from ray.llm._internal.serve.core.configs import openai_api_models as _api
     from ray.llm._internal.serve.core.engine.protocol import LLMEngine
 except ImportError:  # Ray 2.44 to 2.49: same protocol, other modules
-    from ray.llm._internal.serve.configs.openai_api_models import (
-        ChatCompletionResponse,
-        CompletionResponse,
-        EmbeddingResponse,
-        ErrorResponse,
-    )
+    from ray.llm._internal.serve.configs import openai_api_models as _api
     from ray.llm._internal.serve.deployments.llm.llm_engine import LLMEngine
+
+ChatCompletionResponse = _api.ChatCompletionResponse
+CompletionResponse = _api.CompletionResponse
+ErrorResponse = _api.ErrorResponse
+# EmbeddingResponse is read when an embedding is asked for: Ray 2.44-2.46 have none.
 
 __all__ = ["StandInEngine", "CALLS_FILE_VAR", "USAGE_FILE_VAR", "WORDS", "EMBEDDING_SIZE"]
 
@@ -107,7 +102,7 @@ class StandInEngine(LLMEngine):
             texts = [_prompt_words(i) for i in (inputs if _is_batch(inputs) else [inputs])]
         prompt_tokens = sum(texts)
         self._report_usage("embeddings", prompt_tokens, 0)
-        yield EmbeddingResponse.model_validate({
+        yield _api.EmbeddingResponse.model_validate({
             "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
             "model": self.model_id,
             "data": [{"index": i, "object": "embedding",
