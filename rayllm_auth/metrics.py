@@ -4,9 +4,9 @@ wherever Ray's metrics are scraped (KubeRay pods' metrics port, Ray's Prometheus
 ``rayllm_auth_requests`` (Counter; tags ``outcome``, ``key_id``)
     One per auth decision. ``outcome``: ``ok``, ``missing``, ``malformed``, ``conflicting``,
     ``invalid``, ``expired``, ``model_denied``, ``rate_limited`` (over its ``rpm`` or
-    ``concurrency``), ``exempt``, or ``config_error`` (a replica that
-    refused to start because its key configuration is unusable). ``key_id`` is the key's
-    non-secret id when the key was recognised, else empty.
+    ``concurrency``), ``too_large`` (token accounting: a body over its limit), ``exempt``, or
+    ``config_error`` (a replica that refused to start because its key configuration is
+    unusable). ``key_id`` is the key's non-secret id when the key was recognised, else empty.
 ``rayllm_auth_key_reloads`` (Counter; tag ``outcome``: ``ok`` or ``failed``)
     Key file reloads.
 ``rayllm_auth_limits_fallbacks`` (Counter; tag ``change``: ``entered`` or ``left``)

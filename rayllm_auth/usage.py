@@ -29,6 +29,7 @@ end on an event boundary is passed on unchanged and not counted, and that is log
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Mapping, Optional
@@ -49,15 +50,18 @@ logger = logging.getLogger("rayllm_auth")
 USAGE_VAR = "RAY_LLM_AUTH_TOKEN_USAGE"
 METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _STREAMED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-#: Largest request body read (as model_scope's), and largest JSON response read for usage.
+#: Largest request body read (as model_scope's).
 MAX_METERED_BODY_BYTES = 64 * 1024 * 1024
-# vLLM's `stream`, `include_usage` and `continuous_usage_stats` are `bool | None` fields of
-# pydantic models; FastAPI validates them from json.loads' output, in lax mode. The same
-# adapter reads them here, so "true", 1 or "yes" mean here what they mean to the app.
+#: Largest JSON response read for its usage. Its parts are kept by reference (Starlette sends
+#: a JSONResponse as one part: no copy); parsing it takes about as long as rendering it took.
+MAX_METERED_RESPONSE_BYTES = 1024 * 1024 * 1024
+# vLLM's `stream` is a `bool | None` field of a pydantic model; FastAPI validates it from
+# json.loads' output, in lax mode. The same adapter reads it here, so "true", 1 or "yes" mean
+# here what they mean to the app.
 _FLAG = TypeAdapter(Optional[bool])
 _USAGE = b'"usage"'
 _EVENT_END = b"\n\n"
-_warned_split_event = False
+_warned = set()  # what was logged once
 
 
 def usage_enabled(environ: Mapping[str, str]) -> bool:
@@ -65,6 +69,10 @@ def usage_enabled(environ: Mapping[str, str]) -> bool:
     empty, "0" (or false/no/off) counts none. Raises ConfigError for anything else."""
     value = environ.get(USAGE_VAR, "").strip().lower()
     if value in ("1", "true", "yes", "on"):
+        try:
+            _stream_options()
+        except (ImportError, KeyError) as exc:
+            raise ConfigError(f"{USAGE_VAR}=1 needs Ray Serve LLM's request models: {exc}")
         return True
     if value in ("", "0", "false", "no", "off"):
         return False
@@ -84,7 +92,7 @@ async def prepare(key_id: str, scope, receive):
     if body is None:
         return None
     if len(body) > MAX_METERED_BODY_BYTES:
-        return Refusal.TOO_LARGE
+        return Refusal.BODY_TOO_LARGE
     strip = False
     if route in _STREAMED_ROUTES:
         asking = _asking_for_usage(body)
@@ -108,16 +116,30 @@ def _asking_for_usage(body: bytes) -> Optional[bytes]:
                 is not True:
             return None
         options = request.get("stream_options")
-        if options is None:
-            options = {}
-        if not isinstance(options, dict) or _FLAG.validate_python(options.get("include_usage")):
-            return None  # refused by the app, or its client asked: passed on as it is
-        _FLAG.validate_python(options.get("continuous_usage_stats"))  # raises if refused
-        request["stream_options"] = {**options, "include_usage": True,
+        parsed = _stream_options().validate_python(options)  # raises if the app refuses it
+        if parsed is not None and parsed.include_usage:
+            return None  # its client asked (vLLM before 2026 asks by default): as it is
+        request["stream_options"] = {**(options or {}), "include_usage": True,
                                      "continuous_usage_stats": False}
-        return json.dumps(request).encode()
     except (ValueError, ValidationError, RecursionError):  # what the app refuses too
         return None
+    try:  # compact and UTF-8 as sent: the body grows only by the options added
+        text = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a \ud800 escape) has no UTF-8 form
+        return json.dumps(request, separators=(",", ":")).encode()
+
+
+@functools.cache
+def _stream_options() -> TypeAdapter:
+    """The app's own reading of ``stream_options`` (vLLM's StreamOptions, through Ray's chat
+    request model): what it accepts, and whether it then sends usage, decided by the same
+    code and defaults as in the app (vLLM changed ``include_usage``'s default in 2026)."""
+    try:  # Ray 2.51 and later, then Ray 2.44 to 2.50
+        from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+    except ImportError:
+        from ray.llm._internal.serve.configs.openai_api_models import ChatCompletionRequest
+    return TypeAdapter(ChatCompletionRequest.model_fields["stream_options"].annotation)
 
 
 class _CountingSend:
@@ -152,23 +174,31 @@ class _CountingSend:
                 self._stream = True
             elif content_type.startswith(b"application/json"):
                 self._stream = False
+            elif content_type.startswith(b"application/octet-stream"):
+                # vLLM's embeddings as bytes: the JSON fields, usage too, in a header.
+                self._read_json(next((v for k, v in message.get("headers", ())
+                                      if k.lower() == b"metadata"), b""))
         return self._send(message)
 
     def _collect(self, message) -> None:
         """A JSON response's body: read for its usage once it is whole (if not too large)."""
-        if self._size > MAX_METERED_BODY_BYTES:
+        if self._size > MAX_METERED_RESPONSE_BYTES:
             return
         body = message.get("body", b"")
         self._chunks.append(body)
         self._size += len(body)
-        if not message.get("more_body", False) and self._size <= MAX_METERED_BODY_BYTES:
+        if self._size > MAX_METERED_RESPONSE_BYTES:
+            self._chunks = []
+            _warn_once("a JSON response over MAX_METERED_RESPONSE_BYTES is not counted")
+        elif not message.get("more_body", False):
             self._read_json(b"".join(self._chunks))
 
     def _read_events(self, body: bytes) -> bytes:
         """``body`` (whole server-sent events) counted, the usage event taken out if
         ``strip``."""
         if not body.endswith(_EVENT_END):
-            _warn_split_event()
+            _warn_once("a streamed message with usage did not end on an event boundary; "
+                       "its usage is not counted")
             return body
         kept = []
         for event in body[:-len(_EVENT_END)].split(_EVENT_END):
@@ -217,9 +247,7 @@ def _event_data(event: bytes):
         return None  # [DONE], or not JSON
 
 
-def _warn_split_event() -> None:
-    global _warned_split_event
-    if not _warned_split_event:
-        _warned_split_event = True
-        logger.warning("rayllm-auth: a streamed message with usage did not end on an event "
-                       "boundary; its usage is not counted (this is logged once)")
+def _warn_once(what: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        logger.warning("rayllm-auth: %s (this is logged once)", what)

@@ -36,11 +36,14 @@ def build_engine_app(engine, *, batch: int = 1, protect: bool = True):
 
         async def batched():
             events = [first]
-            async for event in generator:
-                events.append(event)
+            while True:
                 if len(events) == batch:
                     yield events
                     events = []
+                try:
+                    events.append(await generator.__anext__())
+                except StopAsyncIteration:
+                    break
             if events:
                 yield events
 

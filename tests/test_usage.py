@@ -211,3 +211,104 @@ def test_a_stream_field_written_with_escapes_is_still_read(engine, counting):
                  raw=raw)
     assert all("usage" not in e for e in events(reply))
     assert counted() == engine_totals(engine) != {}
+
+
+def test_messages_hold_the_batches_asked_for(engine):
+    # The harness itself: batch=1 must send one event per message (review finding 9).
+    import asyncio as aio
+
+    async def sizes(batch):
+        app = build_engine_app(engine, batch=batch, protect=False)
+        messages = []
+
+        bodies = [{"type": "http.request", "body": json.dumps(chat(True)).encode()}]
+
+        async def receive():
+            if bodies:
+                return bodies.pop()
+            await aio.sleep(3600)  # no disconnect while the stream is sent
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                messages.append(message["body"].count(b"data: "))
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                 "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+                 "scheme": "http", "client": ("127.0.0.1", 1), "server": ("t", 80),
+                 "asgi": {"version": "3.0"}}
+        await app(scope, receive, send)
+        return messages
+
+    assert aio.run(sizes(1)) == [1, 1, 1, 1]  # three chunks, then [DONE]
+    assert aio.run(sizes(3)) == [3, 1]
+
+
+def test_a_client_asking_by_an_older_vllms_default_is_left_as_it_is(engine, counting,
+                                                                    monkeypatch):
+    # vLLM before 2026 sends usage for "stream_options": {} (include_usage defaulted to true):
+    # the app's own model decides, so such a request is not rewritten, and nothing is taken
+    # out of its stream (review finding 6).
+    from typing import Optional
+
+    from pydantic import BaseModel, TypeAdapter
+
+    class OlderStreamOptions(BaseModel):
+        include_usage: Optional[bool] = True
+        continuous_usage_stats: Optional[bool] = False
+
+    monkeypatch.setattr(usage, "_stream_options",
+                        lambda: TypeAdapter(Optional[OlderStreamOptions]))
+    assert usage._asking_for_usage(json.dumps(chat(True, stream_options={})).encode()) is None
+    assert usage._asking_for_usage(json.dumps(chat(True)).encode()) is not None
+
+
+def test_the_rewrite_stays_the_size_of_the_body(counting):
+    # json.dumps' default escapes every non-ASCII character as \uXXXX: up to 3 times the bytes
+    # the client sent (review finding 8).
+    body = json.dumps(chat(True, messages=[{"role": "user", "content": "é" * 1000}]),
+                      ensure_ascii=False).encode()
+    rewritten = usage._asking_for_usage(body)
+    assert json.loads(rewritten)["messages"] == json.loads(body)["messages"]
+    assert len(rewritten) < len(body) + 100
+    surrogate = b'{"stream": true, "messages": [{"content": "\\ud800"}]}'
+    assert json.loads(usage._asking_for_usage(surrogate))["messages"][0]["content"] == "\ud800"
+
+
+def test_a_body_over_the_limit_is_refused_as_too_large_not_as_a_model_refusal(
+        engine, counting, monkeypatch):
+    monkeypatch.setattr(usage, "MAX_METERED_BODY_BYTES", 100)
+    reply = post(build_engine_app(engine), "/v1/chat/completions",
+                 chat(messages=[{"role": "user", "content": "x" * 200}]), counting["team-a"])
+    assert reply.status == 413 and "token accounting" in reply.json()["error"]["message"]
+    assert metrics.pending()[("rayllm_auth_requests", ("too_large", "team-a"))] == 1
+
+
+def test_a_response_larger_than_the_request_limit_is_still_counted(engine, counting,
+                                                                   monkeypatch):
+    # The client chooses the response's size (max_tokens, many inputs): it must not choose
+    # to go uncounted (review finding 3).
+    monkeypatch.setattr(usage, "MAX_METERED_BODY_BYTES", 1000)
+    reply = post(build_engine_app(engine), "/v1/completions",
+                 {"model": MODEL, "prompt": "a", "max_tokens": 500}, counting["team-a"])
+    assert len(reply.body) > 1000
+    assert counted() == engine_totals(engine) == {("team-a", MODEL, "prompt"): 1,
+                                                  ("team-a", MODEL, "completion"): 500}
+
+
+def test_embeddings_as_bytes_are_counted_from_vllms_metadata_header(counting):
+    # vLLM answers encoding_format "bytes" with the JSON fields in a `metadata` header
+    # (review finding 4).
+    from rayllm_auth.protect import protect_app
+
+    async def bytes_app(scope, receive, send):
+        await receive()
+        metadata = json.dumps({"model": MODEL, "usage": {"prompt_tokens": 9,
+                                                          "total_tokens": 9}})
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/octet-stream"), (b"metadata", metadata.encode())]})
+        await send({"type": "http.response.body", "body": b"\x00" * 64})
+
+    reply = post(protect_app(bytes_app), "/v1/embeddings",
+                 {"model": MODEL, "input": "x", "encoding_format": "bytes"}, counting["team-a"])
+    assert reply.status == 200 and counted() == {("team-a", MODEL, "prompt"): 9}
