@@ -16,7 +16,8 @@ rate-limited (:mod:`rayllm_auth.audit`) and answered, all by :meth:`ApiKeyMiddle
 
 A valid request with an unlimited key costs one scan of the headers, one SHA-256, one dict
 lookup and one counter update; responses are never touched, so streaming costs nothing per
-chunk.
+chunk. With token accounting on (``RAY_LLM_AUTH_TOKEN_USAGE=1``), the requests and responses
+of the generate routes are read for their usage (:mod:`rayllm_auth.usage`).
 """
 
 from __future__ import annotations
