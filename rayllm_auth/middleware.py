@@ -197,21 +197,9 @@ class ApiKeyMiddleware:
         """Pass an admitted request on; a key with rpm= or concurrency= first needs the
         quota's consent (:mod:`rayllm_auth.quota`), and its responses carry OpenAI's
         rate-limit headers. A concurrency slot is held until the app returns: after the last
-        byte of a stream, or when the client has gone. With token accounting on, the
-        request's usage is counted (:mod:`rayllm_auth.usage`)."""
-        app = self.app
-        if self._counts_tokens:
-            prepared = await prepare_usage(grant.key_id, scope, receive)
-            if prepared is None:
-                return  # the client went away while sending its body: nobody to answer
-            if prepared.__class__ is Refusal:
-                return await self._refuse(prepared, grant.key_id, scope, receive, send)
-            receive, counting = prepared
-            if counting is not None:
-                app = _counted(self.app, counting)
+        byte of a stream, or when the client has gone."""
         if not grant.rate_limited:
-            metrics.record_ok(grant.key_id)
-            return await app(scope, receive, send)
+            return await self._call_counting(grant, scope, receive, send)
         if self._quota is None:
             self._quota = self._make_quota()
         verdict = self._quota.admit_now(grant.key_id, grant.rpm, grant.concurrency) \
@@ -221,10 +209,9 @@ class ApiKeyMiddleware:
                 Refusal.CONCURRENCY_EXCEEDED
             return await self._refuse(refusal, grant.key_id, scope, receive, send,
                                       rate_limit_headers(verdict))
-        metrics.record_ok(grant.key_id)
         headers = rate_limit_headers(verdict)
         if grant.concurrency is None:
-            return await app(scope, receive, _adding_headers(send, headers))
+            return await self._call_counting(grant, scope, receive, _adding_headers(send, headers))
         quota, key_id, released = self._quota, grant.key_id, False
 
         async def send_releasing(message):
@@ -240,10 +227,26 @@ class ApiKeyMiddleware:
             await send(message)
 
         try:
-            await app(scope, receive, send_releasing)
+            await self._call_counting(grant, scope, receive, send_releasing)
         finally:
             if not released:  # an error, a client gone, a WebSocket
                 await quota.release(key_id)  # frees the slot here before any await
+
+    async def _call_counting(self, grant, scope, receive, send):
+        """Call the app; with token accounting on, its usage is counted
+        (:mod:`rayllm_auth.usage`). Runs after the quota's consent: a key over its limit
+        gets its 429 before its body is read."""
+        if self._counts_tokens:
+            prepared = await prepare_usage(grant.key_id, scope, receive)
+            if prepared is None:
+                return  # the client went away while sending its body: nobody to answer
+            if prepared.__class__ is Refusal:
+                return await self._refuse(prepared, grant.key_id, scope, receive, send)
+            receive, counting = prepared
+            if counting is not None:
+                send = counting(send)
+        metrics.record_ok(grant.key_id)
+        await self.app(scope, receive, send)
 
     async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send, headers=()):
         """Count, log and answer one refusal: the only way a request is refused."""
@@ -256,15 +259,6 @@ class ApiKeyMiddleware:
         # function means this check and the router always agree on which route a request
         # is for (whatever the root_path or route prefix). Exact match: no prefixes.
         return get_route_path(scope) in self._exempt
-
-
-def _counted(app, counting):
-    """``app``, called with the ``send`` that counts its response's usage."""
-
-    async def counted_app(scope, receive, send):
-        await app(scope, receive, counting(send))
-
-    return counted_app
 
 
 def _adding_headers(send, headers: list[tuple[bytes, bytes]]):

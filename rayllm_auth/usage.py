@@ -40,6 +40,7 @@ from starlette._utils import get_route_path
 from rayllm_auth import metrics
 from rayllm_auth.bodies import read_body, replay
 from rayllm_auth.errors import ConfigError
+from rayllm_auth.json_fields import FieldNotFound, first_field, last_field
 from rayllm_auth.refusals import Refusal
 
 __all__ = ["USAGE_VAR", "METERED_ROUTES", "MAX_METERED_BODY_BYTES", "usage_enabled",
@@ -53,7 +54,8 @@ _STREAMED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 #: Largest request body read (as model_scope's).
 MAX_METERED_BODY_BYTES = 64 * 1024 * 1024
 #: Largest JSON response read for its usage. Its parts are kept by reference (Starlette sends
-#: a JSONResponse as one part: no copy); parsing it takes about as long as rendering it took.
+#: a JSONResponse as one part: no copy), and only the bytes around its usage and model are
+#: parsed.
 MAX_METERED_RESPONSE_BYTES = 1024 * 1024 * 1024
 # vLLM's `stream` is a `bool | None` field of a pydantic model; FastAPI validates it from
 # json.loads' output, in lax mode. The same adapter reads it here, so "true", 1 or "yes" mean
@@ -71,8 +73,10 @@ def usage_enabled(environ: Mapping[str, str]) -> bool:
     if value in ("1", "true", "yes", "on"):
         try:
             _stream_options()
-        except (ImportError, KeyError) as exc:
-            raise ConfigError(f"{USAGE_VAR}=1 needs Ray Serve LLM's request models: {exc}")
+        except Exception as exc:  # this Ray's request models are not as expected
+            raise ConfigError(
+                f"{USAGE_VAR}=1 needs Ray Serve LLM's chat request model with its "
+                f"stream_options field: {exc!r}") from exc
         return True
     if value in ("", "0", "false", "no", "off"):
         return False
@@ -108,8 +112,10 @@ async def prepare(key_id: str, scope, receive):
 def _asking_for_usage(body: bytes) -> Optional[bytes]:
     """``body`` rewritten to ask for the stream's usage, or None when it needs no rewrite (not
     a stream, or its client asked) or must not get one (the app would refuse it as it is)."""
-    if b"stream" not in body and b"\\u" not in body:
-        return None  # a "stream" field can only be written with those bytes or a \u escape
+    if b"stream" not in body and b"\\u" not in body and json.detect_encoding(body) == "utf-8":
+        # In UTF-8, a "stream" field can only be written with those bytes or a \u escape
+        # (json.loads, as the app uses it, also reads UTF-16 and UTF-32 bodies: those are parsed)
+        return None
     try:
         request = json.loads(body)
         if not isinstance(request, dict) or _FLAG.validate_python(request.get("stream")) \
@@ -123,11 +129,11 @@ def _asking_for_usage(body: bytes) -> Optional[bytes]:
                                      "continuous_usage_stats": False}
     except (ValueError, ValidationError, RecursionError):  # what the app refuses too
         return None
-    try:  # compact and UTF-8 as sent: the body grows only by the options added
-        text = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
-        return text.encode()
-    except UnicodeEncodeError:  # a lone surrogate (a \ud800 escape) has no UTF-8 form
-        return json.dumps(request, separators=(",", ":")).encode()
+    # Compact UTF-8: the body grows only by the options added. A lone surrogate (a \ud800
+    # escape) has no UTF-8 form; "surrogatepass" writes it in the form json.loads, which the
+    # app reads bytes with, takes back to the same string.
+    text = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "surrogatepass")
 
 
 @functools.cache
@@ -202,35 +208,45 @@ class _CountingSend:
             return body
         kept = []
         for event in body[:-len(_EVENT_END)].split(_EVENT_END):
-            if _USAGE in event and self._count(_event_data(event)) and self._strip:
+            if _USAGE in event and self._count_event(_event_data(event)) and self._strip:
                 continue  # the event this middleware asked for: not the client's
             kept.append(event + _EVENT_END)
         return b"".join(kept)
 
     def _read_json(self, body: bytes) -> None:
+        """Count the usage of a JSON response (read around its fields, never parsed whole:
+        :mod:`rayllm_auth.json_fields`)."""
         try:
-            self._count(json.loads(body))
-        except (ValueError, RecursionError):
-            pass  # not the app's JSON answer: nothing reported
+            usage = last_field(body, "usage")
+        except FieldNotFound:
+            return  # not the app's answer with usage: nothing reported
+        try:
+            model = first_field(body, "model")
+        except FieldNotFound:
+            model = None
+        self._count(usage, model)
 
-    def _count(self, document) -> bool:
-        """Count the usage ``document`` reports (a stream may report a running total: only
-        what is new is counted). True if it is a usage-only event (no choices)."""
-        if not isinstance(document, dict):
+    def _count_event(self, document) -> bool:
+        """Count a stream event's usage. True if it is a usage-only event (no choices)."""
+        if not isinstance(document, dict) or not self._count(document.get("usage"),
+                                                             document.get("model")):
             return False
-        usage = document.get("usage")
+        return document.get("choices") == []
+
+    def _count(self, usage, model) -> bool:
+        """Count ``usage`` as reported (a stream may report a running total: only what is
+        new is counted). False if it is not a usage report."""
         if not isinstance(usage, dict):
             return False
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens") or 0
         if not (_is_count(prompt) and _is_count(completion)):
             return False
-        model = document.get("model")
         counted_prompt, counted_completion = self._counted
         metrics.record_tokens(self._key_id, model if isinstance(model, str) else "",
                               max(0, prompt - counted_prompt),
                               max(0, completion - counted_completion))
         self._counted = (max(prompt, counted_prompt), max(completion, counted_completion))
-        return document.get("choices") == []
+        return True
 
 
 def _is_count(value) -> bool:

@@ -196,6 +196,30 @@ async def test_the_slot_is_free_before_the_clients_last_byte(key_file, clock):
     assert seen_after_last_byte == [200]
 
 
+async def test_with_token_accounting_a_key_over_its_limit_gets_429_before_its_body_is_read(
+        key_file, clock, monkeypatch):
+    # Token accounting reads a generate route's body; the quota decides first, so a key over
+    # its limit costs no body read, and gets a 429, not a 413 (review 12, finding 2).
+    from rayllm_auth import usage
+
+    monkeypatch.setenv(usage.USAGE_VAR, "1")
+    monkeypatch.setattr(usage, "MAX_METERED_BODY_BYTES", 100)
+    app, engine = limited_app(clock)
+    small, large = b'{"model": "m"}', b'{"model": "' + b"m" * 200 + b'"}'
+    for _ in range(3):
+        assert (await call(app, "POST", "/v1/chat/completions", bearer(KEYS["slow"]),
+                           body=small)).status == 200
+    over = await call(app, "POST", "/v1/chat/completions", bearer(KEYS["slow"]), body=large)
+    assert over.status == 429 and len(engine.reached) == 3
+    # Admitted, then refused for its size: its concurrency slot is given back.
+    for _ in range(2):
+        too_large = await call(app, "POST", "/v1/chat/completions",
+                               bearer(KEYS["one-at-a-time"]), body=large)
+        assert too_large.status == 413
+    assert (await call(app, "POST", "/v1/chat/completions", bearer(KEYS["one-at-a-time"]),
+                       body=small)).status == 200
+
+
 # -- the key file ---------------------------------------------------------------------------
 
 

@@ -271,8 +271,13 @@ def test_the_rewrite_stays_the_size_of_the_body(counting):
     rewritten = usage._asking_for_usage(body)
     assert json.loads(rewritten)["messages"] == json.loads(body)["messages"]
     assert len(rewritten) < len(body) + 100
-    surrogate = b'{"stream": true, "messages": [{"content": "\\ud800"}]}'
-    assert json.loads(usage._asking_for_usage(surrogate))["messages"][0]["content"] == "\ud800"
+    # A lone surrogate has no UTF-8 form: written as json.loads reads it back, not escaped
+    # (an ASCII fallback changed every other character too; review 12, finding 4).
+    surrogate = json.dumps(chat(True, messages=[{"role": "user", "content": "\ud800" + "é" * 100}]),
+                           ensure_ascii=False).encode("utf-8", "surrogatepass")
+    rewritten = usage._asking_for_usage(surrogate)
+    assert json.loads(rewritten)["messages"] == json.loads(surrogate)["messages"]
+    assert len(rewritten) < len(surrogate) + 100
 
 
 def test_a_body_over_the_limit_is_refused_as_too_large_not_as_a_model_refusal(
@@ -312,3 +317,51 @@ def test_embeddings_as_bytes_are_counted_from_vllms_metadata_header(counting):
     reply = post(protect_app(bytes_app), "/v1/embeddings",
                  {"model": MODEL, "input": "x", "encoding_format": "bytes"}, counting["team-a"])
     assert reply.status == 200 and counted() == {("team-a", MODEL, "prompt"): 9}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-16"])
+def test_a_stream_asked_for_in_utf16_or_utf32_is_counted(engine, counting, encoding):
+    # json.loads, which the app reads bodies with, takes UTF-16 and UTF-32: such a body holds
+    # no b"stream" and must not skip the parse (review 12, finding 1).
+    raw = json.dumps(chat(True)).encode(encoding)
+    assert b"stream" not in raw
+    stock = post(build_engine_app(engine, protect=False), "/v1/chat/completions", None,
+                 counting["team-a"], raw=raw)
+    reply = post(build_engine_app(engine), "/v1/chat/completions", None, counting["team-a"],
+                 raw=raw)
+    assert stock.status == reply.status == 200
+    assert events(reply) == events(stock)
+    assert counted() == engine_totals(engine) == {
+        ("team-a", MODEL, "prompt"): 5, ("team-a", MODEL, "completion"): 3}
+
+
+def test_a_ray_whose_request_model_differs_stops_the_replica(monkeypatch):
+    # Any failure to read the app's stream_options model is a configuration error, not an
+    # AttributeError from inside the middleware's constructor (review 12, finding 5).
+    def changed():
+        raise AttributeError("'ChatCompletionRequest' has no attribute 'model_fields'")
+
+    monkeypatch.setattr(usage, "_stream_options", changed)
+    with pytest.raises(ConfigError, match="stream_options"):
+        usage.usage_enabled({usage.USAGE_VAR: "1"})
+
+
+def test_a_usage_key_inside_a_responses_content_is_not_counted(counting):
+    # A JSON response is read around its own usage and model, never a nested object's
+    # (rayllm_auth.json_fields): what a client puts in content cannot change the count.
+    from rayllm_auth.protect import protect_app
+
+    answer = {"id": "x", "model": MODEL, "choices": [
+        {"message": {"content": '{"usage": {"prompt_tokens": 999}}', "model": "other"},
+         "logprobs": {"top_logprobs": [{"usage": -0.1, "model": -0.2}]}}],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 2}, "kv": {"usage": {"x": 1}}}
+
+    async def json_app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    reply = post(protect_app(json_app), "/v1/chat/completions", chat(), counting["team-a"])
+    assert reply.status == 200
+    assert counted() == {("team-a", MODEL, "prompt"): 4, ("team-a", MODEL, "completion"): 2}
