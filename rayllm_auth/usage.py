@@ -125,15 +125,26 @@ def _asking_for_usage(body: bytes) -> Optional[bytes]:
         parsed = _stream_options().validate_python(options)  # raises if the app refuses it
         if parsed is not None and parsed.include_usage:
             return None  # its client asked (vLLM before 2026 asks by default): as it is
-        request["stream_options"] = {**(options or {}), "include_usage": True,
-                                     "continuous_usage_stats": False}
+        options = {**(options or {}), "include_usage": True, "continuous_usage_stats": False}
     except (ValueError, ValidationError, RecursionError):  # what the app refuses too
         return None
-    # Compact UTF-8: the body grows only by the options added. A lone surrogate (a \ud800
-    # escape) has no UTF-8 form; "surrogatepass" writes it in the form json.loads, which the
-    # app reads bytes with, takes back to the same string.
-    text = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
-    return text.encode("utf-8", "surrogatepass")
+    member = b'"stream_options":' + json.dumps(
+        options, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return _with_last_member(body, member)
+
+
+def _with_last_member(body: bytes, member: bytes) -> bytes:
+    """``body``, a JSON object with members, with ``member`` added last: JSON keeps the last
+    of repeated keys, so it replaces one the client sent. The rest of the body is passed on
+    as sent, never parsed and written again (that took twice as long as the app's parse).
+    UTF-16 and UTF-32 bodies (and a UTF-8 BOM) are passed on as UTF-8, which the app reads
+    the same; "surrogatepass" as json.loads itself decodes bytes."""
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":
+        body = body.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+    end = len(body.rstrip(b" \t\n\r")) - 1  # the object's "}": only JSON whitespace after it
+    view = memoryview(body)
+    return b"".join((view[:end], b",", member, view[end:]))
 
 
 @functools.cache
@@ -214,8 +225,8 @@ class _CountingSend:
         return b"".join(kept)
 
     def _read_json(self, body: bytes) -> None:
-        """Count the usage of a JSON response (read around its fields, never parsed whole:
-        :mod:`rayllm_auth.json_fields`)."""
+        """Count the usage of a JSON response (read around its fields where engines write
+        them, parsed whole otherwise: :mod:`rayllm_auth.json_fields`)."""
         try:
             usage = last_field(body, "usage")
         except FieldNotFound:

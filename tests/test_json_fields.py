@@ -1,6 +1,7 @@
 """Reading one top-level field of a JSON object without parsing it whole
 (rayllm_auth.json_fields). The oracle is json.loads: on any object, written any way
-json.dumps writes, the answer is json.loads(body)[name], or FieldNotFound when it has none."""
+json.dumps writes, the answer is json.loads(body)[name], or FieldNotFound when it has none;
+fast where engines put the field, exact everywhere."""
 
 import json
 import tracemalloc
@@ -8,7 +9,7 @@ import tracemalloc
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rayllm_auth.json_fields import (FIRST_FIELD_WINDOW, MAX_CANDIDATES, FieldNotFound,
+from rayllm_auth.json_fields import (FIRST_FIELD_WINDOW, MAX_LOOKS, FieldNotFound,
                                      first_field, last_field)
 
 # Strings and keys that look like the keys searched for, from inside a string or a nested
@@ -67,12 +68,29 @@ def test_a_large_response_is_read_without_parsing_it_whole():
     assert peak < FIRST_FIELD_WINDOW * 8  # json.loads(body) takes more than 20 MB here
 
 
-def test_a_search_stops_after_so_many_nested_keys():
-    # Each nested key of the name costs a parse of what follows it: a body with more of them
-    # than MAX_CANDIDATES after its own is not read (not counted) rather than read slowly.
-    nested = {f"n{i}": {"usage": i} for i in range(MAX_CANDIDATES + 1)}
-    body = json.dumps({"usage": {"prompt_tokens": 1}, **nested}).encode()
-    with pytest.raises(FieldNotFound):
-        last_field(body, "usage")
-    fewer = {f"n{i}": {"usage": i} for i in range(MAX_CANDIDATES - 1)}
-    assert last_field(json.dumps({"usage": 1, **fewer}).encode(), "usage") == 1
+def test_many_look_alikes_cost_a_whole_parse_never_a_wrong_or_missing_field():
+    # A prompt of "usage" tokens with prompt_logprobs (written after usage by vLLM) puts that
+    # string many times after the real key; a JSON response must still be counted (review
+    # 13, finding 1: they used up the search and the request went uncounted).
+    logprobs = [{str(i): {"logprob": -1.0, "decoded_token": "usage"}} for i in range(200)]
+    document = {"model": "m", "choices": [], "usage": {"prompt_tokens": 200},
+                "prompt_logprobs": logprobs, "kv": {f"n{i}": {"usage": i} for i in range(80)}}
+    for writing in ({}, {"separators": (",", ":")}, {"indent": 1}):
+        body = json.dumps(document, **writing).encode()
+        assert body.count(b'"usage"') > MAX_LOOKS
+        assert last_field(body, "usage") == {"prompt_tokens": 200}
+    models = {"choices": [{"model": "x", "text": "model"} for _ in range(100)], "model": "m"}
+    assert first_field(json.dumps(models).encode(), "model") == "m"
+
+
+@pytest.mark.parametrize("body, value", [
+    (b'\xef\xbb\xbf{"model": "m", "usage": 1}', "m"),  # a UTF-8 BOM, which json.loads takes
+    ('{"model": "a\ud800b", "usage": 1}'.encode("utf-8", "surrogatepass"), "a\ud800b"),
+    (json.dumps({"model": "m" * (FIRST_FIELD_WINDOW + 10), "usage": 1}).encode(),
+     "m" * (FIRST_FIELD_WINDOW + 10)),
+    (json.dumps({"model": "m", "usage": 1}, indent=" " * 70000).encode(), "m"),
+])
+def test_bodies_off_the_fast_path_read_as_json_loads_reads_them(body, value):
+    # Review 13, finding 3: each of these gave FieldNotFound or a wrong value.
+    assert first_field(body, "model") == value == json.loads(body)["model"]
+    assert last_field(body, "usage") == 1

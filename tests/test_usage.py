@@ -365,3 +365,21 @@ def test_a_usage_key_inside_a_responses_content_is_not_counted(counting):
     reply = post(protect_app(json_app), "/v1/chat/completions", chat(), counting["team-a"])
     assert reply.status == 200
     assert counted() == {("team-a", MODEL, "prompt"): 4, ("team-a", MODEL, "completion"): 2}
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"stream": true, "messages": [], "stream_options": {"include_usage": false}}  \n',
+    b'{"stream_options": {"x": 1}, "stream": 1, "stream_options": null}',  # repeated: last
+    '{"stream": true, "m": "\u00e9\ud800"}'.encode("utf-16-le", "surrogatepass"),
+    b'\xef\xbb\xbf{"stream": "true", "n": [1.5, NaN, 1e400]}',
+])
+def test_the_rewrite_is_the_body_as_sent_with_stream_options_added_last(raw):
+    # Review 13, finding 2: the body is no longer parsed and written again (twice the app's
+    # own parse); the app reads exactly the client's request with its stream_options merged.
+    rewritten = usage._asking_for_usage(raw)
+    sent = json.loads(raw)
+    expected = {**sent, "stream_options": {**(sent.get("stream_options") or {}),
+                                           "include_usage": True,
+                                           "continuous_usage_stats": False}}
+    assert repr(json.loads(rewritten)) == repr(expected)  # repr: NaN is not equal to itself
+    assert len(rewritten) <= len(raw) + 80  # the member added, nothing else
