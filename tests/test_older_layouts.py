@@ -53,7 +53,7 @@ def test_versions_select_these_records():
     assert choose_layout("2.49.2", enforce=True).layout is ROUTER
     assert choose_layout("2.54.1", enforce=True).layout is core_ingress_init_layout.LAYOUT
     assert choose_layout("2.50.0", enforce=True) == (None, False)
-    assert choose_layout("2.52.1", enforce=True) == (None, False)
+    assert choose_layout("2.50.1", enforce=True) == (None, False)
 
 
 def test_router_layout_protects_the_module_level_app_once(key_env, monkeypatch):

@@ -42,6 +42,8 @@ RESULTS = Path(__file__).resolve().parent
 #: extra, i.e. the vLLM it was developed against (newer vLLMs change the APIs Ray imports).
 PINS = {
     "2.49.2": "0.10.0",
+    "2.51.2": "0.11.0",
+    "2.52.1": "0.11.0",
     "2.53.0": "0.12.0",
     "2.54.1": "0.15.0",
     "2.55.1": "0.18.0",
@@ -71,6 +73,8 @@ EXTRAS = {"2.49.2": ["rllib"]}
 CONSTRAINTS = {
     "2.49.2": ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7.1.0",
                "protobuf==6.33.6"],
+    "2.51.2": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
+    "2.52.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
     "2.53.0": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
     "2.54.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
     "2.55.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6"],
