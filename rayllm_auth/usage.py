@@ -106,7 +106,7 @@ async def prepare(key_id: str, scope, receive):
                 *((k, v) for k, v in scope["headers"] if k.lower() != b"content-length"),
                 (b"content-length", str(len(body)).encode()),
             ]
-    return replay(body, receive), lambda send: _CountingSend(send, key_id, strip)
+    return replay(body, receive), lambda send: _counting_send(send, key_id, strip)
 
 
 def _asking_for_usage(body: bytes) -> Optional[bytes]:
@@ -159,47 +159,65 @@ def _stream_options() -> TypeAdapter:
     return TypeAdapter(ChatCompletionRequest.model_fields["stream_options"].annotation)
 
 
-class _CountingSend:
+def _counting_send(send, key_id: str, strip: bool):
     """A ``send`` that counts the usage a 200 response reports, and takes the usage event
-    out of a stream whose client did not ask for it (``strip``)."""
+    out of a stream whose client did not ask for it (``strip``).
 
-    __slots__ = ("_send", "_key_id", "_strip", "_stream", "_chunks", "_size", "_counted")
+    A plain function, not a coroutine and not an object's ``__call__`` (both cost more per
+    call): it returns the client's own send's awaitable. Once an event stream has started,
+    every message is a body, so a streamed chunk costs this call, one dict lookup and one
+    substring search (find(), not ``in``: bytes.__contains__ first tries its argument as an
+    int, and failing costs more than the search)."""
+    counter = _Counter(key_id, strip)
+    streaming = False
 
-    def __init__(self, send, key_id: str, strip: bool):
-        self._send, self._key_id, self._strip = send, key_id, strip
-        self._stream: Optional[bool] = None  # None: not a 200, nothing to count
-        self._chunks: list[bytes] = []  # a JSON response's body, until its end
+    def counting_send(message):
+        nonlocal streaming
+        if streaming:
+            if message.get("body", b"").find(_USAGE) != -1:
+                message = {**message, "body": counter.read_events(message["body"])}
+            return send(message)
+        if message["type"] == "http.response.start":
+            streaming = counter.start(message)
+        elif message["type"] == "http.response.body":
+            counter.collect(message)
+        return send(message)
+
+    return counting_send
+
+
+class _Counter:
+    """What one response reports: its kind (from its start), its JSON body, and the tokens
+    counted for it so far."""
+
+    __slots__ = ("_key_id", "_strip", "_json", "_chunks", "_size", "_counted")
+
+    def __init__(self, key_id: str, strip: bool):
+        self._key_id, self._strip = key_id, strip
+        self._json = False  # a 200 JSON response, whose body is collected
+        self._chunks: list[bytes] = []  # its parts, until its end
         self._size = 0
         self._counted = (0, 0)  # prompt, completion tokens counted for this response
 
-    def __call__(self, message):
-        # Not a coroutine: returns the client's own send's awaitable, so a streamed chunk
-        # costs a call and a substring search, no extra coroutine.
-        if message["type"] == "http.response.body":
-            if self._stream:
-                body = message.get("body", b"")
-                # find(), not `in`: bytes.__contains__ first tries its argument as an int,
-                # and failing costs more than the search (about 150 ns against 50).
-                if body.find(_USAGE) != -1:
-                    message = {**message, "body": self._read_events(body)}
-            elif self._stream is False:
-                self._collect(message)
-        elif message["type"] == "http.response.start" and message.get("status") == 200:
-            content_type = next((v for k, v in message.get("headers", ())
-                                 if k.lower() == b"content-type"), b"")
-            if content_type.startswith(b"text/event-stream"):
-                self._stream = True
-            elif content_type.startswith(b"application/json"):
-                self._stream = False
-            elif content_type.startswith(b"application/octet-stream"):
-                # vLLM's embeddings as bytes: the JSON fields, usage too, in a header.
-                self._read_json(next((v for k, v in message.get("headers", ())
-                                      if k.lower() == b"metadata"), b""))
-        return self._send(message)
+    def start(self, message) -> bool:
+        """Read a response's start; True if it begins a 200 event stream."""
+        if message.get("status") != 200:
+            return False  # the engine refused it: nothing reported
+        content_type = next((v for k, v in message.get("headers", ())
+                             if k.lower() == b"content-type"), b"")
+        if content_type.startswith(b"text/event-stream"):
+            return True
+        if content_type.startswith(b"application/json"):
+            self._json = True
+        elif content_type.startswith(b"application/octet-stream"):
+            # vLLM's embeddings as bytes: the JSON fields, usage too, in a header.
+            self._read_json(next((v for k, v in message.get("headers", ())
+                                  if k.lower() == b"metadata"), b""))
+        return False
 
-    def _collect(self, message) -> None:
+    def collect(self, message) -> None:
         """A JSON response's body: read for its usage once it is whole (if not too large)."""
-        if self._size > MAX_METERED_RESPONSE_BYTES:
+        if not self._json or self._size > MAX_METERED_RESPONSE_BYTES:
             return
         body = message.get("body", b"")
         self._chunks.append(body)
@@ -210,7 +228,7 @@ class _CountingSend:
         elif not message.get("more_body", False):
             self._read_json(b"".join(self._chunks))
 
-    def _read_events(self, body: bytes) -> bytes:
+    def read_events(self, body: bytes) -> bytes:
         """``body`` (whole server-sent events) counted, the usage event taken out if
         ``strip``."""
         if not body.endswith(_EVENT_END):
