@@ -165,17 +165,23 @@ def _counting_send(send, key_id: str, strip: bool):
 
     A plain function, not a coroutine and not an object's ``__call__`` (both cost more per
     call): it returns the client's own send's awaitable. Once an event stream has started,
-    every message is a body, so a streamed chunk costs this call, one dict lookup and one
-    substring search (find(), not ``in``: bytes.__contains__ first tries its argument as an
-    int, and failing costs more than the search)."""
+    every message is a body (a server refuses a second start), so a streamed chunk costs this
+    call, one dict lookup and one substring search (find(), not ``in``: bytes.__contains__
+    first tries its argument as an int, and failing costs more than the search)."""
     counter = _Counter(key_id, strip)
     streaming = False
 
     def counting_send(message):
         nonlocal streaming
         if streaming:
-            if message.get("body", b"").find(_USAGE) != -1:
-                message = {**message, "body": counter.read_events(message["body"])}
+            body = message.get("body", b"")
+            try:
+                found = body.find(_USAGE) != -1
+            except AttributeError:  # a memoryview, which Starlette's streams pass on as given
+                body = bytes(body)
+                found = body.find(_USAGE) != -1
+            if found:
+                message = {**message, "body": counter.read_events(body)}
             return send(message)
         if message["type"] == "http.response.start":
             streaming = counter.start(message)

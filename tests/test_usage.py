@@ -383,3 +383,20 @@ def test_the_rewrite_is_the_body_as_sent_with_stream_options_added_last(raw):
                                            "continuous_usage_stats": False}}
     assert repr(json.loads(rewritten)) == repr(expected)  # repr: NaN is not equal to itself
     assert len(rewritten) <= len(raw) + 80  # the member added, nothing else
+
+
+def test_a_stream_of_memoryviews_is_passed_on_and_counted(counting):
+    # Starlette's StreamingResponse passes memoryview chunks on as an app yields them; they
+    # have no find() (review 14: the stream was cut after its start, in the code before too).
+    sent = []
+    send = usage._counting_send(lambda message: sent.append(message), "team-a", strip=True)
+    send({"type": "http.response.start", "status": 200,
+          "headers": [(b"content-type", b"text/event-stream")]})
+    content = b'data: {"model": "%s", "choices": [{"text": "x"}]}\n\n' % MODEL.encode()
+    final = (b'data: {"model": "%s", "choices": [], "usage": {"prompt_tokens": 2, '
+             b'"completion_tokens": 1}}\n\n' % MODEL.encode())
+    send({"type": "http.response.body", "body": memoryview(content), "more_body": True})
+    send({"type": "http.response.body", "body": memoryview(final), "more_body": True})
+    send({"type": "http.response.body", "body": memoryview(b"data: [DONE]\n\n")})
+    assert b"".join(bytes(m.get("body", b"")) for m in sent) == content + b"data: [DONE]\n\n"
+    assert counted() == {("team-a", MODEL, "prompt"): 2, ("team-a", MODEL, "completion"): 1}
