@@ -1,5 +1,5 @@
-"""One top-level field of a JSON object, read without parsing the whole object where it sits
-where engines write it.
+"""One top-level field of a JSON object, read without parsing the whole object when the field
+sits where engines write it.
 
 Token accounting needs a response's ``usage`` and ``model``, two small fields of a body that
 can be hundreds of MiB (an embeddings batch). ``json.loads`` of such a body holds the event

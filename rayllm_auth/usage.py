@@ -55,7 +55,7 @@ _STREAMED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 MAX_METERED_BODY_BYTES = 64 * 1024 * 1024
 #: Largest JSON response read for its usage. Its parts are kept by reference (Starlette sends
 #: a JSONResponse as one part: no copy), and only the bytes around its usage and model are
-#: parsed.
+#: parsed where engines write them (:mod:`rayllm_auth.json_fields`).
 MAX_METERED_RESPONSE_BYTES = 1024 * 1024 * 1024
 # vLLM's `stream` is a `bool | None` field of a pydantic model; FastAPI validates it from
 # json.loads' output, in lax mode. The same adapter reads it here, so "true", 1 or "yes" mean
