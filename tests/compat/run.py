@@ -59,6 +59,10 @@ PINS = {
 #: the ray-llm images do.
 EXTRAS = {"2.49.2": ["rllib"]}
 
+#: The pins 2.54.1 needed (below), given to 2.51 to 2.53 as well.
+_CORE_INGRESS_INIT_PINS = ["fastapi==0.136.3", "boto3", "protobuf==6.33.6",
+                           "grpcio-reflection==1.76.0"]
+
 #: What a ray-llm image of the time has and a bare ``pip install`` today does not:
 #: - serve.ingress pickles the FastAPI app, and today's FastAPI holds a lock (in its
 #:   telemetry object) that cannot be pickled, so stock Ray 2.49 and 2.54 to 2.56 fail
@@ -73,10 +77,10 @@ EXTRAS = {"2.49.2": ["rllib"]}
 CONSTRAINTS = {
     "2.49.2": ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7.1.0",
                "protobuf==6.33.6"],
-    "2.51.2": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
-    "2.52.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
-    "2.53.0": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
-    "2.54.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6", "grpcio-reflection==1.76.0"],
+    "2.51.2": _CORE_INGRESS_INIT_PINS,
+    "2.52.1": _CORE_INGRESS_INIT_PINS,
+    "2.53.0": _CORE_INGRESS_INIT_PINS,
+    "2.54.1": _CORE_INGRESS_INIT_PINS,
     "2.55.1": ["fastapi==0.136.3", "boto3", "protobuf==6.33.6"],
     "2.56.1": ["fastapi==0.136.3"],
 }
