@@ -207,7 +207,7 @@ class ReplicaQuota:
 
     def _admitted(self, state: _KeyState, rpm: Optional[int], now: float) -> Verdict:
         """Count an admitted request in its second (fallback shares, restores) and say so."""
-        self._count_admitted(state, now)
+        _count(state.admitted, int(now))  # floor: the clock is never negative
         return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
                        state.reset_s)
 
@@ -350,10 +350,6 @@ class ReplicaQuota:
         _count(state.admitted_alone, second)
         return None
 
-    @staticmethod
-    def _count_admitted(state: _KeyState, now: float) -> None:
-        _count(state.admitted, int(now))  # floor: the clock is never negative
-
     # -- concurrency ---------------------------------------------------------------------------
 
     async def _take_slot(self, key_id, state: _KeyState, concurrency: int) -> bool:
@@ -365,20 +361,25 @@ class ReplicaQuota:
             return False
         if self.in_fallback and not self._retry_due(now):
             return self._fallback_slot(state, concurrency)
-        # A task, shielded: a slot granted to a requester that went away stays held here
-        # (idle: reused, or given back at the next upkeep), never lost.
-        granted = await asyncio.shield(asyncio.ensure_future(
-            self._lease_slot(key_id, state, concurrency)))
-        if granted is None:
+        # A task, shielded: a slot the ledger grants is this requester's from the moment it
+        # arrives (the restore that may follow is awaited after it, and another request must
+        # neither take it nor give it back meanwhile); if the requester went away, it goes
+        # back at once.
+        leasing = asyncio.ensure_future(self._lease_slot(key_id, state, concurrency))
+        try:
+            claimed = await asyncio.shield(leasing)
+        except asyncio.CancelledError:
+            leasing.add_done_callback(lambda done: self._release_if_claimed(key_id, done))
+            raise
+        if claimed is None:
             return self._fallback_slot(state, concurrency)
-        if state.slots_used < min(state.slots_held, concurrency):
-            state.slots_used += 1
-            return True
-        state.slot_refused_until = self._clock() + SLOT_REFUSAL_S
-        return False
+        if not claimed:
+            state.slot_refused_until = self._clock() + SLOT_REFUSAL_S
+        return claimed
 
-    async def _lease_slot(self, key_id, state: _KeyState, concurrency: int) -> Optional[int]:
-        """Slots the ledger granted (added to those held), or None when it is gone."""
+    async def _lease_slot(self, key_id, state: _KeyState, concurrency: int) -> Optional[bool]:
+        """Whether the ledger granted a slot, taken for the caller before anything else is
+        awaited; None when the ledger is gone."""
         state.slots_pending += 1  # reported to the ledger as held while we wait
         try:
             granted, incarnation = await self._ledger.lease_slots(key_id, concurrency, 1,
@@ -391,12 +392,20 @@ class ReplicaQuota:
         finally:
             state.slots_pending -= 1
         state.slots_held += granted
+        claimed = state.slots_used < min(state.slots_held, concurrency)
+        if claimed:
+            state.slots_used += 1
         self._leave_fallback()
         try:
             await self._heard(incarnation)
         except LedgerUnavailable:
             self._enter_fallback(self._clock())
-        return granted
+        return claimed
+
+    def _release_if_claimed(self, key_id: str, leasing: asyncio.Future) -> None:
+        """The slot ``leasing`` claimed, if it did, goes back: its requester went away."""
+        if not leasing.cancelled() and leasing.exception() is None and leasing.result():
+            self.release_soon(key_id)
 
     async def _correct_late_slot_grant(self, answer: Awaitable) -> None:
         """A slot the ledger granted after this replica stopped waiting: the ledger hears

@@ -695,8 +695,9 @@ def late_cluster(monkeypatch):
                                        heartbeat=False)
 
 
-def replica_on(handle, clock, name):
-    """Another replica of the same application, on the same actor handle."""
+def another_replica(clock, name):
+    """Another replica of the same application: it reaches the same actor handle through
+    the ``_get_or_create`` that late_cluster patched."""
     from rayllm_auth import ray_ledger
 
     return ReplicaQuota(ray_ledger.RayLedger("app"), name, clock, heartbeat=False)
@@ -803,7 +804,7 @@ def test_back_from_fallback_the_ledger_hears_the_slots_taken_alone():
 
 def test_a_slot_granted_after_its_deadline_is_not_held_for_a_replica_that_left(monkeypatch):
     clock, handle, a = late_cluster(monkeypatch)
-    b = replica_on(handle, clock, "r1")
+    b = another_replica(clock, "r1")
 
     async def scenario():
         handle.late = {"lease_slots"}
@@ -899,3 +900,87 @@ def test_reaching_the_ledger_outside_an_event_loop_leaves_no_coroutine_behind():
             a.reach_ledger_soon()
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+class GatedLedger(LocalLedger):
+    """Calls of the methods in ``gated`` wait until :attr:`gate` opens (a ledger that has
+    just started and answers a burst of queued calls at once), then run."""
+
+    def __init__(self, ledger):
+        super().__init__(ledger)
+        self.gated, self.gate, self.waiting = set(), asyncio.Event(), 0
+
+    def __getattr__(self, name):
+        call = super().__getattr__(name)
+
+        async def gated(*args):
+            if name in self.gated:
+                self.waiting += 1
+                try:
+                    await self.gate.wait()
+                finally:
+                    self.waiting -= 1
+            return await call(*args)
+
+        return gated
+
+
+async def until(condition, limit=2.0):
+    for _ in range(int(limit / 0.001)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("never happened")
+
+
+def restarted_behind_a_slow_restore():
+    """One replica that knows its ledger, which has just restarted: the next slot grant is
+    followed by a restore that waits for ``remote.gate``."""
+    clock = Clock()
+    remote = GatedLedger(Ledger(clock))
+    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+
+    async def meet_the_ledger():
+        assert (await quota.admit("k", None, 8)).refused is None
+        await quota.release("k")
+
+    run(meet_the_ledger())
+    remote.ledger, remote.gated = Ledger(clock), {"restore"}
+    return clock, remote, quota
+
+
+def test_a_slot_granted_while_the_replica_restores_is_its_requesters():
+    # The end-to-end failure after the ledger was killed: a request whose slot was granted
+    # waited for the restore that followed; a request arriving meanwhile took that slot (or
+    # its end gave it back), and the first got a 429 with 7 of 8 slots free.
+    _, remote, quota = restarted_behind_a_slow_restore()
+
+    async def scenario():
+        first = asyncio.create_task(quota.admit("k", None, 8))
+        await until(lambda: remote.waiting == 1)  # granted; now restoring
+        second = asyncio.create_task(quota.admit("k", None, 8))
+        await asyncio.sleep(0.01)
+        if second.done() and second.result().refused is None:
+            await quota.release("k")  # a short request, over before the restore answers
+        remote.gate.set()
+        verdicts = [await first, await second]
+        return [v.refused for v in verdicts]
+
+    assert run(scenario()) == [None, None]
+
+
+def test_a_slot_granted_to_a_request_that_went_away_while_restoring_goes_back():
+    _, remote, quota = restarted_behind_a_slow_restore()
+
+    async def scenario():
+        gone = asyncio.create_task(quota.admit("k", None, 1))
+        await until(lambda: remote.waiting == 1)  # its slot granted, the restore under way
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        remote.gate.set()
+        await until(lambda: not remote.ledger._holdings["k"])  # the slot given back
+        return (await quota.admit("k", None, 1)).refused, remote.ledger._holdings["k"]
+
+    refused, holdings = run(scenario())
+    assert refused is None and holdings == {"r0": 1}  # the one slot, held by the new request

@@ -801,8 +801,8 @@ def test_ledger_killed_under_load_no_request_fails_and_limits_return(cluster, li
         return await load
 
     results = asyncio.run(scenario())
-    statuses = [status for status, _, _ in results]
-    assert set(statuses) == {200}, statuses  # no request failed because the ledger died
+    failed = [(status, t, dict(headers)) for status, t, headers in results if status != 200]
+    assert not failed, failed  # no request failed because the ledger died
     deadline = time.monotonic() + 60
     while not (counts := fallback_counts(cluster)).get("left"):
         assert time.monotonic() < deadline, counts
