@@ -14,7 +14,7 @@ from rayllm_auth.patches.core_ingress_layout import INGRESS_MODULE, REPLICA_WRAP
 
 LAYOUT = Layout(
     name="core_ingress_init_layout",
-    ray=">=2.52,<2.56",
+    ray=">=2.51,<2.56",
     summary="same builder side; replica side `ASGIAppReplicaWrapper.__init__(app_or_func)`",
     targets=(
         Target(INGRESS_MODULE, "init", Wrap.RETURNED_APP),
