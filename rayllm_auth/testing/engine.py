@@ -8,8 +8,10 @@ It answers chat, completions (streaming or not) and embeddings in OpenAI's shape
 ``usage`` vLLM would report: one token per whitespace-separated word of the prompt, one per
 generated word; a stream reports it in a last event without choices when the request's
 ``stream_options.include_usage`` is true (in every event with ``continuous_usage_stats``).
-It records every call it receives, so tests can prove that refused requests never reach
-the engine, and every usage it reports, so tests can compare counts with it:
+On Ray 2.44 to 2.48, whose engine protocol is ``prepare_request``/``generate`` (the engine
+yields tokens, Ray builds the OpenAI responses and their usage), it yields one token per
+generated word. It records every call it receives, so tests can prove that refused requests
+never reach the engine, and every usage it reports, so tests can compare counts with it:
 
 ``RAYLLM_AUTH_STANDIN_CALLS_FILE``
     if set, each call appends one line ``<method> <model> credentials=<forwarded|none>`` to
@@ -158,6 +160,48 @@ class StandInEngine(LLMEngine):
                 await self._decode_one_token()
         usage = self._report_usage(method, prompt_tokens, n_tokens)
         yield _full_response(chat, ident, created, self.model_id, "".join(tokens), usage)
+
+    # -- Ray 2.44 to 2.48's engine protocol: the engine yields tokens, Ray builds the OpenAI
+    # responses (and their usage) from them. Credentials: that protocol passes no headers.
+
+    async def prepare_request(self, request_id: str, prompt, stream: bool,
+                              disk_lora_model=None, **kwargs):
+        from ray.llm._internal.serve.configs.server_models import GenerationRequest
+
+        parameters = prompt.parameters or {}
+        chat = isinstance(prompt.prompt, list)
+        words = _prompt_words([m.model_dump() for m in prompt.prompt] if chat else prompt.prompt)
+        return GenerationRequest(
+            prompt=prompt.to_unformatted_string(), request_id=request_id, stream=stream,
+            metadata={"method": "chat" if chat else "completions",
+                      "model": parameters.get("model"), "prompt_tokens": words,
+                      "max_tokens": parameters.get("max_tokens")})
+
+    async def generate(self, request) -> AsyncGenerator[Any, None]:
+        from ray.llm._internal.serve.configs.server_models import LLMRawResponse
+
+        method, prompt_tokens = request.metadata["method"], request.metadata["prompt_tokens"]
+        self._record(method, request.metadata["model"], None)
+        max_tokens = request.metadata["max_tokens"]
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        n_tokens = max_tokens or _DEFAULT_MAX_TOKENS
+        async with self._batch or contextlib.nullcontext():
+            for index in range(n_tokens):
+                await self._decode_one_token()
+                yield LLMRawResponse(
+                    generated_text=WORDS[index % len(WORDS)] + " ",
+                    num_input_tokens=prompt_tokens, num_generated_tokens=1,
+                    finish_reason="length" if index == n_tokens - 1 else None)
+        self._report_usage(method, prompt_tokens, n_tokens)  # Ray reports usage every time
+
+    async def embed(self, request):
+        """(embeddings, prompt tokens) of ``request.prompt``: Ray 2.47 and 2.48's call."""
+        self._record("embeddings", self.model_id, None)
+        inputs = request.prompt
+        texts = [_prompt_words(i) for i in (inputs if _is_batch(inputs) else [inputs])]
+        self._report_usage("embeddings", sum(texts), 0)
+        return [[float(n)] + [0.5] * (EMBEDDING_SIZE - 1) for n in texts], sum(texts)
 
     async def _decode_one_token(self) -> None:
         if self._token_delay:

@@ -41,6 +41,7 @@ RESULTS = Path(__file__).resolve().parent
 #: Ray release -> the vLLM it is tested with: the lower bound of that release's own ``llm``
 #: extra, i.e. the vLLM it was developed against (newer vLLMs change the APIs Ray imports).
 PINS = {
+    "2.48.0": "0.9.2",
     "2.49.2": "0.10.0",
     "2.51.2": "0.11.0",
     "2.52.1": "0.11.0",
@@ -57,7 +58,7 @@ PINS = {
 #: Extras beyond serve,llm that a release needs: Ray 2.49's ``ray.serve.llm`` imports
 #: ``ray.rllib`` (for a deprecation helper), whose dependencies its ``rllib`` extra brings, as
 #: the ray-llm images do.
-EXTRAS = {"2.49.2": ["rllib"]}
+EXTRAS = {"2.48.0": ["rllib"], "2.49.2": ["rllib"]}
 
 #: The pins 2.54.1 needed (below), given to 2.51 to 2.53 as well.
 _CORE_INGRESS_INIT_PINS = ["fastapi==0.136.3", "boto3", "protobuf==6.33.6",
@@ -74,9 +75,13 @@ _CORE_INGRESS_INIT_PINS = ["fastapi==0.136.3", "boto3", "protobuf==6.33.6",
 #:   gets the same pins as 2.54, unchecked one by one);
 #: - protobuf 7 removed ``FieldDescriptor.label``, which Serve's config code of 2.49 and 2.54
 #:   reads (and vLLM 0.15's grpcio-reflection must then be one that accepts protobuf 6).
+_ROUTER_MODULE_PINS = ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7.1.0",
+                       "protobuf==6.33.6"]
 CONSTRAINTS = {
-    "2.49.2": ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7.1.0",
-               "protobuf==6.33.6"],
+    # 2.49.2's pins, and a transformers of vLLM 0.9.2's time: 4.54 added its own "aimv2"
+    # config, which vLLM 0.9's ovis config then fails to register ("already used").
+    "2.48.0": [*_ROUTER_MODULE_PINS, "transformers==4.53.3"],
+    "2.49.2": _ROUTER_MODULE_PINS,
     "2.51.2": _CORE_INGRESS_INIT_PINS,
     "2.52.1": _CORE_INGRESS_INIT_PINS,
     "2.53.0": _CORE_INGRESS_INIT_PINS,
