@@ -274,7 +274,13 @@ INGRESS_CLASSES = (":OpenAiIngress", ":LLMRouter")
 
 
 def ingress_pids() -> dict[str, int]:
-    """{application name: pid of its ingress replica}, from Ray's state API."""
+    """{application name: pid of an ingress replica}, from Ray's state API."""
+    return {app: pids[-1] for app, pids in every_ingress_pid().items()}
+
+
+def every_ingress_pid() -> dict[str, list[int]]:
+    """{application name: pids of all its ingress replicas} (Ray 2.44 to 2.49 start two
+    LLMRouter replicas per model), from Ray's state API."""
     reply = httpx.get(f"{DASHBOARD}/api/v0/actors", timeout=30, params={
         "detail": "1", "limit": "10000", "filter_keys": "state", "filter_predicates": "=",
         "filter_values": "ALIVE"})
@@ -283,5 +289,5 @@ def ingress_pids() -> dict[str, int]:
     for actor in reply.json()["data"]["result"]["result"]:
         name = actor.get("class_name", "")  # ServeReplica:<app>:OpenAiIngress
         if name.endswith(INGRESS_CLASSES):
-            pids[name.split(":")[1]] = actor["pid"]
+            pids.setdefault(name.split(":")[1], []).append(actor["pid"])
     return pids
