@@ -1,10 +1,12 @@
 """The key set a replica serves with: every key source read and combined here, and kept current
 while the key file changes.
 
-Reloading is driven by requests, not by a thread: when a request arrives and the last look at
-the key file is more than ``RAY_LLM_AUTH_RELOAD_INTERVAL_S`` seconds old (default 5), the
-file is stat'ed, and read again only if its signature (inode, size, mtime, ctime) changed. An
-idle replica does no work at all.
+Reloading: when the last look at the key file is more than ``RAY_LLM_AUTH_RELOAD_INTERVAL_S``
+seconds old (default 5), the next request, or a timer on the replica's event loop
+(:meth:`KeyStore.keep_looking`), stats the file, and reads it again only if its signature
+(inode, size, mtime, ctime) changed. The timer is what lets a replica that receives no
+request take a change too: without it, its next request would make the first look and find
+the file not yet settled, and serve with the old set (a removed key) for SETTLE_S more.
 
 A changed file is taken only once it has **settled**: the same signature at two looks
 ``SETTLE_S`` seconds apart (our own monotonic clock, which no filesystem clock can skew). A file
@@ -24,6 +26,7 @@ Keys from the environment variables never change while the process lives.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -163,6 +166,7 @@ class KeyStore:
         self._failed_signature: Optional[object] = None
         self._unsettled: Optional[tuple[Signature, float]] = None  # (signature, first seen)
         self._changing_since: Optional[float] = None  # first look at an unsettled change
+        self._looker: Optional[asyncio.Task] = None  # keep_looking()'s timer
         if RAY_LLM_API_KEYS_FILE in environ:
             path = key_file_path(environ)
             self._interval = reload_interval(environ)
@@ -182,7 +186,33 @@ class KeyStore:
         if self._path is not None and (now := self._clock()) >= self._next_check:
             self._next_check = now + self._interval
             self._refresh(now)
+            self.keep_looking()  # at most once per interval: off the per-request path
         return self._keys
+
+    def keep_looking(self) -> None:
+        """Look at the key file when due even while no request arrives, from a task on the
+        running event loop (none running: nothing; a later look from a request starts it).
+        Calling it again is harmless."""
+        if self._path is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        looker = self._looker
+        if looker is None or looker.done() or looker.get_loop() is not loop:
+            self._looker = loop.create_task(self._look_when_due())
+
+    async def _look_when_due(self) -> None:
+        while True:
+            # Until the next look is due (a settling file: SETTLE_S), never busy, never
+            # longer than the interval (a clock moved by tests).
+            due = self._next_check - self._clock()
+            await asyncio.sleep(min(max(due, 0.05), self._interval))
+            try:
+                self.current()
+            except Exception:  # the timer must not die: requests would be the only looks
+                logger.exception("rayllm-auth: looking at the key file failed")
 
     def _combine(self, key_file: Optional[KeyFile]) -> KeySet:
         entries = list(self._env_entries)

@@ -107,6 +107,7 @@ class ApiKeyMiddleware:
         self._ok_counts = metrics.ok_counts()
         self._reloading = self._store.watches_file
         self._keys = keys = self._store.current()  # used as is when there is no key file
+        self._store.keep_looking()  # built in the replica's event loop: idle replicas reload
         if any(grant.rate_limited for grant in keys.grants):
             self._warm_up_limits()
         ids = keys.key_ids

@@ -1,6 +1,7 @@
 """The key file: its format, and reloading it while serving (edits, Kubernetes symlink swaps,
 corruption, removal), with a controlled clock and real files."""
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -14,6 +15,7 @@ from rayllm_auth.keyfile import parse_key_file
 from rayllm_auth.keys import KEY_SOURCES
 from rayllm_auth.keystore import load_keys as load_key_set
 from rayllm_auth.keystore import SETTLE_S, KeyStore
+from rayllm_auth.middleware import ApiKeyMiddleware
 from tests.support.secret_mount import SecretMount
 from tests.conftest import new_key
 
@@ -146,6 +148,42 @@ def test_edit_is_picked_up_after_the_interval_and_revokes_dropped_keys(env):
     assert keys.lookup(dropped.encode()) is None  # revoked
     assert keys.lookup(kept.encode()).key_id == "kept" and keys.lookup(added.encode()).key_id == "added"
     assert reloads() == {"ok": 1}
+
+
+def test_a_replica_that_gets_no_request_still_takes_a_change_before_its_next_request(env):
+    # Found by the Ray 2.48 run (four ingress replicas, often idle): without a look on a
+    # timer, the next request made the first look, found the file unsettled, and was served
+    # with the old set, the removed key included, for SETTLE_S more.
+    path, environ = env
+    kept, dropped = new_key(), new_key()
+    path.write_text(f"kept:{kept}\ndropped:{dropped}\n")
+    environ = {**environ, "RAY_LLM_AUTH_RELOAD_INTERVAL_S": "0.2"}
+
+    async def idle_then_a_request(key):
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        # Built in the replica's event loop, as Starlette builds it; real clocks.
+        middleware = ApiKeyMiddleware(app, environ=environ)
+        write_atomically(path, f"kept:{kept}\n")
+        await asyncio.sleep(0.2 + SETTLE_S + 0.5)  # no request meanwhile
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/models", "root_path": "",
+                 "query_string": b"", "headers": [(b"x-api-key", key.encode())]}
+        await middleware(scope, receive, send)  # the first request after the change
+        return sent[0]["status"]
+
+    assert asyncio.run(idle_then_a_request(dropped)) == 401
+    path.write_text(f"kept:{kept}\ndropped:{dropped}\n")
+    assert asyncio.run(idle_then_a_request(kept)) == 200
 
 
 def test_unchanged_file_is_not_read_again(env, monkeypatch):
