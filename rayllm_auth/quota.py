@@ -117,6 +117,23 @@ class _KeyState:
     admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
 
 
+@dataclass
+class _SlotClaim:
+    """One requester's part in a slot lease: the lease task claims the granted slot for the
+    requester at once (``taken``) unless the requester has gone (``gone``)."""
+    taken: bool = False
+    gone: bool = False
+
+    def drop(self, state: _KeyState) -> None:
+        """The requester went away: the slot, if claimed, is free here at once (any number
+        of calls undo it once). Its give-back to the ledger waits for the lease task."""
+        self.gone = True
+        if self.taken:
+            self.taken = False
+            state.slots_used -= 1
+            state.slot_refused_until = 0.0
+
+
 class ReplicaQuota:
     """Admission for limited keys in one replica. ``ledger`` makes the remote calls;
     ``clock`` is monotonic seconds. Not thread-safe: used from the replica's event loop.
@@ -363,23 +380,28 @@ class ReplicaQuota:
             return self._fallback_slot(state, concurrency)
         # A task, shielded: a slot the ledger grants is this requester's from the moment it
         # arrives (the restore that may follow is awaited after it, and another request must
-        # neither take it nor give it back meanwhile); if the requester went away, it goes
-        # back at once.
-        leasing = asyncio.ensure_future(self._lease_slot(key_id, state, concurrency))
+        # neither take it nor give it back meanwhile); if the requester goes away, the slot
+        # is free here at once and goes back to the ledger when the lease task is over.
+        claim = _SlotClaim()
+        leasing = asyncio.ensure_future(self._lease_slot(key_id, state, concurrency, claim))
         try:
-            claimed = await asyncio.shield(leasing)
+            granted = await asyncio.shield(leasing)
         except asyncio.CancelledError:
-            leasing.add_done_callback(lambda done: self._release_if_claimed(key_id, done))
+            claim.drop(state)
+            leasing.add_done_callback(lambda _: self._give_back_if_idle(key_id, state))
             raise
-        if claimed is None:
+        if granted is None:
             return self._fallback_slot(state, concurrency)
-        if not claimed:
+        if not granted:
             state.slot_refused_until = self._clock() + SLOT_REFUSAL_S
-        return claimed
+        return granted
 
-    async def _lease_slot(self, key_id, state: _KeyState, concurrency: int) -> Optional[bool]:
-        """Whether the ledger granted a slot, taken for the caller before anything else is
-        awaited; None when the ledger is gone."""
+    async def _lease_slot(self, key_id, state: _KeyState, concurrency: int,
+                          claim: _SlotClaim) -> Optional[bool]:
+        """Whether the ledger granted a slot, claimed for the requester before anything else
+        is awaited; None when the ledger is gone. Raises what ``lease_slots`` raises other
+        than LedgerUnavailable (nothing is claimed then); a restore that fails after the
+        claim keeps the slot the requester's (the ledger is then taken as gone)."""
         state.slots_pending += 1  # reported to the ledger as held while we wait
         try:
             granted, incarnation = await self._ledger.lease_slots(key_id, concurrency, 1,
@@ -392,20 +414,29 @@ class ReplicaQuota:
         finally:
             state.slots_pending -= 1
         state.slots_held += granted
-        claimed = state.slots_used < min(state.slots_held, concurrency)
-        if claimed:
+        if not claim.gone and state.slots_used < min(state.slots_held, concurrency):
             state.slots_used += 1
+            claim.taken = True
         self._leave_fallback()
         try:
             await self._heard(incarnation)
         except LedgerUnavailable:
             self._enter_fallback(self._clock())
-        return claimed
+        except Exception:  # a claimed slot must never stay claimed with no one to release it
+            logger.exception("rayllm-auth: restoring the limits ledger failed; limiting "
+                             "each key to its share here until it answers again")
+            self._enter_fallback(self._clock())
+        except BaseException:  # this task cancelled: its requester is told so, holds nothing
+            claim.drop(state)
+            raise
+        return claim.taken
 
-    def _release_if_claimed(self, key_id: str, leasing: asyncio.Future) -> None:
-        """The slot ``leasing`` claimed, if it did, goes back: its requester went away."""
-        if not leasing.cancelled() and leasing.exception() is None and leasing.result():
-            self.release_soon(key_id)
+    def _give_back_if_idle(self, key_id: str, state: _KeyState) -> None:
+        """After a lease task whose requester went away: the key's slots go back to the
+        ledger if no request of the key uses one here."""
+        give_back = self._slots_to_give_back(state)
+        if give_back:
+            self._spawn(self._give_back_slots(key_id, state, give_back))
 
     async def _correct_late_slot_grant(self, answer: Awaitable) -> None:
         """A slot the ledger granted after this replica stopped waiting: the ledger hears
@@ -431,6 +462,11 @@ class ReplicaQuota:
         """One slot fewer in use; how many to give back (all, when it was the last)."""
         state.slots_used -= 1
         state.slot_refused_until = 0.0  # a slot of this key is free: ask again
+        return self._slots_to_give_back(state)
+
+    def _slots_to_give_back(self, state: _KeyState) -> int:
+        """When no request of the key uses a slot here, every slot held moves to
+        ``slots_returning``: how many the caller must give back (else 0)."""
         if state.slots_used == 0 and state.slots_held and not self.in_fallback:
             held, state.slots_held = state.slots_held, 0
             state.slots_returning += held  # still reported until the ledger has them

@@ -949,6 +949,16 @@ def restarted_behind_a_slow_restore():
     return clock, remote, quota
 
 
+async def went_away_while_restoring(quota, remote):
+    """A request of key "k" (concurrency 1) whose slot was granted goes away while the
+    restore that followed waits for ``remote.gate``."""
+    gone = asyncio.create_task(quota.admit("k", None, 1))
+    await until(lambda: remote.waiting == 1)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+
+
 def test_a_slot_granted_while_the_replica_restores_is_its_requesters():
     # The end-to-end failure after the ledger was killed: a request whose slot was granted
     # waited for the restore that followed; a request arriving meanwhile took that slot (or
@@ -973,14 +983,89 @@ def test_a_slot_granted_to_a_request_that_went_away_while_restoring_goes_back():
     _, remote, quota = restarted_behind_a_slow_restore()
 
     async def scenario():
-        gone = asyncio.create_task(quota.admit("k", None, 1))
-        await until(lambda: remote.waiting == 1)  # its slot granted, the restore under way
-        gone.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await gone
+        await went_away_while_restoring(quota, remote)
         remote.gate.set()
         await until(lambda: not remote.ledger._holdings["k"])  # the slot given back
         return (await quota.admit("k", None, 1)).refused, remote.ledger._holdings["k"]
 
     refused, holdings = run(scenario())
     assert refused is None and holdings == {"r0": 1}  # the one slot, held by the new request
+
+
+def test_a_slot_whose_requester_went_away_while_restoring_is_free_here_at_once():
+    # Before: the slot stayed in use until the restore answered (a second or more), and a
+    # new request of a key at its concurrency limit got a 429 with no request in flight.
+    _, remote, quota = restarted_behind_a_slow_restore()
+
+    async def scenario():
+        await went_away_while_restoring(quota, remote)
+        verdict = await quota.admit("k", None, 1)  # the restore still waits
+        remote.gate.set()
+        await until(lambda: remote.waiting == 0)
+        await quota.release("k")
+        await until(lambda: not remote.ledger._holdings["k"])
+        return verdict.refused
+
+    assert run(scenario()) is None
+
+
+class RestoreFails(GatedLedger):
+    """The restore raises an error that is not LedgerUnavailable (a bug, an actor error
+    that was not translated)."""
+
+    def __getattr__(self, name):
+        if name != "restore":
+            return super().__getattr__(name)
+
+        async def broken(*args):
+            self.waiting += 1
+            await self.gate.wait()
+            raise RuntimeError("restore broke")
+
+        return broken
+
+
+def test_a_restore_that_fails_unexpectedly_neither_fails_the_request_nor_keeps_its_slot():
+    # Before: the error reached the request and its claimed slot was never released: the
+    # key was refused on every replica from then on (the heartbeat kept reporting it).
+    _, remote, quota = restarted_behind_a_slow_restore()
+    broken = RestoreFails(remote.ledger)
+
+    async def scenario():
+        quota._ledger = broken
+        broken.gate.set()
+        first = await quota.admit("k", None, 1)
+        await quota.release("k")
+        return first.refused, quota._keys["k"].slots_used, (await quota.admit("k", None, 1)).refused
+
+    assert run(scenario()) == (None, 0, None)
+
+
+def test_a_slot_whose_requester_went_away_before_a_restore_failed_is_not_kept():
+    _, remote, quota = restarted_behind_a_slow_restore()
+    broken = RestoreFails(remote.ledger)
+
+    async def scenario():
+        quota._ledger = broken
+        await went_away_while_restoring(quota, broken)
+        broken.gate.set()
+        await until(lambda: not quota._tasks and not [
+            t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_lease_slot"])
+        return quota._keys["k"].slots_used, (await quota.admit("k", None, 1)).refused
+
+    assert run(scenario()) == (0, None)
+
+
+def test_a_slot_lease_cancelled_while_restoring_leaves_no_slot_in_use():
+    _, remote, quota = restarted_behind_a_slow_restore()
+
+    async def scenario():
+        waiting = asyncio.create_task(quota.admit("k", None, 1))
+        await until(lambda: remote.waiting == 1)
+        (lease,) = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_lease_slot"]
+        lease.cancel()  # the loop shutting down, say
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return quota._keys["k"].slots_used
+
+    assert run(scenario()) == 0
