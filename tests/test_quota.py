@@ -180,6 +180,21 @@ def test_ledger_gone_never_refuses_everything():
     assert admitted == 5
 
 
+def test_a_restarted_ledger_learns_the_slots_in_use_at_the_next_heartbeat():
+    # The bound README states: a restarted ledger starts with no slots held, so until the
+    # holder's next heartbeat it can grant them again (at most twice the limit in flight).
+    clock, remote, (a, b) = cluster()
+    assert run(a.admit("team", None, 1)).refused is None  # a's request stays in flight
+    remote.ledger = Ledger(clock)
+    assert run(b.admit("team", None, 1)).refused is None  # granted: the books are empty
+    run(a.upkeep())  # a's heartbeat: it holds the slot in use
+    run(b.release("team"))
+    assert run(b.admit("team", None, 1)).refused == "concurrency"
+    run(a.release("team"))
+    clock.now += SLOT_REFUSAL_S  # b's local refusal after the ledger's
+    assert run(b.admit("team", None, 1)).refused is None
+
+
 def test_restarted_ledger_gets_back_what_replicas_admitted():
     clock, remote, (a,) = cluster(1)
     run(admit_many(a, "team", 30, rpm=40))
