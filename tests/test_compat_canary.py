@@ -5,6 +5,7 @@ import zipfile
 from importlib import metadata
 
 from rayllm_auth.support import LAYOUTS, choose_layout
+from tests.compat import canary, run
 from tests.compat.canary import check_layout, has_attribute, vllm_wanted, wheel_reader
 
 
@@ -81,3 +82,31 @@ def test_a_wheels_modules_and_vllm_requirement_are_read_from_the_archive(tmp_pat
     assert has_attribute(read("ray.serve"), "run") and has_attribute(read("ray.serve.llm.x"), "B")
     assert read("ray.missing") is None
     assert vllm_wanted(wheel) == "vllm[audio]>=0.31.0"
+
+
+def fake_ray_wheel(folder, version, llm_extra, sources) -> "Path":
+    wheel = folder / f"ray-{version}-cp311-cp311-manylinux2014_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for module, source in sources.items():
+            archive.writestr(module.replace(".", "/") + ".py", source)
+        archive.writestr(f"ray-{version}.dist-info/METADATA",
+                         f"Name: ray\nRequires-Dist: {llm_extra}; extra == \"llm\"\n")
+    return wheel
+
+
+def test_newest_release_in_no_row_gets_its_vllm_pin_and_the_escape_hatch(tmp_path, monkeypatch):
+    newest = LAYOUTS[-1]
+    sources = {module: installed_ray_source(module) for module in newest.required()}
+    monkeypatch.setattr(canary, "download_ray", lambda version, into: fake_ray_wheel(
+        into, "9.9.0", "vllm[audio]==0.31.0", sources))
+    monkeypatch.setattr(run, "PINS", dict(run.PINS))
+    assert run.newest_release(tmp_path) == ("9.9.0", {"RAY_LLM_AUTH_ALLOW_UNTESTED_RAY": "1"})
+    assert run.PINS["9.9.0"] == "0.31.0"
+
+
+def test_newest_release_whose_hooks_are_gone_is_not_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(canary, "download_ray", lambda version, into: fake_ray_wheel(
+        into, "9.9.0", "vllm==0.31.0", {"ray.serve.api": "def run(): pass\n"}))
+    monkeypatch.setattr(run, "PINS", dict(run.PINS))
+    assert run.newest_release(tmp_path) == (None, {})
+    assert "9.9.0" not in run.PINS

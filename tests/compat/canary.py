@@ -116,25 +116,38 @@ def download_ray(version: str | None, into: Path) -> Path:
     return wheel
 
 
+def vllm_pin(wanted: str) -> str | None:
+    """The version a ``vllm`` requirement starts at (``vllm[audio]==0.29.0``, ``vllm>=0.10.0``):
+    the pin rule of the compatibility runner. None when it names no version."""
+    found = re.search(r"(?:==|>=)\s*([0-9][0-9.]*)", wanted)
+    return found.group(1) if found else None
+
+
+def check_wheel(wheel: Path) -> tuple[str, list[str]]:
+    """Print which layouts' targets hold in ``wheel``; its Ray version and those layouts'
+    names, newest first."""
+    version = wheel.name.split("-")[1]
+    print(f"Ray {version} ({wheel.name}); its llm extra wants {vllm_wanted(wheel)}")
+    read_module = wheel_reader(wheel)
+    holding = []
+    for layout in reversed(LAYOUTS):  # newest first
+        report = check_layout(read_module, layout)
+        print(f"  {layout.name} (rows {layout.ray}): "
+              f"{sum(report.values())} of {len(report)} targets hold")
+        for target, holds in report.items():
+            print(f"    {'ok     ' if holds else 'MISSING'} {target}")
+        if all(report.values()):
+            holding.append(layout.name)
+    return version, holding
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ray", help="a Ray version (default: the newest on the index)")
     parser.add_argument("--wheel", type=Path, help="a Ray wheel already downloaded")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayllm-auth-canary-") as tmp:
-        wheel = args.wheel or download_ray(args.ray, Path(tmp))
-        version = wheel.name.split("-")[1]
-        print(f"Ray {version} ({wheel.name}); its llm extra wants {vllm_wanted(wheel)}")
-        read_module = wheel_reader(wheel)
-        holding = []
-        for layout in reversed(LAYOUTS):  # newest first
-            report = check_layout(read_module, layout)
-            print(f"  {layout.name} (rows {layout.ray}): "
-                  f"{sum(report.values())} of {len(report)} targets hold")
-            for target, holds in report.items():
-                print(f"    {'ok     ' if holds else 'MISSING'} {target}")
-            if all(report.values()):
-                holding.append(layout.name)
+        version, holding = check_wheel(args.wheel or download_ray(args.ray, Path(tmp)))
     supported, _ = choose_layout(version, enforce=True)
     if supported is not None:
         print(f"Ray {version} is already in the row of {supported.name}")

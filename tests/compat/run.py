@@ -9,6 +9,16 @@ engine) and writes ``tests/compat/RESULTS.md`` and ``results.json``.
     .venv/bin/python tests/compat/run.py                      # every version not yet run
     .venv/bin/python tests/compat/run.py --versions 2.49.2    # some of them
     .venv/bin/python tests/compat/run.py --redo --keep        # again, keeping environments
+    .venv/bin/python tests/compat/run.py --versions 2.47.1 --smoke   # the quick subset
+    .venv/bin/python tests/compat/run.py --versions newest    # the canary for the next release
+
+``--smoke`` runs only the tests marked ``smoke`` (the cluster, the examples, a limited key,
+the models list, a driver without the plugin, the leak audit: a few minutes) and records
+nothing: only a whole-module run verifies a release. ``--versions newest`` takes the newest Ray
+on the package index, reports which layout records' patch targets hold in its wheel (no
+cluster; :mod:`canary`), then runs the smoke subset on it. A release outside every row gets the
+vLLM its ``llm`` extra starts at and runs with ``RAY_LLM_AUTH_ALLOW_UNTESTED_RAY=1``: the
+newest row's hooks, as an operator who set the escape hatch would get them.
 
 Resumable: a version with a row in ``results.json`` and no failure is skipped unless
 ``--redo``. Each version's virtualenv and wheels are removed after its run unless ``--keep``
@@ -28,12 +38,15 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent
@@ -41,8 +54,13 @@ RESULTS = Path(__file__).resolve().parent
 #: Ray release -> the vLLM it is tested with: the lower bound of that release's own ``llm``
 #: extra, i.e. the vLLM it was developed against (newer vLLMs change the APIs Ray imports).
 PINS = {
+    "2.44.1": "0.7.2",
+    "2.45.0": "0.8.2",
+    "2.46.0": "0.8.5",
+    "2.47.1": "0.8.5",
     "2.48.0": "0.9.2",
     "2.49.2": "0.10.0",
+    "2.50.1": "0.10.2",
     "2.51.2": "0.11.0",
     "2.52.1": "0.11.0",
     "2.53.0": "0.12.0",
@@ -55,10 +73,11 @@ PINS = {
     "2.60.0": "0.29.0",
 }
 
-#: Extras beyond serve,llm that a release needs: Ray 2.49's ``ray.serve.llm`` imports
-#: ``ray.rllib`` (for a deprecation helper), whose dependencies its ``rllib`` extra brings, as
-#: the ray-llm images do.
-EXTRAS = {"2.48.0": ["rllib"], "2.49.2": ["rllib"]}
+#: Extras beyond serve,llm that a release needs: Ray 2.48's and 2.49's ``ray.serve.llm``
+#: imports ``ray.rllib`` (for a deprecation helper), whose dependencies its ``rllib`` extra
+#: brings, as the ray-llm images do; the other releases before 2.51 get it too, unchecked.
+EXTRAS = {version: ["rllib"] for version in
+          ("2.44.1", "2.45.0", "2.46.0", "2.47.1", "2.48.0", "2.49.2", "2.50.1")}
 
 #: The pins 2.54.1 needed (below), given to 2.51 to 2.53 as well.
 _CORE_INGRESS_INIT_PINS = ["fastapi==0.136.3", "boto3", "protobuf==6.33.6",
@@ -78,10 +97,17 @@ _CORE_INGRESS_INIT_PINS = ["fastapi==0.136.3", "boto3", "protobuf==6.33.6",
 _ROUTER_MODULE_PINS = ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7.1.0",
                        "protobuf==6.33.6"]
 CONSTRAINTS = {
+    # 2.49.2's pins, and the transformers of each vLLM's time (see 2.48.0's).
+    "2.44.1": [*_ROUTER_MODULE_PINS, "transformers==4.48.3"],
+    "2.45.0": [*_ROUTER_MODULE_PINS, "transformers==4.50.3"],
+    "2.46.0": [*_ROUTER_MODULE_PINS, "transformers==4.51.3"],
+    "2.47.1": [*_ROUTER_MODULE_PINS, "transformers==4.51.3"],
     # 2.49.2's pins, and a transformers of vLLM 0.9.2's time: 4.54 added its own "aimv2"
     # config, which vLLM 0.9's ovis config then fails to register ("already used").
     "2.48.0": [*_ROUTER_MODULE_PINS, "transformers==4.53.3"],
     "2.49.2": _ROUTER_MODULE_PINS,
+    # 2.51's pins (the same code at the older path), and vLLM 0.10.2's transformers.
+    "2.50.1": [*_CORE_INGRESS_INIT_PINS, "transformers==4.56.2"],
     "2.51.2": _CORE_INGRESS_INIT_PINS,
     "2.52.1": _CORE_INGRESS_INIT_PINS,
     "2.53.0": _CORE_INGRESS_INIT_PINS,
@@ -143,11 +169,14 @@ def installed_ray(python: Path) -> str:
     return out.stdout.strip()
 
 
-def run_suite(python: Path, version: str, log: Path) -> dict:
+def run_suite(python: Path, version: str, log: Path, *, smoke: bool = False,
+              env: Optional[dict] = None) -> dict:
     started = time.monotonic()
     with log.open("w") as out:
-        result = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", *SUITE],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", *SUITE,
+                                 *(["-m", "smoke"] if smoke else [])],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
     tail = log.read_text(errors="replace")[-3000:]
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|error|errors|skipped)",
                                                      tail.splitlines()[-1] if tail else "")}
@@ -171,36 +200,73 @@ def write_tables(rows: list[dict]) -> None:
     (RESULTS / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
+def newest_release(cache: Path) -> tuple[Optional[str], dict]:
+    """The canary: the newest Ray on the index, whether some layout's targets hold in it
+    (printed), and the environment its smoke run needs. (None, {}) when none hold."""
+    if str(REPO) not in sys.path:  # run as a script: only this directory is on the path
+        sys.path.insert(0, str(REPO))
+    from tests.compat import canary
+
+    with tempfile.TemporaryDirectory(prefix="rayllm-auth-canary-", dir=cache) as tmp:
+        wheel = canary.download_ray(None, Path(tmp))
+        version, holding = canary.check_wheel(wheel)
+        wanted = canary.vllm_wanted(wheel)
+    if not holding:
+        print(f"==> Ray {version}: no layout's targets all hold; it needs a new layout record")
+        return None, {}
+    if version in PINS:
+        return version, {}
+    pin = canary.vllm_pin(wanted)
+    if pin is None:
+        print(f"==> Ray {version}: its llm extra names no vLLM version ({wanted})")
+        return None, {}
+    PINS[version] = pin
+    print(f"==> Ray {version} is in no row: smoke run with vLLM {pin} and the escape hatch")
+    return version, {"RAY_LLM_AUTH_ALLOW_UNTESTED_RAY": "1"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--versions", default=",".join(PINS),
-                        help="comma-separated Ray versions from PINS (default: all)")
+                        help="comma-separated Ray versions from PINS (default: all), or newest")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/rayllm-auth-compat"))
     parser.add_argument("--redo", action="store_true", help="run versions that passed before")
     parser.add_argument("--keep", action="store_true",
                         help="keep each version's virtualenv and wheels after its run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="only the tests marked smoke; nothing is recorded")
     args = parser.parse_args()
-    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
+    args.cache.mkdir(parents=True, exist_ok=True)
+    env = {}
+    if args.versions == "newest":
+        newest, env = newest_release(args.cache)
+        if newest is None:
+            return 1
+        versions, args.smoke = [newest], True
+    else:
+        versions = [v.strip() for v in args.versions.split(",") if v.strip()]
     unknown = [v for v in versions if v not in PINS]
     if unknown:
         parser.error(f"no vLLM pin for Ray {', '.join(unknown)}; known: {', '.join(PINS)}")
-    args.cache.mkdir(parents=True, exist_ok=True)
     passed_before = {r["ray"] for r in previous_rows() if r["failed"] == 0 and r["passed"]}
     rows = []
     for number, version in enumerate(versions, start=1):
-        if version in passed_before and not args.redo:
+        if version in passed_before and not (args.redo or args.smoke):
             print(f"==> [{number}/{len(versions)}] Ray {version}: passed before, skipped "
                   f"(--redo runs it again)", flush=True)
             continue
         python = environment(version, args.cache)
-        print(f"==> [{number}/{len(versions)}] Ray {version}: running {' '.join(SUITE)}",
+        what = "the smoke subset of " if args.smoke else ""
+        print(f"==> [{number}/{len(versions)}] Ray {version}: running {what}{' '.join(SUITE)}",
               flush=True)
-        row = run_suite(python, version, args.cache / f"ray-{version}.log")
+        log = args.cache / f"ray-{version}{'-smoke' if args.smoke else ''}.log"
+        row = run_suite(python, version, log, smoke=args.smoke, env=env)
         print(f"    Ray {version} (vLLM {row['vllm']}): {row['passed']} passed, "
-              f"{row['failed']} failed in {row['seconds'] / 60:.1f} min", flush=True)
+              f"{row['failed']} failed in {row['seconds'] / 60:.1f} min ({log})", flush=True)
         rows.append(row)
-        write_tables(rows)
-        subprocess.run([sys.executable, str(RESULTS / "support_table.py")], check=True)
+        if not args.smoke:
+            write_tables(rows)
+            subprocess.run([sys.executable, str(RESULTS / "support_table.py")], check=True)
         if not args.keep and python.parent.parent.parent == args.cache:
             for leftover in (python.parent.parent, args.cache / f"wheels-{version}"):
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -152,11 +152,22 @@ def deploy_apps(cluster, wheel, names=APPS):
         # Two ingress replicas, so per-key limits must hold across them.
         "limits": application("limits", "/limits", runtime_env={
             "pip": [str(wheel)], "env_vars": {"RAYLLM_AUTH_STANDIN_TOKEN_DELAY_S": "0.025"}},
-            ingress_deployment_config={"autoscaling_config": {
-                "min_replicas": 2, "initial_replicas": 2, "max_replicas": 2}}),
+            **two_ingress_replicas()),
     }
     cluster.deploy([apps[name] for name in names])
     cluster.wait_for({name: {"RUNNING"} for name in names})
+
+
+def two_ingress_replicas() -> dict:
+    """Builder arguments for an app with two ingress replicas. Ray 2.50 on take them as
+    ``ingress_deployment_config``; 2.44 to 2.49 refuse that field, and their router runs
+    two replicas per model anyway (the limits fixture checks that there are two)."""
+    from ray.serve.llm import LLMServingArgs
+
+    if "ingress_deployment_config" not in LLMServingArgs.model_fields:
+        return {}
+    return {"ingress_deployment_config": {"autoscaling_config": {
+        "min_replicas": 2, "initial_replicas": 2, "max_replicas": 2}}}
 
 
 def ensure_apps(cluster, wheel, *names):
@@ -212,6 +223,7 @@ def test_rayservice_example_mounts_the_key_file_in_every_pod_and_uses_tls():
     assert ingress["spec"]["tls"], "keys travel in headers: the example must use TLS"
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("prefix", ["", "/plain"], ids=["rayservice", "serve-config"])
 def test_examples_refuse_without_a_key_and_serve_with_one(cluster, wheel, prefix):
     ensure_apps(cluster, wheel, "serve-config")
@@ -227,6 +239,7 @@ def test_examples_refuse_without_a_key_and_serve_with_one(cluster, wheel, prefix
 # -- per-key models -----------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_limited_key_uses_its_model_streaming_and_not(cluster, example_keys):
     client = sdk(KEYS["team-b"])
     assert chat(client, QWEN).choices[0].message.content
@@ -256,6 +269,7 @@ def test_lora_id_of_an_allowed_base_passes_the_key_check(cluster, example_keys):
     assert reply.status_code != 401 and "model_not_found" not in reply.text
 
 
+@pytest.mark.smoke
 def test_models_list_and_model_route_show_only_the_keys_models(cluster, wheel, example_keys):
     ensure_apps(cluster, wheel, "serve-config")
     assert [m.id for m in sdk(KEYS["team-b"]).models.list().data] == [QWEN]
@@ -559,6 +573,7 @@ serve.run(build_openai_app({"llm_configs": [LLM_CONFIG]}), name="driver",
 """
 
 
+@pytest.mark.smoke
 def test_app_built_by_a_driver_without_the_plugin_is_protected_by_its_replicas(cluster, wheel):
     # serve.run(build_openai_app(...)) from a process without rayllm-auth builds an open app;
     # the replicas get the plugin from runtime_env.pip and must protect it themselves.
@@ -639,6 +654,7 @@ def limits_key_file(lowered_rpm: int = 1000) -> str:
 def limits(cluster, wheel, mount):
     """The limits app running, and the key file above in force in both its replicas."""
     ensure_apps(cluster, wheel, "limits")
+    assert len(every_ingress_pid()["limits"]) >= 2  # limits must hold across replicas
     serve_key_file(mount, limits_key_file(), LIMITED_KEYS["unlimited"])
 
     async def accepted_in_a_row(wanted=10, timeout=30):
@@ -817,6 +833,7 @@ def test_ledger_killed_under_load_no_request_fails_and_limits_return(cluster, li
     assert counts.get("entered", 0) >= 1  # said, counted, and back to cluster-wide limits
 
 
+@pytest.mark.smoke
 def test_no_plaintext_key_in_ray_logs_status_config_or_metrics(cluster):
     """After rotation, denials, errors, load and faults: everything Ray wrote or serves."""
     assert cluster.places_holding([*KEYS.values(), *LIMITED_KEYS.values()]) == []

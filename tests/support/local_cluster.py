@@ -111,6 +111,8 @@ class LocalCluster:
         self.usage_file = self.root / "engine-usage.log"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))},
+            # the compatibility runner's canary sets it for a release in no row
+            **{k: v for k, v in os.environ.items() if k == "RAY_LLM_AUTH_ALLOW_UNTESTED_RAY"},
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "RAY_AUTH_MODE": "disabled",  # Ray's cluster token auth; Serve HTTP is ours to guard
             "RAY_USAGE_STATS_ENABLED": "0",
