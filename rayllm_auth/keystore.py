@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional
 
@@ -191,8 +192,9 @@ class KeyStore:
 
     def keep_looking(self) -> None:
         """Look at the key file when due even while no request arrives, from a task on the
-        running event loop (none running: nothing; a later look from a request starts it).
-        Calling it again is harmless."""
+        running event loop (none running: nothing; the middleware calls it again at lifespan
+        startup, and a due look from a request starts it too). Calling it again is harmless;
+        the task ends once nothing else holds this store."""
         if self._path is None:
             return
         try:
@@ -201,18 +203,7 @@ class KeyStore:
             return
         looker = self._looker
         if looker is None or looker.done() or looker.get_loop() is not loop:
-            self._looker = loop.create_task(self._look_when_due())
-
-    async def _look_when_due(self) -> None:
-        while True:
-            # Until the next look is due (a settling file: SETTLE_S), never busy, never
-            # longer than the interval (a clock moved by tests).
-            due = self._next_check - self._clock()
-            await asyncio.sleep(min(max(due, 0.05), self._interval))
-            try:
-                self.current()
-            except Exception:  # the timer must not die: requests would be the only looks
-                logger.exception("rayllm-auth: looking at the key file failed")
+            self._looker = loop.create_task(_look_when_due(weakref.ref(self)))
 
     def _combine(self, key_file: Optional[KeyFile]) -> KeySet:
         entries = list(self._env_entries)
@@ -222,25 +213,30 @@ class KeyStore:
                 entries = [with_default_limits(e, key_file.defaults) for e in entries]
         return KeySet(entries, self._sources)
 
-    def _time_to_settle(self, signature: Signature, now: float, *, at_start: bool) -> float:
+    def _time_to_settle(self, signature: Signature, looked: float, seen: float, *,
+                        at_start: bool) -> float:
         """0 once the file has stayed in state ``signature`` for SETTLE_S, else how long to
         wait before looking again. Judged by our own looks (two, SETTLE_S apart), which no
         clock skew can fool; at start, a ctime at least SETTLE_S old by this node's clock is
-        enough too, so a replica does not wait for a file that has not changed."""
+        enough too, so a replica does not wait for a file that has not changed. A look's
+        stat ran between ``looked`` (before it) and ``seen`` (after it): a state is first
+        seen at ``seen`` and settled from ``looked``, so a stat that blocks (a slow network
+        filesystem) can only make the two looks count as closer than they were."""
         if self._unsettled is None or self._unsettled[0] != signature:
-            self._unsettled = (signature, now)  # the first look at this state
+            self._unsettled = (signature, seen)  # the first look at this state
         if at_start and self._wall_clock() - signature.ctime_ns / 1e9 >= SETTLE_S:
             return 0.0
-        return max(0.0, SETTLE_S - (now - self._unsettled[1]))
+        return max(0.0, SETTLE_S - (looked - self._unsettled[1]))
 
     def _read_when_settled(self, path: str, sleep: Callable[[float], None]) -> KeyFile:
         deadline = self._clock() + MAX_SETTLE_WAIT_S
         while True:
+            looked = self._clock()
             try:
                 signature = file_signature(path)
             except OSError:
                 return read_key_file(path)  # raises ConfigError naming the file
-            wait = self._time_to_settle(signature, self._clock(), at_start=True)
+            wait = self._time_to_settle(signature, looked, self._clock(), at_start=True)
             if not wait:
                 key_file = read_key_file(path)
                 if key_file.signature == signature:
@@ -260,7 +256,7 @@ class KeyStore:
         if signature == self._file.signature:
             self._unsettled = self._changing_since = None
             return
-        wait = self._time_to_settle(signature, now, at_start=False)
+        wait = self._time_to_settle(signature, now, self._clock(), at_start=False)
         if wait:
             # Changed since the last look: look again once it may have settled, so a
             # rotation takes at most interval + SETTLE_S. One that never settles is reported.
@@ -300,3 +296,22 @@ class KeyStore:
             "rayllm-auth: key file reload failed: %s; still serving with the last good key "
             "set (%d key(s))", message, len(self._keys),
         )
+
+
+async def _look_when_due(store_ref: "weakref.ref[KeyStore]") -> None:
+    """:meth:`KeyStore.keep_looking`'s timer. It holds its store only while looking: a store
+    nothing else uses any more (a middleware stack rebuilt) ends its timer, rather than
+    reloading, logging and counting beside the one in use."""
+    while (store := store_ref()) is not None:
+        # Until the next look is due (a settling file: SETTLE_S), never busy, never longer
+        # than the interval (a clock moved by tests).
+        delay = min(max(store._next_check - store._clock(), 0.05), store._interval)
+        del store
+        await asyncio.sleep(delay)
+        if (store := store_ref()) is None:
+            return
+        try:
+            store.current()
+        except Exception:  # the timer must not die: requests would be the only looks
+            logger.exception("rayllm-auth: looking at the key file failed")
+        del store

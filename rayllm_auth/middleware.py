@@ -184,6 +184,7 @@ class ApiKeyMiddleware:
     async def _unchecked_scope(self, scope, receive, send):
         if scope["type"] != "lifespan":
             raise ValueError(f"rayllm-auth: refusing unknown ASGI scope type {scope['type']!r}")
+        self._store.keep_looking()  # the serving loop, for a middleware built outside it
         await self.app(scope, receive, send)
 
     async def _call_limited(self, grant, scope, receive, send):

@@ -309,10 +309,7 @@ class ReplicaQuota:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S,
                                                   grant.incarnation))
             self._leave_fallback()
-            try:
-                await self._heard(grant.incarnation)
-            except LedgerUnavailable:
-                self._enter_fallback(self._clock())
+            await self._hear(grant.incarnation)
         finally:
             state.leasing = None
 
@@ -419,13 +416,7 @@ class ReplicaQuota:
             claim.taken = True
         self._leave_fallback()
         try:
-            await self._heard(incarnation)
-        except LedgerUnavailable:
-            self._enter_fallback(self._clock())
-        except Exception:  # a claimed slot must never stay claimed with no one to release it
-            logger.exception("rayllm-auth: restoring the limits ledger failed; limiting "
-                             "each key to its share here until it answers again")
-            self._enter_fallback(self._clock())
+            await self._hear(incarnation)
         except BaseException:  # this task cancelled: its requester is told so, holds nothing
             claim.drop(state)
             raise
@@ -491,14 +482,18 @@ class ReplicaQuota:
             self._upkeep_task = asyncio.get_running_loop().create_task(self._keep_up_loop())
 
     async def _keep_up_loop(self) -> None:
-        """Upkeep every SYNC_S, off the request path, while this replica holds leases."""
+        """Upkeep every SYNC_S, off the request path, while this replica holds leases, and
+        in fallback until the ledger answers: the ledger may still count slots for this
+        replica that it released meanwhile (a give-back that failed, slots forgotten in
+        fallback), and only a sync (the replica's truth) takes them off."""
         while True:
             await asyncio.sleep(SYNC_S)
             try:
                 await self.upkeep()
             except Exception:  # never let the heartbeat die: the ledger would drop our slots
                 logger.exception("rayllm-auth: limits upkeep failed; trying again")
-            if not any(s.leases or s.slots_held for s in self._keys.values()):
+            if not self.in_fallback and not any(s.leases or s.slots_held
+                                                for s in self._keys.values()):
                 return
 
     async def upkeep(self) -> None:
@@ -533,6 +528,18 @@ class ReplicaQuota:
                     await self._give_back_idle(key_id, state, 0)
             self._replicas = max(1, int(reply["replicas"]))
         except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+
+    async def _hear(self, incarnation: str) -> None:
+        """:meth:`_heard` after a grant, which must reach its requesters whatever happens
+        here: a failure is taken as the ledger gone (an unexpected one is logged too)."""
+        try:
+            await self._heard(incarnation)
+        except LedgerUnavailable:
+            self._enter_fallback(self._clock())
+        except Exception:
+            logger.exception("rayllm-auth: restoring the limits ledger failed; limiting each "
+                             "key to its share here until it answers again")
             self._enter_fallback(self._clock())
 
     async def _heard(self, incarnation: str) -> None:
@@ -602,6 +609,7 @@ class ReplicaQuota:
     def _enter_fallback(self, now: float) -> None:
         entering = self._fallback_until is None
         self._fallback_until = now + RETRY_S
+        self._keep_up()  # the retry's sync corrects what the ledger counts for us
         if entering:
             logger.error(
                 "rayllm-auth: the limits ledger cannot be reached; limiting each key to its "

@@ -2,6 +2,8 @@
 corruption, removal), with a controlled clock and real files."""
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -9,7 +11,7 @@ import time
 
 import pytest
 
-from rayllm_auth import metrics
+from rayllm_auth import keystore, metrics
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.keyfile import parse_key_file
 from rayllm_auth.keys import KEY_SOURCES
@@ -186,6 +188,70 @@ def test_a_replica_that_gets_no_request_still_takes_a_change_before_its_next_req
     assert asyncio.run(idle_then_a_request(kept)) == 200
 
 
+async def ok_app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def status_of(middleware, key) -> int:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await middleware({"type": "http", "method": "GET", "path": "/v1/models", "root_path": "",
+                      "query_string": b"", "headers": [(b"x-api-key", key.encode())]},
+                     receive, send)
+    return sent[0]["status"]
+
+
+def test_a_middleware_built_outside_the_loop_starts_its_timer_at_lifespan_startup(env):
+    # Found by review: built outside a running loop (a plain ASGI app wrapped at import),
+    # the timer started only at the first due look, so the first change after start met
+    # an idle replica's next request with the removed key still valid.
+    path, environ = env
+    kept, dropped = new_key(), new_key()
+    path.write_text(f"kept:{kept}\ndropped:{dropped}\n")
+    middleware = ApiKeyMiddleware(ok_app, environ={**environ,
+                                                   "RAY_LLM_AUTH_RELOAD_INTERVAL_S": "0.2"})
+
+    async def serve():
+        await middleware({"type": "lifespan"}, None, None)  # the server starts the app
+        write_atomically(path, f"kept:{kept}\n")
+        await asyncio.sleep(0.2 + SETTLE_S + 0.5)  # no request meanwhile
+        return await status_of(middleware, dropped)
+
+    assert asyncio.run(serve()) == 401
+
+
+def test_a_middleware_no_longer_used_stops_looking_at_the_file(env, caplog):
+    # Found by review: each middleware's timer kept its store alive and reloading, so a
+    # rebuilt stack logged and counted every change once per middleware it had replaced.
+    path, environ = env
+    kept, added = new_key(), new_key()
+    path.write_text(f"kept:{kept}\n")
+    environ = {**environ, "RAY_LLM_AUTH_RELOAD_INTERVAL_S": "0.2"}
+
+    async def rebuilt_four_times():
+        for _ in range(4):  # each replaced by the next, as a rebuilt middleware stack is
+            middleware = ApiKeyMiddleware(ok_app, environ=environ)
+            assert await status_of(middleware, kept) == 200
+        gc.collect()
+        with caplog.at_level(logging.INFO, logger="rayllm_auth"):
+            write_atomically(path, f"kept:{kept}\nadded:{added}\n")
+            await asyncio.sleep(0.2 + SETTLE_S + 0.5)
+        return await status_of(middleware, added)
+
+    assert asyncio.run(rebuilt_four_times()) == 200
+    assert sum("reloaded" in r.getMessage() for r in caplog.records) == 1
+    assert reloads() == {"ok": 1}
+
+
 def test_unchanged_file_is_not_read_again(env, monkeypatch):
     path, environ = env
     path.write_text(f"k:{new_key()}\n")
@@ -338,22 +404,51 @@ def test_an_in_place_rewrite_is_never_read_half_written(env):
     # A writer that rewrites the file in place (not write-then-rename) can be looked at
     # between its two writes; that state must never be taken, even though it parses.
     path, environ = env
+    clock = Clock()
+    with rewritten_in_place(path, environ, clock) as (store, limited):
+        clock.now += 2.1  # a request arrives between the writer's two writes
+        assert store.current().lookup(limited.encode()) is None
+
+
+@contextlib.contextmanager
+def rewritten_in_place(path, environ, clock):
+    """A key file rewritten in place in two writes: inside, its first half is written (a
+    key without its models=); after, it is whole and must be taken whole."""
     old, limited = new_key(), new_key()
     path.write_text(f"old:{old}\n")
-    clock = Clock()
     store = store_for(environ, clock)
     with open(path, "r+") as f:
         f.truncate(0)
         f.write(f"team:sha256:{sha(limited)}")
         f.flush()
-        clock.now += 2.1  # a request arrives between the writer's two writes
-        assert store.current().lookup(limited.encode()) is None
+        yield store, limited
         f.write("   models=llama\n")
     for _ in range(5):
         clock.now += 1.1
         grant = store.current().lookup(limited.encode())
         assert grant is None or grant.models == {"llama"}
     assert grant is not None and store.current().lookup(old.encode()) is None
+
+
+def test_a_stat_that_blocks_never_makes_two_looks_count_as_settled(env, monkeypatch):
+    # Found by review: a look's time was taken before its stat, so a stat blocking 0.7 s
+    # (a loaded node, a network volume) made a look 0.3 s after it count as SETTLE_S later,
+    # and a file between its writer's two writes was taken.
+    path, environ = env
+    clock = Clock()
+    real_stat, blocking = keystore.file_signature, [0.7]
+
+    def stat(name):
+        clock.now += blocking.pop() if blocking else 0.0
+        return real_stat(name)
+
+    with rewritten_in_place(path, environ, clock) as (store, limited):
+        clock.now += 2.1  # the interval has passed: this request looks, its stat blocks
+        monkeypatch.setattr(keystore, "file_signature", stat)
+        looked = clock.now
+        assert store.current().lookup(limited.encode()) is None
+        clock.now = looked + SETTLE_S  # 0.3 s after the stat saw the first write
+        assert store.current().lookup(limited.encode()) is None
 
 
 # -- expiry ---------------------------------------------------------------------------------

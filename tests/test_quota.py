@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from rayllm_auth.ledger import COUNTED_S, HOLDING_TTL_S, LEASE_S, WINDOW_S, Ledger
+from rayllm_auth import quota as quota_module
 from rayllm_auth.quota import (
     MAX_LEASE_SHARE,
     RETRY_S,
@@ -1084,3 +1085,65 @@ def test_a_slot_lease_cancelled_while_restoring_leaves_no_slot_in_use():
         return quota._keys["k"].slots_used
 
     assert run(scenario()) == 0
+
+
+def test_an_unexpected_restore_error_after_a_lease_of_permits_fails_no_request():
+    # Found by review: the slot path survived it, the permit path raised it to every request
+    # waiting for that lease (a 500 through Starlette).
+    _, remote, quota = restarted_behind_a_slow_restore()
+    broken = RestoreFails(remote.ledger)
+    broken.gate.set()
+
+    async def scenario():
+        quota._ledger = broken
+        return [(await quota.admit("k", 1000, None)).refused for _ in range(20)]
+
+    assert run(scenario()) == [None] * 20
+
+
+class LosesGiveBacks(LocalLedger):
+    """give_back_slots misses its deadline while ``losing`` (the ledger slow): the caller
+    sees LedgerUnavailable, the ledger never hears it."""
+
+    losing = False
+
+    def __getattr__(self, name):
+        call = super().__getattr__(name)
+        if name != "give_back_slots":
+            return call
+
+        async def lost(*args):
+            if self.losing:
+                raise LedgerUnavailable("TimeoutError")
+            return await call(*args)
+
+        return lost
+
+
+@pytest.mark.parametrize("how", ["give-back lost", "released in fallback"])
+def test_a_slot_the_ledger_still_counts_after_its_request_ended_is_cleared_by_the_next_report(
+        monkeypatch, how):
+    # Found by review: the heartbeat stopped once nothing was held, so the ledger counted
+    # the slot until the replica had been silent for HOLDING_TTL_S, and every other
+    # replica was refused the key meanwhile with nothing in flight.
+    monkeypatch.setattr(quota_module, "SYNC_S", 0.01)
+    clock = Clock()
+    remote = LosesGiveBacks(Ledger(clock))
+    r0 = ReplicaQuota(remote, "r0", clock)  # with its heartbeat, as in a replica
+    r1 = ReplicaQuota(remote, "r1", clock, heartbeat=False)
+
+    async def scenario():
+        assert (await r0.admit("k", None, 1)).refused is None
+        if how == "give-back lost":
+            remote.losing = True
+        else:
+            r0._enter_fallback(clock.now)  # e.g. the restore after a grant missed its deadline
+        await r0.release("k")
+        remote.losing = False
+        assert r0.in_fallback and remote.ledger._holdings["k"] == {"r0": 1}
+        await asyncio.sleep(0.1)  # heartbeats pass while the retry is not due
+        clock.now += RETRY_S  # now it is: the next heartbeat reports
+        await until(lambda: not remote.ledger._holdings["k"])
+        return (await r1.admit("k", None, 1)).refused
+
+    assert run(scenario()) is None
