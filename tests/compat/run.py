@@ -249,13 +249,19 @@ def main() -> int:
     if unknown:
         parser.error(f"no vLLM pin for Ray {', '.join(unknown)}; known: {', '.join(PINS)}")
     passed_before = {r["ray"] for r in previous_rows() if r["failed"] == 0 and r["passed"]}
-    rows = []
+    rows, not_installed = [], []
     for number, version in enumerate(versions, start=1):
         if version in passed_before and not (args.redo or args.smoke):
             print(f"==> [{number}/{len(versions)}] Ray {version}: passed before, skipped "
                   f"(--redo runs it again)", flush=True)
             continue
-        python = environment(version, args.cache)
+        try:
+            python = environment(version, args.cache)
+        except subprocess.CalledProcessError as failed:  # e.g. pip's resolver gave up
+            print(f"==> [{number}/{len(versions)}] Ray {version}: could not install "
+                  f"({failed}); going on with the next", flush=True)
+            not_installed.append(version)
+            continue
         what = "the smoke subset of " if args.smoke else ""
         print(f"==> [{number}/{len(versions)}] Ray {version}: running {what}{' '.join(SUITE)}",
               flush=True)
@@ -270,7 +276,9 @@ def main() -> int:
         if not args.keep and python.parent.parent.parent == args.cache:
             for leftover in (python.parent.parent, args.cache / f"wheels-{version}"):
                 shutil.rmtree(leftover, ignore_errors=True)
-    return 0 if all(r["returncode"] == 0 for r in rows) else 1
+    if not_installed:
+        print(f"==> not installed: {', '.join(not_installed)}", flush=True)
+    return 0 if all(r["returncode"] == 0 for r in rows) and not not_installed else 1
 
 
 def previous_rows() -> list[dict]:

@@ -614,16 +614,20 @@ def test_replica_killed_mid_stream_comes_back_enforcing(cluster, wheel):
             for _ in lines:
                 pass
     answers = []
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        status = httpx.get(f"{SERVE_URL}/slow/v1/models", timeout=60).status_code
+        try:  # the proxy may hold a request until a replacement starts (Ray 2.44-2.49
+            # start four, slowly on 2 cores): no answer yet, ask again
+            status = httpx.get(f"{SERVE_URL}/slow/v1/models", timeout=30).status_code
+        except httpx.TimeoutException:
+            status = "timeout"
         answers.append(status)
-        if status not in (500, 502, 503, 504):
+        if status not in (500, 502, 503, 504, "timeout"):
             break
         time.sleep(0.5)
     FIGURES["after_kill"] = {"probes": len(answers), "first_answer": answers[-1]}
     assert answers[-1] == 401  # the replacement's very first answer without a key
-    assert set(answers[:-1]) <= {500, 502, 503, 504}  # never a 200 in between
+    assert set(answers[:-1]) <= {500, 502, 503, 504, "timeout"}  # never a 200 in between
     assert not set(every_ingress_pid()["slow"]) & set(killed)
     ok = httpx.get(f"{SERVE_URL}/slow/v1/models", headers={"x-api-key": KEY}, timeout=60)
     assert ok.status_code == 200
