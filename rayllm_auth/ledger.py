@@ -93,6 +93,7 @@ class Ledger:
         self._holdings: dict[str, dict[str, int]] = {}  # key id -> replica -> slots
         self._last_sync: dict[str, float] = {}  # replica -> clock at its last call
         self._contended: set[str] = set()
+        self._concurrency: dict[str, int] = {}  # key id -> its limit, as last leased with
         self._restored: dict[str, float] = {}  # restore part token -> clock when applied
 
     # -- requests per minute -----------------------------------------------------------------
@@ -132,6 +133,7 @@ class Ledger:
         now = self._clock()
         self._last_sync[replica] = now
         self._drop_silent_replicas(now)
+        self._concurrency[key_id] = concurrency
         holders = self._holdings.setdefault(key_id, {})
         free = max(0, concurrency - sum(holders.values()))
         granted = min(want, free)
@@ -167,6 +169,10 @@ class Ledger:
             else:
                 holders.pop(replica, None)
         self._drop_silent_replicas(now)
+        for key_id in holdings:  # above its limit (slots taken in fallback, now reported):
+            limit = self._concurrency.get(key_id)  # its holders give back their idle slots
+            if limit is not None and sum(self._holdings[key_id].values()) > limit:
+                self._contended.add(key_id)
         contended = sorted(self._contended)
         self._contended.clear()
         return {"incarnation": self.incarnation, "contended": contended,

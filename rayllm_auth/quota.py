@@ -28,6 +28,7 @@ import asyncio
 import logging
 import math
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, NamedTuple, Optional, Protocol
 
@@ -113,6 +114,9 @@ class _KeyState:
     slots_pending: int = 0  # asked of the ledger, not answered yet
     slots_returning: int = 0  # given back, the ledger not known to have heard yet
     slot_refused_until: float = 0.0  # local clock
+    #: Others wait for this key's slots, or it is above its limit (slots taken in fallback):
+    #: a slot freed here goes back to the ledger at once, until the ledger grants one again.
+    slots_contended: bool = False
     admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
     admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
 
@@ -308,7 +312,6 @@ class ReplicaQuota:
             else:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S,
                                                   grant.incarnation))
-            self._leave_fallback()
             await self._hear(grant.incarnation)
         finally:
             state.leasing = None
@@ -411,10 +414,11 @@ class ReplicaQuota:
         finally:
             state.slots_pending -= 1
         state.slots_held += granted
+        if granted:
+            state.slots_contended = False  # the ledger had room: reuse slots here again
         if not claim.gone and state.slots_used < min(state.slots_held, concurrency):
             state.slots_used += 1
             claim.taken = True
-        self._leave_fallback()
         try:
             await self._hear(incarnation)
         except BaseException:  # this task cancelled: its requester is told so, holds nothing
@@ -456,12 +460,16 @@ class ReplicaQuota:
         return self._slots_to_give_back(state)
 
     def _slots_to_give_back(self, state: _KeyState) -> int:
-        """When no request of the key uses a slot here, every slot held moves to
-        ``slots_returning``: how many the caller must give back (else 0)."""
-        if state.slots_used == 0 and state.slots_held and not self.in_fallback:
-            held, state.slots_held = state.slots_held, 0
-            state.slots_returning += held  # still reported until the ledger has them
-            return held
+        """The slots held but not used here (all of them when no request of the key uses
+        one; else only if the key is contended) move to ``slots_returning``: how many the
+        caller must give back."""
+        if (state.slots_used == 0 or state.slots_contended) and not self.in_fallback:
+            idle = state.slots_held - state.slots_used
+            if idle > 0:
+                state.slots_held -= idle
+                state.slots_returning += idle  # still reported until the ledger has them
+                return idle
+            return 0
         if self.in_fallback:
             state.slots_held = state.slots_used
         return 0
@@ -479,22 +487,13 @@ class ReplicaQuota:
 
     def _keep_up(self) -> None:
         if self._heartbeat and (self._upkeep_task is None or self._upkeep_task.done()):
-            self._upkeep_task = asyncio.get_running_loop().create_task(self._keep_up_loop())
+            self._upkeep_task = asyncio.get_running_loop().create_task(
+                _keep_up_loop(weakref.ref(self)))
 
-    async def _keep_up_loop(self) -> None:
-        """Upkeep every SYNC_S, off the request path, while this replica holds leases, and
-        in fallback until the ledger answers: the ledger may still count slots for this
-        replica that it released meanwhile (a give-back that failed, slots forgotten in
-        fallback), and only a sync (the replica's truth) takes them off."""
-        while True:
-            await asyncio.sleep(SYNC_S)
-            try:
-                await self.upkeep()
-            except Exception:  # never let the heartbeat die: the ledger would drop our slots
-                logger.exception("rayllm-auth: limits upkeep failed; trying again")
-            if not self.in_fallback and not any(s.leases or s.slots_held
-                                                for s in self._keys.values()):
-                return
+    def _idle(self) -> bool:
+        """Nothing for a heartbeat to do: no lease held, and the ledger answering."""
+        return not self.in_fallback and not any(s.leases or s.slots_held
+                                                for s in self._keys.values())
 
     async def upkeep(self) -> None:
         """Give back expired request leases and idle slots beyond a (lowered) limit or of
@@ -520,27 +519,36 @@ class ReplicaQuota:
                 elif state.concurrency is not None and state.slots_held > state.concurrency:
                     await self._give_back_idle(key_id, state, state.concurrency)
             reply = await self._ledger.sync(self._replica, self._holdings())
-            self._leave_fallback()
-            await self._heard(reply["incarnation"])
+            if not await self._hear(reply["incarnation"]):
+                return
             for key_id in reply["contended"]:
                 state = self._keys.get(key_id)
                 if state is not None:
+                    state.slots_contended = True
                     await self._give_back_idle(key_id, state, 0)
             self._replicas = max(1, int(reply["replicas"]))
         except LedgerUnavailable:
             self._enter_fallback(self._clock())
 
-    async def _hear(self, incarnation: str) -> None:
-        """:meth:`_heard` after a grant, which must reach its requesters whatever happens
-        here: a failure is taken as the ledger gone (an unexpected one is logged too)."""
+    async def _hear(self, incarnation: str) -> bool:
+        """The ledger answered a call: it hears what it must (:meth:`_heard`), then a replica
+        in fallback goes back to cluster-wide limits. False, and in fallback (entered or
+        kept, said once), when that failed in any way: a grant must still reach its
+        requesters, and a ledger that answers but cannot be restored is not back."""
+        if self.in_fallback:
+            self._rejoining = True  # _heard() restores what we admitted alone
         try:
             await self._heard(incarnation)
         except LedgerUnavailable:
             self._enter_fallback(self._clock())
+            return False
         except Exception:
             logger.exception("rayllm-auth: restoring the limits ledger failed; limiting each "
                              "key to its share here until it answers again")
             self._enter_fallback(self._clock())
+            return False
+        self._leave_fallback()
+        return True
 
     async def _heard(self, incarnation: str) -> None:
         """Every answer names the ledger's incarnation. A new one (restarted, empty) gets
@@ -620,11 +628,31 @@ class ReplicaQuota:
     def _leave_fallback(self) -> None:
         if self._fallback_until is not None:
             self._fallback_until = None
-            self._rejoining = True  # the next answer's _heard() restores what we admitted
             for state in self._keys.values():  # the ledger decides again, not our share
                 state.exhausted_until = 0.0
             logger.warning("rayllm-auth: the limits ledger answers again; cluster-wide limits")
             self._on_fallback(False)
+
+
+async def _keep_up_loop(quota_ref: "weakref.ref[ReplicaQuota]") -> None:
+    """A replica's heartbeat: upkeep every SYNC_S, off the request path, while it holds
+    leases, and in fallback until the ledger answers (the ledger may still count slots for
+    it that it released meanwhile: a give-back that failed, slots forgotten in fallback; only
+    a sync, the replica's truth, takes them off). It holds its quota only while working: a
+    quota nothing else uses any more (a middleware rebuilt) must not report under the same
+    replica id as the one in use, erasing the slots that one holds."""
+    while True:
+        await asyncio.sleep(SYNC_S)
+        quota = quota_ref()
+        if quota is None:
+            return
+        try:
+            await quota.upkeep()
+        except Exception:  # never let the heartbeat die: the ledger would drop our slots
+            logger.exception("rayllm-auth: limits upkeep failed; trying again")
+        if quota._idle():
+            return
+        del quota
 
 
 def _count(counts: dict[int, int], second: int) -> None:

@@ -3,6 +3,7 @@ them, on a clock the tests move. The oracle is counting: what each test admits i
 with the limit the test set, never with what the code under test computes."""
 
 import asyncio
+import gc
 
 import pytest
 
@@ -1147,3 +1148,85 @@ def test_a_slot_the_ledger_still_counts_after_its_request_ended_is_cleared_by_th
         return (await r1.admit("k", None, 1)).refused
 
     assert run(scenario()) is None
+
+
+class RestoresFail(LocalLedger):
+    """Answers everything but restore, which misses its deadline every time."""
+
+    def __getattr__(self, name):
+        call = super().__getattr__(name)
+        if name != "restore":
+            return call
+
+        async def late(*args):
+            raise LedgerUnavailable("TimeoutError")
+
+        return late
+
+
+def test_a_ledger_that_answers_but_cannot_be_restored_is_one_outage_not_many():
+    # Found by review: each retry's sync "left" fallback, the restore after it failed and
+    # entered it again: two log lines and two counts every 6 s, forever, on an idle replica.
+    clock = Clock()
+    remote = RestoresFail(Ledger(clock))
+    changes = []
+    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False, on_fallback=changes.append)
+
+    async def retries():
+        remote.down = True
+        await quota.upkeep()
+        remote.down = False
+        for _ in range(5):
+            clock.now += RETRY_S
+            await quota.upkeep()
+
+    run(retries())
+    assert changes == [True] and quota.in_fallback
+
+
+def test_a_quota_no_longer_used_stops_its_heartbeat(monkeypatch):
+    # Found by review: a quota in fallback whose middleware was replaced kept its
+    # heartbeat; when the ledger answered it reported no slots under the replica id the
+    # quota in use shares, and another replica was granted the slot in use.
+    monkeypatch.setattr(quota_module, "SYNC_S", 0.01)
+    clock, remote, _ = cluster(0)
+
+    async def scenario():
+        remote.down = True
+        replaced = ReplicaQuota(remote, "r0", clock)
+        replaced.reach_ledger_soon()
+        await until(lambda: replaced.in_fallback)
+        del replaced  # its middleware rebuilt
+        gc.collect()
+        remote.down = False
+        live = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+        assert (await live.admit("k", None, 1)).refused is None
+        clock.now += RETRY_S
+        await asyncio.sleep(0.1)  # heartbeats of the replaced quota would run now
+        other = ReplicaQuota(remote, "r1", clock, heartbeat=False)
+        return remote.ledger._holdings["k"], (await other.admit("k", None, 1)).refused
+
+    assert run(scenario()) == ({"r0": 1}, "concurrency")
+
+
+def test_slots_taken_in_fallback_bring_the_key_back_to_its_limit_after_a_heartbeat():
+    # Found by review: a holds both slots of concurrency=2, b takes one in fallback; once
+    # both reported, a kept reusing its freed slots (nobody refused, so nothing contended),
+    # three in flight for as long as a stayed busy.
+    clock, remote, (a, b) = cluster()
+    for quota in (a, b):
+        quota.assume_replicas(2)
+
+    async def scenario():
+        assert [(await a.admit("k", None, 2)).refused for _ in range(2)] == [None, None]
+        remote.down = True
+        await a.upkeep()  # the ledger gone: fallback
+        assert (await b.admit("k", None, 2)).refused is None  # b's share, a long stream
+        clock.now += RETRY_S
+        remote.down = False
+        for quota in (a, b, a):  # both report, then a's next heartbeat
+            await quota.upkeep()
+        await a.release("k")  # one of a's requests ends, another arrives
+        return (await a.admit("k", None, 2)).refused, remote.ledger._holdings["k"]
+
+    assert run(scenario()) == ("concurrency", {"r0": 1, "r1": 1})
