@@ -13,7 +13,8 @@ import pytest
 from fastapi import FastAPI
 
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.patches import core_ingress_init_layout, router_module_layout
+from rayllm_auth.patches import (core_ingress_init_layout, router_module_init_layout,
+                                 router_module_layout)
 from rayllm_auth.patching import LayoutMismatch, apply
 from rayllm_auth.protect import is_protected
 from rayllm_auth.support import choose_layout
@@ -50,10 +51,11 @@ def replica(http_util, client_class, app_or_func):
 
 
 def test_versions_select_these_records():
+    assert choose_layout("2.48.0", enforce=True).layout is ROUTER
     assert choose_layout("2.49.2", enforce=True).layout is ROUTER
+    for version in ("2.50.0", "2.50.1"):
+        assert choose_layout(version, enforce=True).layout is router_module_init_layout.LAYOUT
     assert choose_layout("2.54.1", enforce=True).layout is core_ingress_init_layout.LAYOUT
-    assert choose_layout("2.50.0", enforce=True) == (None, False)
-    assert choose_layout("2.50.1", enforce=True) == (None, False)
 
 
 def test_router_layout_protects_the_module_level_app_once(key_env, monkeypatch):
@@ -83,7 +85,8 @@ def test_router_layout_refuses_an_unusable_key_variable(monkeypatch):
         apply(ROUTER, router, builder_side=True)
 
 
-@pytest.mark.parametrize("layout", [ROUTER, core_ingress_init_layout.LAYOUT], ids=lambda l: l.name)
+@pytest.mark.parametrize("layout", [ROUTER, router_module_init_layout.LAYOUT,
+                                    core_ingress_init_layout.LAYOUT], ids=lambda l: l.name)
 @pytest.mark.parametrize("built_in_replica", [False, True], ids=["frozen app", "app builder"])
 def test_replica_side_protects_client_facing_replicas_only(key_env, monkeypatch, http_util,
                                                           layout, built_in_replica):
@@ -116,3 +119,20 @@ def test_replica_side_without_keys_refuses_an_app_built_to_be_protected(
     monkeypatch.delenv("RAY_LLM_API_KEYS")
     with pytest.raises(ConfigError, match="none of RAY_LLM_API_KEYS"):
         replica(http_util, client_facing, built)
+
+
+def test_the_2_50_record_protects_init_and_the_app_make_fastapi_ingress_is_given(
+        key_env, monkeypatch):
+    frozen = []
+
+    def make_fastapi_ingress(cls, *, endpoint_map=None, app=None):  # 2.50's signature
+        frozen.append(app if app is not None else router.init())
+        return cls
+
+    router = fake_module(monkeypatch, router_module_layout.ROUTER_MODULE, init=FastAPI,
+                         make_fastapi_ingress=make_fastapi_ingress, OpenAiIngress=object)
+    layout = router_module_init_layout.LAYOUT
+    apply(layout, router, builder_side=True)
+    router.make_fastapi_ingress(object)
+    router.make_fastapi_ingress(object, app=FastAPI())
+    assert len(frozen) == 2 and all(is_protected(app) for app in frozen)
