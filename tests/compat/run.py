@@ -98,12 +98,13 @@ _ROUTER_MODULE_PINS = ["fastapi==0.116.1", "prometheus-fastapi-instrumentator==7
                        "protobuf==6.33.6"]
 CONSTRAINTS = {
     # 2.49.2's pins but protobuf (vLLM 0.7-0.8's OpenTelemetry pins want protobuf < 5,
-    # which still has the field: pinning 6 made pip's resolver give up), and the
-    # transformers of each vLLM's time (see 2.48.0's).
-    "2.44.1": [*_ROUTER_MODULE_PINS[:2], "transformers==4.48.3"],
-    "2.45.0": [*_ROUTER_MODULE_PINS[:2], "transformers==4.50.3"],
-    "2.46.0": [*_ROUTER_MODULE_PINS[:2], "transformers==4.51.3"],
-    "2.47.1": [*_ROUTER_MODULE_PINS[:2], "transformers==4.51.3"],
+    # which still has the field: pinning 6 made pip's resolver give up), boto3 (their Serve
+    # LLM imports botocore unconditionally, as 2.54's does), and the transformers of each
+    # vLLM's time (see 2.48.0's).
+    "2.44.1": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.48.3"],
+    "2.45.0": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.50.3"],
+    "2.46.0": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.51.3"],
+    "2.47.1": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.51.3"],
     # 2.49.2's pins, and a transformers of vLLM 0.9.2's time: 4.54 added its own "aimv2"
     # config, which vLLM 0.9's ovis config then fails to register ("already used").
     "2.48.0": [*_ROUTER_MODULE_PINS, "transformers==4.53.3"],
