@@ -46,6 +46,9 @@ COUNTED_S = WINDOW_S + 1
 LEASE_S = 2.0
 #: A replica that has not synced for this long loses its concurrency slots.
 HOLDING_TTL_S = 10.0
+#: A key refused a slot (or found above its limit) is reported as contended to every replica
+#: that syncs for this long: longer than a heartbeat, so its holders hear it.
+CONTENDED_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class Ledger:
         self._windows: dict[str, _Window] = {}
         self._holdings: dict[str, dict[str, int]] = {}  # key id -> replica -> slots
         self._last_sync: dict[str, float] = {}  # replica -> clock at its last call
-        self._contended: set[str] = set()
+        self._contended: dict[str, float] = {}  # key id -> clock when last contended
         self._concurrency: dict[str, int] = {}  # key id -> its limit, as last leased with
         self._restored: dict[str, float] = {}  # restore part token -> clock when applied
 
@@ -140,7 +143,7 @@ class Ledger:
         if granted:
             holders[replica] = holders.get(replica, 0) + granted
         if granted < want:
-            self._contended.add(key_id)
+            self._contended[key_id] = now
         return granted, self.incarnation
 
     def give_back_slots(self, key_id: str, count: int, replica: str) -> None:
@@ -172,9 +175,12 @@ class Ledger:
         for key_id in holdings:  # above its limit (slots taken in fallback, now reported):
             limit = self._concurrency.get(key_id)  # its holders give back their idle slots
             if limit is not None and sum(self._holdings[key_id].values()) > limit:
-                self._contended.add(key_id)
+                self._contended[key_id] = now
+        # Every replica that reports within CONTENDED_S hears it (the holder among them: a
+        # replica holding slots reports every 2 s), not only the next one.
+        for key_id in [k for k, at in self._contended.items() if now - at > CONTENDED_S]:
+            del self._contended[key_id]
         contended = sorted(self._contended)
-        self._contended.clear()
         return {"incarnation": self.incarnation, "contended": contended,
                 "replicas": len(self._last_sync)}
 

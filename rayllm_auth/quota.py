@@ -117,6 +117,7 @@ class _KeyState:
     #: Others wait for this key's slots, or it is above its limit (slots taken in fallback):
     #: a slot freed here goes back to the ledger at once, until the ledger grants one again.
     slots_contended: bool = False
+    concurrency_told: Optional[int] = None  # the limit the ledger last heard for this key
     admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
     admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
 
@@ -157,6 +158,7 @@ class ReplicaQuota:
         self._incarnation: Optional[str] = None  # the ledger's, once it has answered a sync
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
         self._rejoining = False  # back from fallback: the ledger must hear what we admitted
+        self._reported_truth = True  # the last sync held no slot asked for or given back
         #: What the ledger must still hear: (token, {key id: {local second: requests}}); a
         #: part is sent again, with its token, until a restore is answered (the ledger
         #: applies a token once, so a restore applied whose answer was lost counts once).
@@ -406,6 +408,7 @@ class ReplicaQuota:
         try:
             granted, incarnation = await self._ledger.lease_slots(key_id, concurrency, 1,
                                                                   self._replica)
+            state.concurrency_told = concurrency
         except LedgerUnavailable as gone:
             self._enter_fallback(self._clock())
             if gone.late_answer is not None:
@@ -491,9 +494,12 @@ class ReplicaQuota:
                 _keep_up_loop(weakref.ref(self)))
 
     def _idle(self) -> bool:
-        """Nothing for a heartbeat to do: no lease held, and the ledger answering."""
-        return not self.in_fallback and not any(s.leases or s.slots_held
-                                                for s in self._keys.values())
+        """Nothing for a heartbeat to do: the ledger answering, nothing held, asked for or
+        on its way back, and the last report was the truth (one sent while a slot was
+        asked for or on its way back can count it after the ledger had its answer)."""
+        return not self.in_fallback and self._reported_truth and not any(
+            s.leases or s.slots_held or s.slots_used or s.slots_pending or s.slots_returning
+            or s.leasing is not None for s in self._keys.values())
 
     async def upkeep(self) -> None:
         """Give back expired request leases and idle slots beyond a (lowered) limit or of
@@ -518,7 +524,17 @@ class ReplicaQuota:
                     await self._give_back_idle(key_id, state, 0)
                 elif state.concurrency is not None and state.slots_held > state.concurrency:
                     await self._give_back_idle(key_id, state, state.concurrency)
-            reply = await self._ledger.sync(self._replica, self._holdings())
+                if state.slots_held and state.concurrency is not None \
+                        and state.concurrency != state.concurrency_told:
+                    # A busy key may never lease again: the ledger learns a lowered limit
+                    # (or, restarted, any limit) from an empty lease, and the sync below
+                    # then finds the key above it (contended: its holders give back).
+                    await self._ledger.lease_slots(key_id, state.concurrency, 0, self._replica)
+                    state.concurrency_told = state.concurrency
+            holdings = self._holdings()
+            clean = not any(s.slots_pending or s.slots_returning for s in self._keys.values())
+            reply = await self._ledger.sync(self._replica, holdings)
+            self._reported_truth = clean
             if not await self._hear(reply["incarnation"]):
                 return
             for key_id in reply["contended"]:
@@ -548,6 +564,11 @@ class ReplicaQuota:
             self._enter_fallback(self._clock())
             return False
         self._leave_fallback()
+        # Admitted alone while the restore was on its way: the next answer takes it.
+        if any(state.admitted_alone for state in self._keys.values()):
+            self._unrestored.append(_restore_part(self._keys, "admitted_alone"))
+            for state in self._keys.values():
+                state.admitted_alone.clear()
         return True
 
     async def _heard(self, incarnation: str) -> None:
@@ -557,6 +578,9 @@ class ReplicaQuota:
         Raises LedgerUnavailable (nothing is then forgotten: it is sent again, and the
         ledger applies each part once)."""
         restarted = self._incarnation is not None and incarnation != self._incarnation
+        if restarted:  # its books are empty: tell it the limits again
+            for state in self._keys.values():
+                state.concurrency_told = None
         if restarted:  # everything in the window: the parts not delivered are in it
             self._unrestored = [_restore_part(self._keys, "admitted")]
         elif self._rejoining:

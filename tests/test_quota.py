@@ -921,23 +921,27 @@ def test_reaching_the_ledger_outside_an_event_loop_leaves_no_coroutine_behind():
 
 class GatedLedger(LocalLedger):
     """Calls of the methods in ``gated`` wait until :attr:`gate` opens (a ledger that has
-    just started and answers a burst of queued calls at once), then run."""
+    just started and answers a burst of queued calls at once), then run; with
+    ``applied_first``, they run at once (an actor runs its calls in order) and only their
+    answers wait."""
 
-    def __init__(self, ledger):
+    def __init__(self, ledger, applied_first=False):
         super().__init__(ledger)
         self.gated, self.gate, self.waiting = set(), asyncio.Event(), 0
+        self.applied_first = applied_first
 
     def __getattr__(self, name):
         call = super().__getattr__(name)
 
         async def gated(*args):
+            answer = await call(*args) if self.applied_first else None
             if name in self.gated:
                 self.waiting += 1
                 try:
                     await self.gate.wait()
                 finally:
                     self.waiting -= 1
-            return await call(*args)
+            return answer if self.applied_first else await call(*args)
 
         return gated
 
@@ -1230,3 +1234,107 @@ def test_slots_taken_in_fallback_bring_the_key_back_to_its_limit_after_a_heartbe
         return (await a.admit("k", None, 2)).refused, remote.ledger._holdings["k"]
 
     assert run(scenario()) == ("concurrency", {"r0": 1, "r1": 1})
+
+
+def test_a_lowered_concurrency_applies_to_a_key_that_never_leases_again():
+    # Found by review: two replicas each reusing the 4 slots they held never asked for a
+    # lease, so concurrency lowered from 8 to 4 left 8 in flight for as long as they were
+    # busy. The heartbeat now tells the ledger, which finds the key above its limit.
+    clock, remote, (a, b) = cluster()
+
+    async def scenario():
+        for quota in (a, b):
+            assert [(await quota.admit("k", None, 8)).refused for _ in range(4)] == [None] * 4
+        in_flight = 8
+        for _ in range(20):  # busy: a request ends and another arrives, on both replicas
+            for quota in (a, b):
+                await quota.release("k")
+                in_flight -= 1
+                verdict = quota.admit_now("k", None, 4) or await quota.admit("k", None, 4)
+                in_flight += verdict.refused is None
+                await quota.upkeep()
+            clock.now += 1.0
+        return in_flight, sum(remote.ledger._holdings["k"].values())
+
+    assert run(scenario()) == (4, 4)
+
+
+def test_a_restarted_ledger_learns_the_limit_of_slots_it_is_told_about():
+    clock, remote, (a,) = cluster(1)
+
+    async def scenario():
+        assert (await a.admit("k", None, 2)).refused is None
+        remote.ledger = Ledger(clock)  # restarted: holdings and limits gone
+        await a.upkeep()  # learns of the restart: restores, reports its slot
+        await a.upkeep()  # the next heartbeat tells the limit
+        return remote.ledger._concurrency.get("k"), remote.ledger._holdings["k"]
+
+    assert run(scenario()) == (2, {"r0": 1})
+
+
+def test_every_replica_that_reports_soon_after_hears_a_key_is_contended():
+    # Found by review: the first replica to report after a refusal took the signal away, so
+    # a holder that was never first kept its idle slot while another replica waited.
+    clock, remote, (holder, waiter, other) = cluster(3)
+
+    async def scenario():
+        assert [(await holder.admit("A", None, 2)).refused for _ in range(2)] == [None, None]
+        await holder.release("A")  # one slot in use, one idle, held
+        assert (await other.admit("B", None, 5)).refused is None
+        assert (await waiter.admit("A", None, 2)).refused == "concurrency"
+        await other.upkeep()  # reports first: hears it, holds nothing of A
+        clock.now += 1.0
+        await holder.upkeep()
+        clock.now += SLOT_REFUSAL_S
+        return (await waiter.admit("A", None, 2)).refused
+
+    assert run(scenario()) is None
+
+
+def test_the_heartbeat_goes_on_while_a_slot_is_asked_for_or_the_last_report_was_not_the_truth(
+        monkeypatch):
+    # Found by review: it ended when nothing was held, also with a slot lease on its way
+    # (then granted to a long stream no heartbeat kept: the ledger dropped it and granted it
+    # again), and after a report that counted a slot already given back (a phantom slot
+    # that refused the key for 10 s).
+    clock, remote, (quota,) = cluster(1)
+    state = quota._keys["k"] = quota_module._KeyState()
+    assert quota._idle()
+    state.slots_pending = 1
+    assert not quota._idle()
+    state.slots_pending = 0
+    state.slots_returning = 1
+    run(quota.upkeep())  # a report counting a slot on its way back
+    state.slots_returning = 0
+    assert not quota._idle()
+    run(quota.upkeep())
+    assert quota._idle()
+
+
+def test_requests_admitted_alone_while_the_restore_was_on_its_way_are_restored_too():
+    # Found by review: _heard() took admitted_alone before the restore answered; when another
+    # call failed meanwhile, requests were admitted alone again and never reported.
+    clock = Clock()
+    remote = GatedLedger(Ledger(clock), applied_first=True)
+    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+
+    async def scenario():
+        assert (await quota.admit("A", 60, None)).refused is None
+        remote.down = True
+        clock.now += 3
+        assert (await quota.admit("A", 60, None)).refused is None  # alone
+        remote.down = False
+        clock.now += RETRY_S
+        remote.gated = {"restore"}
+        retry = asyncio.ensure_future(quota.upkeep())
+        await until(lambda: remote.waiting == 1)
+        remote.down = True  # another key's lease fails meanwhile: fallback again
+        assert (await quota.admit("B", 60, None)).refused is None
+        remote.down = False
+        alone = [(await quota.admit("A", 60, None)).refused for _ in range(10)]
+        remote.gate.set()
+        await retry
+        await quota.upkeep()  # the next answer carries what was admitted meanwhile
+        return alone, counted(remote.ledger, "A")
+
+    assert run(scenario()) == ([None] * 10, 12)
