@@ -18,7 +18,7 @@ ROUTER_MODULE = "ray.llm._internal.serve.deployments.routers.router"
 
 LAYOUT = Layout(
     name="router_module_layout",
-    ray=">=2.48,<2.50",
+    ray=">=2.47,<2.50",
     summary="protect the module-level `deployments/routers/router.py:fastapi_router_app` when "
             "that module is imported; replica side `ASGIAppReplicaWrapper.__init__(app_or_func)`",
     targets=(

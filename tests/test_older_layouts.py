@@ -51,6 +51,7 @@ def replica(http_util, client_class, app_or_func):
 
 
 def test_versions_select_these_records():
+    assert choose_layout("2.47.1", enforce=True).layout is ROUTER
     assert choose_layout("2.48.0", enforce=True).layout is ROUTER
     assert choose_layout("2.49.2", enforce=True).layout is ROUTER
     for version in ("2.50.0", "2.50.1"):
