@@ -443,7 +443,7 @@ class ReplicaQuota:
         try:
             granted, _ = await asyncio.wait_for(answer, COUNTED_S)
             if granted:
-                await self._ledger.sync(self._replica, self._holdings())
+                await self._ledger.sync(self._replica, self._reported_holdings())
         except Exception:  # gone: a replica silent for HOLDING_TTL_S loses its slots anyway
             pass
 
@@ -531,10 +531,7 @@ class ReplicaQuota:
                     # then finds the key above it (contended: its holders give back).
                     await self._ledger.lease_slots(key_id, state.concurrency, 0, self._replica)
                     state.concurrency_told = state.concurrency
-            holdings = self._holdings()
-            clean = not any(s.slots_pending or s.slots_returning for s in self._keys.values())
-            reply = await self._ledger.sync(self._replica, holdings)
-            self._reported_truth = clean
+            reply = await self._ledger.sync(self._replica, self._reported_holdings())
             if not await self._hear(reply["incarnation"]):
                 return
             for key_id in reply["contended"]:
@@ -601,7 +598,7 @@ class ReplicaQuota:
         parts = [(token, {k: [(max(0.0, now - second - 1), n) for second, n in counts.items()]
                           for k, counts in granted.items()}) for token, granted in sending]
         answered = await self._ledger.restore(self._replica, incarnation, parts,
-                                              self._holdings())
+                                              self._reported_holdings())
         sent = {token for token, _ in sending}
         self._unrestored = [part for part in self._unrestored if part[0] not in sent]
         if answered != incarnation:  # it restarted meanwhile and applied nothing
@@ -622,6 +619,14 @@ class ReplicaQuota:
         holdings = {k: s.slots_held + s.slots_pending + s.slots_returning
                     for k, s in self._keys.items()}
         return {k: n for k, n in holdings.items() if n}
+
+    def _reported_holdings(self) -> dict[str, int]:
+        """:meth:`_holdings` for a report the ledger takes as the truth (a sync, a restore).
+        One that counts a slot asked for or on its way back may count it after the ledger has
+        had its answer: the heartbeat then goes on (:meth:`_idle`) to report again."""
+        self._reported_truth = not any(s.slots_pending or s.slots_returning
+                                       for s in self._keys.values())
+        return self._holdings()
 
     def _spawn(self, coro) -> None:
         """Run ``coro`` in a task this object keeps until it ends (the loop keeps only

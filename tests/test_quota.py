@@ -1338,3 +1338,27 @@ def test_requests_admitted_alone_while_the_restore_was_on_its_way_are_restored_t
         return alone, counted(remote.ledger, "A")
 
     assert run(scenario()) == ([None] * 10, 12)
+
+
+def test_a_restore_that_counts_a_slot_on_its_way_back_is_followed_by_another_report():
+    # Found by review: after a restart, the restore's holdings counted a slot whose give-back
+    # the ledger had already applied; only upkeep's own sync was checked for that, so the
+    # heartbeat ended and the phantom slot refused the key for 10 s.
+    clock = Clock()
+    remote = GatedLedger(Ledger(clock), applied_first=True)
+    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+
+    async def scenario():
+        assert (await quota.admit("k", None, 1)).refused is None  # a stream
+        remote.ledger = Ledger(clock)  # restarted
+        remote.gated = {"sync", "give_back_slots"}
+        heartbeat = asyncio.ensure_future(quota.upkeep())
+        await until(lambda: remote.waiting == 1)  # the sync applied, its answer late
+        ending = asyncio.ensure_future(quota.release("k"))  # the stream ends
+        await until(lambda: remote.waiting == 2)  # the give-back applied, its answer late
+        remote.gate.set()  # answers in order: the sync's restore counts the slot again
+        await heartbeat
+        await ending
+        return remote.ledger._holdings["k"], quota._idle()
+
+    assert run(scenario()) == ({"r0": 1}, False)  # one more report is due
