@@ -18,7 +18,9 @@ Concurrency
     on every sync (the replica is the truth for them), and a replica silent for
     ``HOLDING_TTL_S`` (dead, or its node lost) loses its slots. Slots granted never exceed
     ``concurrency`` minus what the live replicas hold. A key for which a request was turned
-    away is *contended*: replicas then give back the slots they hold idle.
+    away, or whose holders add up to more than its limit (slots taken in fallback, a lowered
+    limit), is *contended* for CONTENDED_S: every replica that reports meanwhile hears it and
+    gives back its idle slots, and each slot its requests free, until granted one again.
 
 Limits travel with each call (the replica read them from its key file), so a lowered limit
 takes effect on the next lease. Key ids are non-secret names: the ledger never sees a key.
