@@ -118,6 +118,11 @@ class _KeyState:
     #: a slot freed here goes back to the ledger at once, until the ledger grants one again.
     slots_contended: bool = False
     concurrency_told: Optional[int] = None  # the limit the ledger last heard for this key
+
+    def free_slot(self) -> None:
+        """One slot fewer in use here; a slot of this key is free, so ask the ledger again."""
+        self.slots_used -= 1
+        self.slot_refused_until = 0.0
     admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
     admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
 
@@ -135,8 +140,7 @@ class _SlotClaim:
         self.gone = True
         if self.taken:
             self.taken = False
-            state.slots_used -= 1
-            state.slot_refused_until = 0.0
+            state.free_slot()
 
 
 class ReplicaQuota:
@@ -458,8 +462,7 @@ class ReplicaQuota:
 
     def _drop_slot(self, state: _KeyState) -> int:
         """One slot fewer in use; how many to give back (all, when it was the last)."""
-        state.slots_used -= 1
-        state.slot_refused_until = 0.0  # a slot of this key is free: ask again
+        state.free_slot()
         return self._slots_to_give_back(state)
 
     def _slots_to_give_back(self, state: _KeyState) -> int:
