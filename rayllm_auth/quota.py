@@ -160,6 +160,9 @@ class ReplicaQuota:
         self._keys: dict[str, _KeyState] = {}
         self._replicas = 1
         self._incarnation: Optional[str] = None  # the ledger's, once it has answered a sync
+        #: Ledgers that have restarted since: a late answer of one is stale (its books are
+        #: gone), never another restart. One entry per restart of the actor.
+        self._left_behind: set[str] = set()
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
         self._rejoining = False  # back from fallback: the ledger must hear what we admitted
         self._reported_truth = True  # the last sync held no slot asked for or given back
@@ -309,6 +312,8 @@ class ReplicaQuota:
                 if gone.late_answer is not None:
                     self._spawn(self._give_back_late_grant(key_id, gone.late_answer))
                 return
+            if grant.incarnation in self._left_behind:
+                return  # granted by a ledger gone since: void; the waiters lease again
             # The grant is kept before anything else is awaited: the ledger counted it.
             now = self._clock()
             state.remaining, state.reset_s = grant.remaining, grant.reset_s
@@ -412,7 +417,6 @@ class ReplicaQuota:
         try:
             granted, incarnation = await self._ledger.lease_slots(key_id, concurrency, 1,
                                                                   self._replica)
-            state.concurrency_told = concurrency
         except LedgerUnavailable as gone:
             self._enter_fallback(self._clock())
             if gone.late_answer is not None:
@@ -431,6 +435,8 @@ class ReplicaQuota:
         except BaseException:  # this task cancelled: its requester is told so, holds nothing
             claim.drop(state)
             raise
+        if incarnation == self._incarnation:  # not a ledger gone since: it knows the limit
+            state.concurrency_told = concurrency
         return claim.taken
 
     def _give_back_if_idle(self, key_id: str, state: _KeyState) -> None:
@@ -551,6 +557,8 @@ class ReplicaQuota:
         in fallback goes back to cluster-wide limits. False, and in fallback (entered or
         kept, said once), when that failed in any way: a grant must still reach its
         requesters, and a ledger that answers but cannot be restored is not back."""
+        if incarnation in self._left_behind:
+            return False  # a late answer of a ledger that has restarted since: stale
         if self.in_fallback:
             self._rejoining = True  # _heard() restores what we admitted alone
         try:
@@ -577,8 +585,11 @@ class ReplicaQuota:
         the ledger gets what was admitted on fallback permits; both with the slots held.
         Raises LedgerUnavailable (nothing is then forgotten: it is sent again, and the
         ledger applies each part once)."""
+        if incarnation in self._left_behind:
+            return  # an answer that reached the ledger before it restarted (see _hear)
         restarted = self._incarnation is not None and incarnation != self._incarnation
         if restarted:  # its books are empty: tell it the limits again
+            self._left_behind.add(self._incarnation)
             for state in self._keys.values():
                 state.concurrency_told = None
         if restarted:  # everything in the window: the parts not delivered are in it

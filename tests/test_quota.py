@@ -1362,3 +1362,51 @@ def test_a_restore_that_counts_a_slot_on_its_way_back_is_followed_by_another_rep
         return remote.ledger._holdings["k"], quota._idle()
 
     assert run(scenario()) == ({"r0": 1}, False)  # one more report is due
+
+
+def test_a_late_answer_of_the_ledger_before_a_restart_is_not_taken_for_another_restart():
+    # Found by review: a lease the ledger granted just before it restarted, answered after
+    # the replica had restored its window into the new ledger, was taken as one more
+    # restart: the window was restored again (every key counted twice, false 429s for a
+    # minute), and the permits of that gone ledger were spent uncounted by the new one.
+    clock = Clock()
+    remote = GatedLedger(Ledger(clock), applied_first=True)
+    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+
+    async def scenario():
+        admitted, _ = await admit_many(quota, "k", 30, rpm=100)
+        await quota.upkeep()  # the replica knows this ledger
+        remote.gated = {"lease_requests"}
+        late = asyncio.ensure_future(quota.admit("j", 100, None))
+        await until(lambda: remote.waiting == 1)  # the old ledger granted; the answer is late
+        remote.ledger, remote.gated = Ledger(clock), set()  # restarted
+        await quota.upkeep()  # hears the new ledger: restores the window into it
+        remote.gate.set()
+        verdict = await late
+        await quota.upkeep()
+        return admitted, counted(remote.ledger, "k"), verdict.refused, counted(remote.ledger, "j")
+
+    admitted, k_counted, refused, j_counted = run(scenario())
+    assert (admitted, k_counted, refused) == (30, 30, None)
+    assert j_counted >= 1  # the request admitted after the restart is in the new books
+
+
+def test_a_slot_granted_late_by_the_ledger_before_a_restart_still_tells_the_new_one_its_limit():
+    clock = Clock()
+    remote = GatedLedger(Ledger(clock), applied_first=True)
+    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+
+    async def scenario():
+        assert (await quota.admit("other", None, 4)).refused is None
+        await quota.upkeep()  # the replica knows this ledger
+        remote.gated = {"lease_slots"}
+        late = asyncio.ensure_future(quota.admit("k", None, 1))
+        await until(lambda: remote.waiting == 1)  # the old ledger granted; the answer is late
+        remote.ledger, remote.gated = Ledger(clock), set()  # restarted
+        await quota.upkeep()  # hears the new ledger, reports the slot asked for
+        remote.gate.set()
+        verdict = await late
+        await quota.upkeep()  # the new ledger has not been told the key's limit: now it is
+        return verdict.refused, remote.ledger._concurrency.get("k")
+
+    assert run(scenario()) == (None, 1)
