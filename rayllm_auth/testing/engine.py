@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import time
@@ -166,23 +167,21 @@ class StandInEngine(LLMEngine):
 
     async def prepare_request(self, request_id: str, prompt, stream: bool,
                               disk_lora_model=None, **kwargs):
-        from ray.llm._internal.serve.configs.server_models import GenerationRequest
-
         parameters = prompt.parameters or {}
         chat = isinstance(prompt.prompt, list)
         words = _prompt_words([m.model_dump() for m in prompt.prompt] if chat else prompt.prompt)
-        return GenerationRequest(
+        return _standin_request_class()(
             prompt=prompt.to_unformatted_string(), request_id=request_id, stream=stream,
-            metadata={"method": "chat" if chat else "completions",
-                      "model": parameters.get("model"), "prompt_tokens": words,
-                      "max_tokens": parameters.get("max_tokens")})
+            standin={"method": "chat" if chat else "completions",
+                     "model": parameters.get("model"), "prompt_tokens": words,
+                     "max_tokens": parameters.get("max_tokens")})
 
     async def generate(self, request) -> AsyncGenerator[Any, None]:
         from ray.llm._internal.serve.configs.server_models import LLMRawResponse
 
-        method, prompt_tokens = request.metadata["method"], request.metadata["prompt_tokens"]
-        self._record(method, request.metadata["model"], None)
-        max_tokens = request.metadata["max_tokens"]
+        method, prompt_tokens = request.standin["method"], request.standin["prompt_tokens"]
+        self._record(method, request.standin["model"], None)
+        max_tokens = request.standin["max_tokens"]
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         n_tokens = max_tokens or _DEFAULT_MAX_TOKENS
@@ -212,6 +211,19 @@ class StandInEngine(LLMEngine):
         from rayllm_auth.testing.vllm_app import build_vllm_app
 
         return build_vllm_app(self)
+
+
+@functools.cache
+def _standin_request_class():
+    """Ray's GenerationRequest with the fields this engine reads in :meth:`generate`. Ray
+    hands the object from ``prepare_request`` to ``generate`` in the same process; its own
+    ``metadata`` field is new in 2.47 (2.44-2.46 dropped it silently: every request 500)."""
+    from ray.llm._internal.serve.configs.server_models import GenerationRequest
+
+    class StandInRequest(GenerationRequest):
+        standin: dict
+
+    return StandInRequest
 
 
 def _stream_chunk(chat: bool, ident, created, model, token: str, last: bool,
