@@ -118,13 +118,13 @@ class _KeyState:
     #: a slot freed here goes back to the ledger at once, until the ledger grants one again.
     slots_contended: bool = False
     concurrency_told: Optional[int] = None  # the limit the ledger last heard for this key
+    admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
+    admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
 
     def free_slot(self) -> None:
         """One slot fewer in use here; a slot of this key is free, so ask the ledger again."""
         self.slots_used -= 1
         self.slot_refused_until = 0.0
-    admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
-    admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
 
 
 @dataclass
