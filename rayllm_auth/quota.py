@@ -160,8 +160,9 @@ class ReplicaQuota:
         self._keys: dict[str, _KeyState] = {}
         self._replicas = 1
         self._incarnation: Optional[str] = None  # the ledger's, once it has answered a sync
-        #: Ledgers that have restarted since: a late answer of one is stale (its books are
-        #: gone), never another restart. One entry per restart of the actor.
+        #: Ledgers known to be gone (seen replaced, or found older than the live one): a late
+        #: answer of one is stale (its books are gone), never another restart. At most one
+        #: entry per restart of the actor.
         self._left_behind: set[str] = set()
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
         self._rejoining = False  # back from fallback: the ledger must hear what we admitted
@@ -324,6 +325,9 @@ class ReplicaQuota:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S,
                                                   grant.incarnation))
             await self._hear(grant.incarnation)
+            if grant.incarnation in self._left_behind:  # found stale while hearing it: void
+                state.leases = [lease for lease in state.leases
+                                if lease.incarnation not in self._left_behind]
         finally:
             state.leasing = None
 
@@ -538,8 +542,10 @@ class ReplicaQuota:
                     # A busy key may never lease again: the ledger learns a lowered limit
                     # (or, restarted, any limit) from an empty lease, and the sync below
                     # then finds the key above it (contended: its holders give back).
-                    await self._ledger.lease_slots(key_id, state.concurrency, 0, self._replica)
-                    state.concurrency_told = state.concurrency
+                    _, told = await self._ledger.lease_slots(key_id, state.concurrency, 0,
+                                                             self._replica)
+                    if told == self._incarnation:  # not a ledger gone since
+                        state.concurrency_told = state.concurrency
             reply = await self._ledger.sync(self._replica, self._reported_holdings())
             if not await self._hear(reply["incarnation"]):
                 return
@@ -587,6 +593,17 @@ class ReplicaQuota:
         ledger applies each part once)."""
         if incarnation in self._left_behind:
             return  # an answer that reached the ledger before it restarted (see _hear)
+        if self._incarnation is not None and incarnation != self._incarnation:
+            # Incarnations have no order: another one is a restart, or the late answer of a
+            # ledger this replica never heard (it restarted before or between our calls). A
+            # call made now is answered by the live ledger: it decides.
+            live = (await self._ledger.sync(self._replica,
+                                            self._reported_holdings()))["incarnation"]
+            if live != incarnation:
+                self._left_behind.add(incarnation)
+            if live in self._left_behind:
+                return
+            incarnation = live
         restarted = self._incarnation is not None and incarnation != self._incarnation
         if restarted:  # its books are empty: tell it the limits again
             self._left_behind.add(self._incarnation)
