@@ -55,7 +55,9 @@ RESULTS = Path(__file__).resolve().parent
 #: extra, i.e. the vLLM it was developed against (newer vLLMs change the APIs Ray imports).
 PINS = {
     "2.44.1": "0.7.2",
-    "2.45.0": "0.8.2",
+    # 0.8.2 (its extra's lower bound) needs xgrammar==0.1.16, which the package index does
+    # not have; 0.8.5 is within that extra too (2.46's lower bound).
+    "2.45.0": "0.8.5",
     "2.46.0": "0.8.5",
     "2.47.1": "0.8.5",
     "2.48.0": "0.9.2",
@@ -102,7 +104,7 @@ CONSTRAINTS = {
     # LLM imports botocore unconditionally, as 2.54's does), and the transformers of each
     # vLLM's time (see 2.48.0's).
     "2.44.1": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.48.3"],
-    "2.45.0": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.50.3"],
+    "2.45.0": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.51.3"],
     "2.46.0": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.51.3"],
     "2.47.1": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.51.3"],
     # 2.49.2's pins, and a transformers of vLLM 0.9.2's time: 4.54 added its own "aimv2"
