@@ -164,6 +164,7 @@ class ReplicaQuota:
         #: answer of one is stale (its books are gone), never another restart. At most one
         #: entry per restart of the actor.
         self._left_behind: set[str] = set()
+        self._deciding = asyncio.Lock()  # which ledger is live: one decision at a time
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
         self._rejoining = False  # back from fallback: the ledger must hear what we admitted
         self._reported_truth = True  # the last sync held no slot asked for or given back
@@ -315,6 +316,12 @@ class ReplicaQuota:
                 return
             if grant.incarnation in self._left_behind:
                 return  # granted by a ledger gone since: void; the waiters lease again
+            if self._incarnation is not None and grant.incarnation != self._incarnation:
+                # Another ledger: a restart, or a late answer of one gone since. Spent only
+                # once it is known to be the live one (else void: nobody counts it now).
+                await self._hear(grant.incarnation)
+                if grant.incarnation != self._incarnation:
+                    return
             # The grant is kept before anything else is awaited: the ledger counted it.
             now = self._clock()
             state.remaining, state.reset_s = grant.remaining, grant.reset_s
@@ -325,9 +332,6 @@ class ReplicaQuota:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S,
                                                   grant.incarnation))
             await self._hear(grant.incarnation)
-            if grant.incarnation in self._left_behind:  # found stale while hearing it: void
-                state.leases = [lease for lease in state.leases
-                                if lease.incarnation not in self._left_behind]
         finally:
             state.leasing = None
 
@@ -547,8 +551,9 @@ class ReplicaQuota:
                     if told == self._incarnation:  # not a ledger gone since
                         state.concurrency_told = state.concurrency
             reply = await self._ledger.sync(self._replica, self._reported_holdings())
-            if not await self._hear(reply["incarnation"]):
-                return
+            if not await self._hear(reply["incarnation"]) \
+                    or reply["incarnation"] != self._incarnation:
+                return  # a stale answer says nothing about the live ledger's books
             for key_id in reply["contended"]:
                 state = self._keys.get(key_id)
                 if state is not None:
@@ -592,25 +597,15 @@ class ReplicaQuota:
         Raises LedgerUnavailable (nothing is then forgotten: it is sent again, and the
         ledger applies each part once)."""
         if incarnation in self._left_behind:
-            return  # an answer that reached the ledger before it restarted (see _hear)
-        if self._incarnation is not None and incarnation != self._incarnation:
-            # Incarnations have no order: another one is a restart, or the late answer of a
-            # ledger this replica never heard (it restarted before or between our calls). A
-            # call made now is answered by the live ledger: it decides.
-            live = (await self._ledger.sync(self._replica,
-                                            self._reported_holdings()))["incarnation"]
-            if live != incarnation:
-                self._left_behind.add(incarnation)
-            if live in self._left_behind:
-                return
-            incarnation = live
-        restarted = self._incarnation is not None and incarnation != self._incarnation
-        if restarted:  # its books are empty: tell it the limits again
-            self._left_behind.add(self._incarnation)
-            for state in self._keys.values():
-                state.concurrency_told = None
-        if restarted:  # everything in the window: the parts not delivered are in it
-            self._unrestored = [_restore_part(self._keys, "admitted")]
+            return  # an answer that reached the ledger before it restarted
+        restarted = False
+        if self._incarnation is None:
+            self._incarnation = incarnation
+        elif incarnation != self._incarnation:
+            restarted = await self._find_the_live_ledger(incarnation)
+        incarnation = self._incarnation
+        if restarted:
+            pass  # everything in the window is to be restored (_find_the_live_ledger)
         elif self._rejoining:
             self._unrestored.append(_restore_part(self._keys, "admitted_alone"))
         must_report = restarted or self._rejoining  # the slots held, at least
@@ -618,7 +613,6 @@ class ReplicaQuota:
             for state in self._keys.values():
                 state.admitted_alone.clear()
             self._rejoining = False
-        self._incarnation = incarnation
         now = self._clock()
         sending = _still_counted(self._unrestored, now)
         self._unrestored = sending
@@ -634,6 +628,41 @@ class ReplicaQuota:
         self._unrestored = [part for part in self._unrestored if part[0] not in sent]
         if answered != incarnation:  # it restarted meanwhile and applied nothing
             await self._heard(answered)
+
+    async def _find_the_live_ledger(self, other: str) -> bool:
+        """An answer named ``other``, not the ledger this replica knows. Incarnations have no
+        order: ``other`` is a restart, or the late answer of a ledger gone since (one this
+        replica may never have heard). A sync sent now is answered by the live ledger (or a
+        newer one), and decisions are made one at a time, so each such sync is sent after
+        every answer decided before it: its answer is the newest, and decides. The others
+        are forgotten (:meth:`_forget`). True when the live ledger is new to this replica (a
+        restart: its books are empty, everything in the window is to be restored). Raises
+        LedgerUnavailable (nothing changed)."""
+        async with self._deciding:
+            if other in self._left_behind or other == self._incarnation:
+                return False  # decided meanwhile
+            live = (await self._ledger.sync(self._replica,
+                                            self._reported_holdings()))["incarnation"]
+            if live in self._left_behind:  # cannot be newest; never let it win
+                return False
+            for seen in {other, self._incarnation} - {live}:
+                self._forget(seen)
+            if live == self._incarnation:
+                return False
+            self._incarnation = live
+            for state in self._keys.values():  # tell it the limits again
+                state.concurrency_told = None
+            self._unrestored = [_restore_part(self._keys, "admitted")]
+            return True
+
+    def _forget(self, incarnation: str) -> None:
+        """A ledger gone: its answers are stale from now on, and the permits it leased us
+        are void (its books are gone; the live ledger hears what was spent of them in the
+        window restored into it)."""
+        self._left_behind.add(incarnation)
+        for state in self._keys.values():
+            if any(lease.incarnation == incarnation for lease in state.leases):
+                state.leases = [l for l in state.leases if l.incarnation != incarnation]
 
     async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
         """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""
