@@ -17,7 +17,8 @@ from packaging.version import InvalidVersion, Version
 
 from rayllm_auth.layout import Layout
 from rayllm_auth.patches import (core_ingress_init_layout, core_ingress_layout,
-                                 router_module_init_layout, router_module_layout)
+                                 router_module_app_layout, router_module_init_layout,
+                                 router_module_layout)
 
 __all__ = ["LAYOUTS", "SUPPORTED_RAY", "Choice", "choose_layout", "supported_specifier",
            "ALLOW_UNTESTED_RAY"]
@@ -28,6 +29,7 @@ ALLOW_UNTESTED_RAY = "RAY_LLM_AUTH_ALLOW_UNTESTED_RAY"
 
 #: Oldest row first.
 LAYOUTS: tuple[Layout, ...] = (
+    router_module_app_layout.LAYOUT,
     router_module_layout.LAYOUT,
     router_module_init_layout.LAYOUT,
     core_ingress_init_layout.LAYOUT,

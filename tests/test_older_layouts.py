@@ -13,8 +13,8 @@ import pytest
 from fastapi import FastAPI
 
 from rayllm_auth.errors import ConfigError
-from rayllm_auth.patches import (core_ingress_init_layout, router_module_init_layout,
-                                 router_module_layout)
+from rayllm_auth.patches import (core_ingress_init_layout, router_module_app_layout,
+                                 router_module_init_layout, router_module_layout)
 from rayllm_auth.patching import LayoutMismatch, apply
 from rayllm_auth.protect import is_protected
 from rayllm_auth.support import choose_layout
@@ -51,12 +51,38 @@ def replica(http_util, client_class, app_or_func):
 
 
 def test_versions_select_these_records():
+    assert choose_layout("2.46.0", enforce=True).layout is router_module_app_layout.LAYOUT
     assert choose_layout("2.47.1", enforce=True).layout is ROUTER
     assert choose_layout("2.48.0", enforce=True).layout is ROUTER
     assert choose_layout("2.49.2", enforce=True).layout is ROUTER
     for version in ("2.50.0", "2.50.1"):
         assert choose_layout(version, enforce=True).layout is router_module_init_layout.LAYOUT
     assert choose_layout("2.54.1", enforce=True).layout is core_ingress_init_layout.LAYOUT
+
+
+@pytest.mark.parametrize("by_keyword", [False, True], ids=["positional", "app="])
+def test_the_2_46_record_guards_a_replica_handed_its_frozen_app_as_app(
+        key_env, monkeypatch, by_keyword):
+    class ASGIAppReplicaWrapper:  # Ray 2.44-2.46: a frozen app only, named app
+        def __init__(self, app):
+            self._asgi_app = app
+
+    http_util = fake_module(monkeypatch, "ray.serve._private.http_util",
+                            ASGIAppReplicaWrapper=ASGIAppReplicaWrapper)
+    layout = router_module_app_layout.LAYOUT
+    (cls,) = layout.client_facing
+    client_facing = type(cls.name, (), {})
+    fake_module(monkeypatch, cls.module, **{cls.name: client_facing})
+    apply(layout, http_util, builder_side=False)
+
+    class Replica(client_facing, http_util.ASGIAppReplicaWrapper):
+        def __init__(self, app):
+            if by_keyword:
+                http_util.ASGIAppReplicaWrapper.__init__(self, app=app)
+            else:
+                http_util.ASGIAppReplicaWrapper.__init__(self, app)
+
+    assert is_protected(Replica(FastAPI())._asgi_app)
 
 
 def test_router_layout_protects_the_module_level_app_once(key_env, monkeypatch):
