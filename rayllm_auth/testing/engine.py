@@ -47,7 +47,10 @@ try:  # Ray 2.51 and later
     from ray.llm._internal.serve.core.engine.protocol import LLMEngine
 except ImportError:  # Ray 2.44 to 2.49: same protocol, other modules
     from ray.llm._internal.serve.configs import openai_api_models as _api
-    from ray.llm._internal.serve.deployments.llm.llm_engine import LLMEngine
+    try:
+        from ray.llm._internal.serve.deployments.llm.llm_engine import LLMEngine
+    except ImportError:  # Ray 2.44 and 2.45: no base class, LLMServer calls the methods
+        LLMEngine = object
 
 ChatCompletionResponse = _api.ChatCompletionResponse
 CompletionResponse = _api.CompletionResponse
