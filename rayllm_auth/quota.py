@@ -314,11 +314,9 @@ class ReplicaQuota:
                 if gone.late_answer is not None:
                     self._spawn(self._give_back_late_grant(key_id, gone.late_answer))
                 return
-            if grant.incarnation in self._left_behind:
-                return  # granted by a ledger gone since: void; the waiters lease again
             if self._incarnation is not None and grant.incarnation != self._incarnation:
                 # Another ledger: a restart, or a late answer of one gone since. Spent only
-                # once it is known to be the live one (else void: nobody counts it now).
+                # once it is known to be the live one (else void; the waiters lease again).
                 await self._hear(grant.incarnation)
                 if grant.incarnation != self._incarnation:
                     return
@@ -604,9 +602,7 @@ class ReplicaQuota:
         elif incarnation != self._incarnation:
             restarted = await self._find_the_live_ledger(incarnation)
         incarnation = self._incarnation
-        if restarted:
-            pass  # everything in the window is to be restored (_find_the_live_ledger)
-        elif self._rejoining:
+        if self._rejoining and not restarted:  # (a restart restores the whole window)
             self._unrestored.append(_restore_part(self._keys, "admitted_alone"))
         must_report = restarted or self._rejoining  # the slots held, at least
         if must_report:
@@ -661,8 +657,7 @@ class ReplicaQuota:
         window restored into it)."""
         self._left_behind.add(incarnation)
         for state in self._keys.values():
-            if any(lease.incarnation == incarnation for lease in state.leases):
-                state.leases = [l for l in state.leases if l.incarnation != incarnation]
+            state.leases = [l for l in state.leases if l.incarnation != incarnation]
 
     async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
         """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""

@@ -1438,6 +1438,13 @@ class HeldLedger(LocalLedger):
         self.held.pop(0).set()
 
 
+def held_replica():
+    """One replica on a :class:`HeldLedger`: (clock, the ledger's calls, the replica)."""
+    clock = Clock()
+    remote = HeldLedger(Ledger(clock))
+    return clock, remote, ReplicaQuota(remote, "r0", clock, heartbeat=False)
+
+
 async def admitted_within(quota, key, rpm, seconds=1.0):
     """The refusal (None: admitted), or "hung" when the request is still waiting."""
     try:
@@ -1455,9 +1462,7 @@ def test_a_late_answer_of_a_ledger_never_heard_is_not_taken_for_a_restart():
     # the replica never heard (its first lease, answered after the ledger restarted and the
     # replica had heard the new one) was taken as a restart: the live ledger was then taken
     # as gone, every lease it granted void, and a request of an rpm key waited for ever.
-    clock = Clock()
-    remote = HeldLedger(Ledger(clock))
-    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+    clock, remote, quota = held_replica()
 
     async def scenario():
         remote.hold = {"lease_requests"}
@@ -1476,9 +1481,7 @@ def test_a_late_answer_of_a_ledger_never_heard_is_not_taken_for_a_restart():
 
 
 def test_a_late_answer_of_the_ledger_between_two_restarts_is_not_taken_for_a_restart():
-    clock = Clock()
-    remote = HeldLedger(Ledger(clock))
-    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+    clock, remote, quota = held_replica()
 
     async def scenario():
         assert (await quota.admit("k", 100, None)).refused is None
@@ -1543,9 +1546,7 @@ def test_a_late_answer_to_a_check_of_which_ledger_is_live_never_leaves_the_live_
     # Found by review (helper-22): the sync that checks which ledger is live was trusted
     # even when its own answer came late, after another task had found a newer ledger: the
     # live ledger was then taken as gone (every lease void, a request waiting for ever).
-    clock = Clock()
-    remote = HeldLedger(Ledger(clock))
-    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+    clock, remote, quota = held_replica()
 
     async def scenario():
         assert (await quota.admit("k", 100, None)).refused is None
@@ -1571,9 +1572,7 @@ def test_permits_of_a_ledger_not_known_live_are_not_spent_before_it_is():
     # Found by review (helper-22): a lease from a ledger the replica did not know was
     # spendable while the replica checked which ledger was live; found stale, its permits
     # had admitted requests that no ledger counted.
-    clock = Clock()
-    remote = HeldLedger(Ledger(clock))
-    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+    clock, remote, quota = held_replica()
 
     async def scenario():
         assert (await quota.admit("k", 1000, None)).refused is None
@@ -1607,9 +1606,7 @@ def test_permits_of_a_ledger_not_known_live_are_not_spent_before_it_is():
 def test_after_a_restart_no_key_spends_the_permits_of_the_ledger_gone():
     # Found by review (helper-22): only the key whose lease revealed the restart dropped the
     # old ledger's leases; other keys went on spending permits nobody counted any more.
-    clock = Clock()
-    remote = HeldLedger(Ledger(clock))
-    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+    clock, remote, quota = held_replica()
 
     async def scenario():
         for _ in range(20):
