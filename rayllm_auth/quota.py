@@ -165,6 +165,7 @@ class ReplicaQuota:
         #: entry per restart of the actor.
         self._left_behind: set[str] = set()
         self._deciding = asyncio.Lock()  # which ledger is live: one decision at a time
+        self._failed_checks = 0  # of that decision: the checks waiting for it fail too
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
         self._rejoining = False  # back from fallback: the ledger must hear what we admitted
         self._reported_truth = True  # the last sync held no slot asked for or given back
@@ -319,6 +320,11 @@ class ReplicaQuota:
                 # once it is known to be the live one (else void; the waiters lease again).
                 await self._hear(grant.incarnation)
                 if grant.incarnation != self._incarnation:
+                    if grant.incarnation not in self._left_behind:
+                        # Void because the check failed: the ledger that granted it may be
+                        # the live one, which would count it on top of the window restored
+                        # into it. Back it goes (a ledger gone since ignores it).
+                        self._spawn(self._give_back_grant(key_id, grant))
                     return
             # The grant is kept before anything else is awaited: the ledger counted it.
             now = self._clock()
@@ -335,15 +341,24 @@ class ReplicaQuota:
 
     async def _give_back_late_grant(self, key_id: str, answer: Awaitable) -> None:
         """A lease the ledger granted after this replica stopped waiting (and admitted on
-        fallback permits instead): its permits go back, else the ledger would count them
-        for a minute while nobody spends them."""
+        fallback permits instead) goes back (:meth:`_give_back_grant`)."""
         try:
             grant = await asyncio.wait_for(answer, COUNTED_S)
-            if grant.granted:
-                await self._ledger.give_back_requests(key_id, grant.granted, grant.second,
-                                                      grant.incarnation)
-        except Exception:  # the ledger is gone (a new one starts empty) or still slow:
-            pass  # the permits stay counted, which errs on the side of the limit
+        except Exception:  # the ledger is gone (a new one starts empty) or still slow
+            return
+        await self._give_back_grant(key_id, grant)
+
+    async def _give_back_grant(self, key_id: str, grant: RequestGrant) -> None:
+        """Permits a ledger granted that this replica will not spend go back, else it would
+        count them for a minute while nobody spends them. A ledger other than the one that
+        granted them takes nothing off."""
+        if not grant.granted:
+            return
+        try:
+            await self._ledger.give_back_requests(key_id, grant.granted, grant.second,
+                                                  grant.incarnation)
+        except LedgerUnavailable:
+            pass  # they stay counted, which errs on the side of the limit
 
     def _remaining(self, state: _KeyState, now: Optional[float], rpm: int) -> int:
         """Requests left in the window as far as this replica knows: what the ledger had
@@ -634,11 +649,20 @@ class ReplicaQuota:
         are forgotten (:meth:`_forget`). True when the live ledger is new to this replica (a
         restart: its books are empty, everything in the window is to be restored). Raises
         LedgerUnavailable (nothing changed)."""
+        failed_before = self._failed_checks
         async with self._deciding:
             if other in self._left_behind or other == self._incarnation:
                 return False  # decided meanwhile
-            live = (await self._ledger.sync(self._replica,
-                                            self._reported_holdings()))["incarnation"]
+            if self._failed_checks != failed_before:
+                # One failed while this one waited: failing at once keeps K waiting checks
+                # from costing the last requester K deadlines; upkeep retries.
+                raise LedgerUnavailable("the ledger did not answer the check before")
+            try:
+                live = (await self._ledger.sync(self._replica,
+                                                self._reported_holdings()))["incarnation"]
+            except LedgerUnavailable:
+                self._failed_checks += 1
+                raise
             if live in self._left_behind:  # cannot be newest; never let it win
                 return False
             for seen in {other, self._incarnation} - {live}:

@@ -4,6 +4,7 @@ with the limit the test set, never with what the code under test computes."""
 
 import asyncio
 import gc
+import time
 
 import pytest
 
@@ -1620,3 +1621,96 @@ def test_after_a_restart_no_key_spends_the_permits_of_the_ledger_gone():
         return counted(live, "j") - unspent(quota, "j")
 
     assert run(scenario()) == 31  # every request of j, counted by the live ledger
+
+
+def test_a_grant_voided_because_the_check_of_its_ledger_failed_is_not_counted_twice(
+        monkeypatch):
+    # The restarted ledger B grants a permit (counted in B); the check of which ledger is
+    # live misses its deadline, so the grant is void and the request is admitted on a
+    # fallback permit. When B answers, the window (that request) is restored into it: the
+    # void grant must have gone back, else B counts the one request twice and refuses the
+    # second valid request of rpm=2.
+    clock, handle, quota = late_cluster(monkeypatch)
+
+    async def scenario():
+        await quota.upkeep()  # knows ledger A
+        live = handle.ledger = Ledger(clock)  # restarted: B
+        handle.late = {"sync"}  # B busy: the check misses its deadline
+        first = await quota.admit("k", 2, None)
+        handle.late = set()
+        await handle.deliver(quota)
+        clock.now += RETRY_S
+        await quota.upkeep()  # B answers: the window is restored into it
+        counted_after_one = counted(live, "k") - unspent(quota, "k")
+        second = await quota.admit("k", 2, None)
+        return not quota.in_fallback, first.refused, counted_after_one, second.refused
+
+    assert run(scenario()) == (True, None, 1, None)
+
+
+def test_checks_of_the_live_ledger_that_miss_their_deadline_do_not_queue_up(monkeypatch):
+    # Eight keys' grants from a restarted ledger each need the check of which ledger is
+    # live; it misses its deadline. The first failure fails the checks waiting behind it,
+    # so no request waits one deadline per key (eight here), and none is refused.
+    from rayllm_auth import ray_ledger
+
+    clock, handle, quota = late_cluster(monkeypatch)
+
+    async def scenario():
+        await quota.upkeep()  # knows ledger A
+        handle.ledger = Ledger(clock)  # restarted
+        handle.late = {"sync"}
+        start = time.monotonic()
+
+        async def one(key):
+            verdict = await quota.admit(key, 100, None)
+            return verdict.refused, time.monotonic() - start
+
+        results = await asyncio.wait_for(
+            asyncio.gather(*(one(f"k{i}") for i in range(8))), 10)
+        handle.late = set()
+        await handle.deliver(quota)
+        return results
+
+    results = run(scenario())
+    assert [refused for refused, _ in results] == [None] * 8
+    longest = max(waited for _, waited in results)
+    # a lease, the check and slack: not one check per key
+    assert longest <= 4 * ray_ledger.CALL_TIMEOUT_S, f"waited {longest:.2f} s"
+
+
+class RestartsAtRestore(LocalLedger):
+    """The ledger restarts (C) just before the first restore reaches it."""
+
+    def __init__(self, ledger, clock):
+        super().__init__(ledger)
+        self.clock, self.restarted_at_restore = clock, None
+
+    def __getattr__(self, name):
+        if name == "restore" and self.restarted_at_restore is None:
+            self.ledger = self.restarted_at_restore = Ledger(self.clock)
+        return super().__getattr__(name)
+
+
+def test_a_restore_answered_by_another_restart_neither_hangs_nor_counts_twice():
+    # _heard, told by a restore's answer that the ledger restarted again, decides again
+    # (taking the lock of that decision only after it released it) and restores into C.
+    clock = Clock()
+    remote = RestartsAtRestore(Ledger(clock), clock)
+    quota = ReplicaQuota(remote, "r0", clock, heartbeat=False)
+
+    async def scenario():
+        for _ in range(5):
+            assert (await quota.admit("k", 100, None)).refused is None
+        await quota.upkeep()
+        remote.ledger = Ledger(clock)  # restarted: B; the restore will meet C
+        await asyncio.wait_for(quota.upkeep(), 2)
+        live = remote.restarted_at_restore
+        for _ in range(3):
+            assert (await asyncio.wait_for(quota.admit("k", 100, None), 2)).refused is None
+        await quota.upkeep()
+        return (quota._incarnation == live.incarnation,
+                live.incarnation in quota._left_behind,
+                counted(live, "k") - unspent(quota, "k"))
+
+    assert run(scenario()) == (True, False, 8)
