@@ -82,6 +82,9 @@ class StandInEngine(LLMEngine):
     async def start(self):
         pass
 
+    async def check_health(self) -> None:
+        pass  # healthy (Ray 2.44 and 2.45 have no base class that says so)
+
     def routing_stats(self) -> dict:
         return {}
 

@@ -65,12 +65,21 @@ def build_wheel(out_dir: Path) -> Path:
 
 def cpu_only(config: dict) -> dict:
     """``config`` (an LLMConfig as a dict) made to run on a quarter CPU, no accelerator, with
-    the field the installed Ray uses for it (``resources_per_bundle`` before Ray 2.51)."""
+    the field the installed Ray uses for it (``resources_per_bundle`` before Ray 2.51; on
+    Ray 2.44, which asks one GPU per engine worker, Ray's own test resource that skips them)."""
     from ray.serve.llm import LLMConfig
 
     config.pop("accelerator_type", None)
-    if "placement_group_config" not in LLMConfig.model_fields:
-        config["resources_per_bundle"] = {"CPU": 0.25}
+    fields = LLMConfig.model_fields
+    if "placement_group_config" not in fields and "resources_per_bundle" in fields:
+        config["resources_per_bundle"] = {"CPU": 0.25}  # Ray 2.45 to 2.50
+        return config
+    if "placement_group_config" not in fields:  # Ray 2.44
+        # server_models.py: "resources.mock_resource is a special key we used in tests to
+        # skip placement group on the gpu nodes"; a zero amount needs no such resource.
+        options = config.setdefault("deployment_config", {}).setdefault("ray_actor_options", {})
+        options.setdefault("num_cpus", 0.25)
+        options.setdefault("resources", {})["mock_resource"] = 0
         return config
     bundle = {"CPU": 0.25}
     try:  # Ray 2.5x validates bundles with a model whose GPU count defaults to 1
