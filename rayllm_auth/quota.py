@@ -166,6 +166,9 @@ class ReplicaQuota:
         self._left_behind: set[str] = set()
         self._deciding = asyncio.Lock()  # which ledger is live: one decision at a time
         self._failed_checks = 0  # of that decision: the checks waiting for it fail too
+        #: Void grants whose give-back never reached their ledger: netted out of the window
+        #: restored into that ledger if it is found live.
+        self._void_grants: list[tuple[str, RequestGrant]] = []
         self._fallback_until: Optional[float] = None  # None: the ledger is in use
         self._rejoining = False  # back from fallback: the ledger must hear what we admitted
         self._reported_truth = True  # the last sync held no slot asked for or given back
@@ -357,8 +360,14 @@ class ReplicaQuota:
         try:
             await self._ledger.give_back_requests(key_id, grant.granted, grant.second,
                                                   grant.incarnation)
-        except LedgerUnavailable:
-            pass  # they stay counted, which errs on the side of the limit
+        except LedgerUnavailable as lost:
+            # Not delivered (one only late still is: the ledger applies it). Granted by a
+            # ledger neither known live nor gone: should it turn out live, the window restored
+            # into it leaves them out. By the live one: they stay counted (errs on the limit's
+            # side).
+            if lost.late_answer is None and grant.incarnation not in self._left_behind \
+                    and grant.incarnation != self._incarnation:
+                self._void_grants.append((key_id, grant))
 
     def _remaining(self, state: _KeyState, now: Optional[float], rpm: int) -> int:
         """Requests left in the window as far as this replica knows: what the ledger had
@@ -672,7 +681,12 @@ class ReplicaQuota:
             self._incarnation = live
             for state in self._keys.values():  # tell it the limits again
                 state.concurrency_told = None
-            self._unrestored = [_restore_part(self._keys, "admitted")]
+            token, window = _restore_part(self._keys, "admitted")
+            for key_id, grant in self._void_grants:
+                if grant.incarnation == live and key_id in window:
+                    _net_out(window[key_id], grant.granted)
+            self._void_grants = []
+            self._unrestored = [(token, {k: c for k, c in window.items() if c})]
             return True
 
     def _forget(self, incarnation: str) -> None:
@@ -680,6 +694,7 @@ class ReplicaQuota:
         are void (its books are gone; the live ledger hears what was spent of them in the
         window restored into it)."""
         self._left_behind.add(incarnation)
+        self._void_grants = [v for v in self._void_grants if v[1].incarnation != incarnation]
         for state in self._keys.values():
             state.leases = [l for l in state.leases if l.incarnation != incarnation]
 
@@ -769,6 +784,19 @@ def _count(counts: dict[int, int], second: int) -> None:
     if len(counts) > COUNTED_S:
         for old in [s for s in counts if s <= second - COUNTED_S]:
             del counts[old]
+
+
+def _net_out(counts: dict[int, int], count: int) -> None:
+    """``count`` fewer in ``counts``, the oldest seconds first (the ledger counts them at
+    the grant's second instead: never shorter)."""
+    for second in sorted(counts):
+        taken = min(count, counts[second])
+        counts[second] -= taken
+        count -= taken
+        if not counts[second]:
+            del counts[second]
+        if not count:
+            return
 
 
 def _still_counted(parts, now: float):
