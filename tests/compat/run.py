@@ -104,7 +104,8 @@ CONSTRAINTS = {
     # LLM imports botocore unconditionally, as 2.54's does), and the transformers of each
     # vLLM's time (see 2.48.0's).
     "2.44.1": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.48.3",
-               "pyarrow<20"],  # vLLM 0.7.2 pins NumPy 1; the newest pyarrow needs NumPy 2
+               "pyarrow<20",  # vLLM 0.7.2 pins NumPy 1; the newest pyarrow needs NumPy 2
+               "protobuf<7"],  # vLLM 0.7.2 leaves it free: protobuf 7 without `label`
     "2.45.0": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.51.3"],
     "2.46.0": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.51.3"],
     "2.47.1": [*_ROUTER_MODULE_PINS[:2], "boto3", "transformers==4.51.3"],
