@@ -211,3 +211,60 @@ def test_the_stand_in_engine_serves_ray_2_44_to_2_48s_protocol_on_their_generati
     assert [r.generated_text for r in responses] == [w + " " for w in engine.WORDS[:3]]
     assert {r.num_input_tokens for r in responses} == {3}
     assert [r.finish_reason for r in responses] == [None, None, "length"]
+
+
+def test_the_stand_in_engine_serves_ray_2_44_and_2_45s_prompts_formatted_by_llmserver(
+        monkeypatch, tmp_path):
+    # Ray 2.45.0 passed 14 of 25 end-to-end tests: LLMServer formats chat prompts itself there,
+    # with the model's processor (HuggingFacePromptFormat: "processor is not set" without
+    # vLLM's engine), and calls generate(request, stream) on a request holding the formatted
+    # text and the sampling parameters.
+    import asyncio
+    from typing import Optional
+
+    from pydantic import BaseModel
+
+    from rayllm_auth.testing import engine
+
+    class LLMRawResponse(BaseModel):
+        generated_text: str
+        num_input_tokens: int
+        num_generated_tokens: int
+        finish_reason: Optional[str] = None
+
+    fake_module(monkeypatch, "ray.llm._internal.serve.configs.server_models",
+                LLMRawResponse=LLMRawResponse)
+    monkeypatch.setenv(engine.CALLS_FILE_VAR, str(tmp_path / "calls"))
+
+    class PromptFormat:  # 2.45's HuggingFacePromptFormat: the processor set by the engine
+        def set_processor(self, model_id_or_path, trust_remote_code=False):
+            raise AssertionError("would load the model's files")
+
+        def generate_prompt(self, messages):
+            conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
+            return self._processor.apply_chat_template(
+                conversation=conversation, tokenize=False, add_generation_prompt=True)
+
+    config = types.SimpleNamespace(model_id="m", prompt_format=PromptFormat())
+    chat = config.prompt_format.generate_prompt  # raises until the engine has started
+
+    async def generate(text, max_tokens):
+        request = types.SimpleNamespace(
+            prompt=text, sampling_params=types.SimpleNamespace(max_tokens=max_tokens))
+        return [r async for r in stand_in.generate(request, True)]
+
+    stand_in = engine.StandInEngine(config)
+    with pytest.raises(AttributeError):
+        chat([{"role": "user", "content": "hi"}])
+    asyncio.run(stand_in.start())
+    text = chat([{"role": "system", "content": "be brief"},
+                 {"role": "user", "content": [{"type": "text", "text": "two words"},
+                                              {"type": "image"}]}])
+    chatted = asyncio.run(generate(text, 2))
+    completed = asyncio.run(generate("one two three four", None))
+    assert [r.generated_text for r in chatted] == [w + " " for w in engine.WORDS[:2]]
+    assert {r.num_input_tokens for r in chatted} == {4}  # "be brief", "two words"
+    assert len(completed) == engine._DEFAULT_MAX_TOKENS
+    assert {r.num_input_tokens for r in completed} == {4}
+    assert (tmp_path / "calls").read_text().split("\n")[:2] == [
+        "chat m credentials=none", "completions m credentials=none"]

@@ -8,9 +8,10 @@ It answers chat, completions (streaming or not) and embeddings in OpenAI's shape
 ``usage`` vLLM would report: one token per whitespace-separated word of the prompt, one per
 generated word; a stream reports it in a last event without choices when the request's
 ``stream_options.include_usage`` is true (in every event with ``continuous_usage_stats``).
-On Ray 2.44 to 2.48, whose engine protocol is ``prepare_request``/``generate`` (the engine
-yields tokens, Ray builds the OpenAI responses and their usage), it yields one token per
-generated word. It records every call it receives, so tests can prove that refused requests
+On Ray 2.44 to 2.48, whose engine protocol is ``generate`` (the engine yields tokens, Ray
+builds the OpenAI responses and their usage; from 2.46 after ``prepare_request``, before it
+after LLMServer formatted the prompt with a model processor the stand-in provides), it yields
+one token per generated word. It records every call it receives, so tests can prove that refused requests
 never reach the engine, and every usage it reports, so tests can compare counts with it:
 
 ``RAYLLM_AUTH_STANDIN_CALLS_FILE``
@@ -80,7 +81,11 @@ class StandInEngine(LLMEngine):
         self._batch = asyncio.Semaphore(max_batch) if max_batch > 0 else None
 
     async def start(self):
-        pass
+        prompt_format = getattr(self.llm_config, "prompt_format", None)
+        if hasattr(prompt_format, "set_processor") and not hasattr(prompt_format, "_processor"):
+            # Ray 2.44 and 2.45: LLMServer formats chat prompts with the model's processor,
+            # which vLLM's engine loads from the model's files; the stand-in gives its own.
+            prompt_format._processor = _StandInChatTemplate()
 
     async def check_health(self) -> None:
         pass  # healthy (Ray 2.44 and 2.45 have no base class that says so)
@@ -182,12 +187,16 @@ class StandInEngine(LLMEngine):
                      "model": parameters.get("model"), "prompt_tokens": words,
                      "max_tokens": parameters.get("max_tokens")})
 
-    async def generate(self, request) -> AsyncGenerator[Any, None]:
+    async def generate(self, request, stream: Optional[bool] = None) -> AsyncGenerator[Any, None]:
+        """Ray 2.46 to 2.48: ``request`` comes from :meth:`prepare_request`. Ray 2.44 and
+        2.45 (which pass ``stream`` too): LLMServer built it around the prompt it formatted
+        (chat with :class:`_StandInChatTemplate`)."""
         from ray.llm._internal.serve.configs.server_models import LLMRawResponse
 
-        method, prompt_tokens = request.standin["method"], request.standin["prompt_tokens"]
-        self._record(method, request.standin["model"], None)
-        max_tokens = request.standin["max_tokens"]
+        standin = getattr(request, "standin", None) or _standin_fields(request, self.model_id)
+        method, prompt_tokens = standin["method"], standin["prompt_tokens"]
+        self._record(method, standin["model"], None)
+        max_tokens = standin["max_tokens"]
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         n_tokens = max_tokens or _DEFAULT_MAX_TOKENS
@@ -278,6 +287,35 @@ def _full_response(chat: bool, ident, created, model, text: str, usage: dict):
         "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
         "usage": usage,
     })
+
+
+_CHAT_MARK = "<stand-in chat>\n"
+
+
+class _StandInChatTemplate:
+    """The model processor Ray 2.44 and 2.45's LLMServer formats chat prompts with: the text
+    of each message on a line of its own, after a mark that tells :meth:`StandInEngine.generate`
+    the prompt is a chat's."""
+
+    @staticmethod
+    def apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) -> str:
+        lines = []
+        for message in conversation:
+            content = message["content"]
+            if not isinstance(content, str):  # parts: text ones count, images do not
+                content = " ".join(part.get("text") or "" for part in content)
+            lines.append(content)
+        return _CHAT_MARK + "\n".join(lines)
+
+
+def _standin_fields(request, model_id: str) -> dict:
+    """What :meth:`StandInEngine.prepare_request` puts in a request, from a request Ray 2.44
+    or 2.45's LLMServer built (the prompt as text, its sampling parameters)."""
+    text = request.prompt
+    chat = text.startswith(_CHAT_MARK)
+    return {"method": "chat" if chat else "completions", "model": model_id,
+            "prompt_tokens": _prompt_words(text[len(_CHAT_MARK):] if chat else text),
+            "max_tokens": request.sampling_params.max_tokens}
 
 
 def _is_batch(value) -> bool:
