@@ -165,13 +165,28 @@ def test_the_2_50_record_protects_init_and_the_app_make_fastapi_ingress_is_given
     assert len(frozen) == 2 and all(is_protected(app) for app in frozen)
 
 
+def raw_response_model():
+    """The fields of Ray 2.44 to 2.48's LLMRawResponse the stand-in engine fills."""
+    from typing import Optional
+
+    from pydantic import BaseModel
+
+    class LLMRawResponse(BaseModel):
+        generated_text: str
+        num_input_tokens: int
+        num_generated_tokens: int
+        finish_reason: Optional[str] = None
+
+    return LLMRawResponse
+
+
 def test_the_stand_in_engine_serves_ray_2_44_to_2_48s_protocol_on_their_generation_request(
         monkeypatch):
     # Ray 2.46.0 passed 14 of 25 end-to-end tests: every generation request was a 500,
     # because the stand-in carried its fields in GenerationRequest.metadata, a field 2.44 to
     # 2.46 do not have (pydantic dropped it). These are 2.46's fields.
     import asyncio
-    from typing import List, Optional, Union
+    from typing import List, Union
 
     from pydantic import BaseModel
 
@@ -182,14 +197,8 @@ def test_the_stand_in_engine_serves_ray_2_44_to_2_48s_protocol_on_their_generati
         request_id: Union[str, List[str]]
         stream: bool = False
 
-    class LLMRawResponse(BaseModel):
-        generated_text: str
-        num_input_tokens: int
-        num_generated_tokens: int
-        finish_reason: Optional[str] = None
-
     fake_module(monkeypatch, "ray.llm._internal.serve.configs.server_models",
-                GenerationRequest=GenerationRequest, LLMRawResponse=LLMRawResponse)
+                GenerationRequest=GenerationRequest, LLMRawResponse=raw_response_model())
     engine._standin_request_class.cache_clear()
 
     class Prompt:  # what LLMServer._predict hands the engine
@@ -220,20 +229,11 @@ def test_the_stand_in_engine_serves_ray_2_44_and_2_45s_prompts_formatted_by_llms
     # vLLM's engine), and calls generate(request, stream) on a request holding the formatted
     # text and the sampling parameters.
     import asyncio
-    from typing import Optional
-
-    from pydantic import BaseModel
 
     from rayllm_auth.testing import engine
 
-    class LLMRawResponse(BaseModel):
-        generated_text: str
-        num_input_tokens: int
-        num_generated_tokens: int
-        finish_reason: Optional[str] = None
-
     fake_module(monkeypatch, "ray.llm._internal.serve.configs.server_models",
-                LLMRawResponse=LLMRawResponse)
+                LLMRawResponse=raw_response_model())
     monkeypatch.setenv(engine.CALLS_FILE_VAR, str(tmp_path / "calls"))
 
     class PromptFormat:  # 2.45's HuggingFacePromptFormat: the processor set by the engine
