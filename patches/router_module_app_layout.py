@@ -1,4 +1,4 @@
-"""Ray Serve LLM 2.46 (2.44 and 2.45 have the same layout, not verified yet):
+"""Ray Serve LLM 2.44 to 2.46:
 :mod:`router_module_layout` with the replica-side argument named ``app``.
 
 The builder side is the same (the module-level ``fastapi_router_app`` in
@@ -16,7 +16,7 @@ from rayllm_auth.patches import router_module_layout
 LAYOUT = dataclasses.replace(
     router_module_layout.LAYOUT,
     name="router_module_app_layout",
-    ray=">=2.46,<2.47",
+    ray=">=2.44,<2.47",
     summary="as `router_module_layout`; replica side `ASGIAppReplicaWrapper.__init__(app)`",
     replica_app_argument="app",
 )

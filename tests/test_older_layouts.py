@@ -51,7 +51,8 @@ def replica(http_util, client_class, app_or_func):
 
 
 def test_versions_select_these_records():
-    assert choose_layout("2.46.0", enforce=True).layout is router_module_app_layout.LAYOUT
+    for version in ("2.44.1", "2.45.0", "2.46.0"):
+        assert choose_layout(version, enforce=True).layout is router_module_app_layout.LAYOUT
     assert choose_layout("2.47.1", enforce=True).layout is ROUTER
     assert choose_layout("2.48.0", enforce=True).layout is ROUTER
     assert choose_layout("2.49.2", enforce=True).layout is ROUTER

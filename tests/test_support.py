@@ -40,10 +40,10 @@ def test_every_record_has_one_replica_target_and_a_client_facing_ingress(layout)
 
 
 def test_rows_do_not_overlap_and_unknown_versions_are_refused():
-    for version in ("2.46.0", "2.47.1", "2.48.0", "2.49.2", "2.50.1", "2.51.2", "2.52.1", "2.53.0", "2.54.1", "2.55.1", "2.56.1",
+    for version in ("2.44.1", "2.45.0", "2.46.0", "2.47.1", "2.48.0", "2.49.2", "2.50.1", "2.51.2", "2.52.1", "2.53.0", "2.54.1", "2.55.1", "2.56.1",
                     "2.57.1", "2.58.1", "2.59.0", "2.60.0", "2.60.7"):
         assert sum(SpecifierSet(layout.ray).contains(version) for layout in LAYOUTS) == 1
-    for version in ("2.45.0", "2.61.0", "3.0.0", "nonsense", "2.60.0rc1x"):
+    for version in ("2.43.0", "2.61.0", "3.0.0", "nonsense", "2.60.0rc1x"):
         assert choose_layout(version, enforce=True) == (None, False)
 
 
@@ -52,7 +52,7 @@ def test_escape_hatch_picks_the_newest_row_for_a_newer_ray_only_when_asked():
     assert choose_layout("2.61.0", enforce=True, environ=hatch) == (LAYOUTS[-1], True)
     assert choose_layout("3.0.0", enforce=True, environ=hatch) == (LAYOUTS[-1], True)
     assert choose_layout("2.61.0", enforce=False, environ=hatch) == (None, False)
-    assert choose_layout("2.45.0", enforce=True, environ=hatch) == (None, False)
+    assert choose_layout("2.43.0", enforce=True, environ=hatch) == (None, False)
 
 
 def test_every_test_the_security_notes_cite_exists():
