@@ -11,8 +11,9 @@ generated word; a stream reports it in a last event without choices when the req
 On Ray 2.44 to 2.48, whose engine protocol is ``generate`` (the engine yields tokens, Ray
 builds the OpenAI responses and their usage; from 2.46 after ``prepare_request``, before it
 after LLMServer formatted the prompt with a model processor the stand-in provides), it yields
-one token per generated word. It records every call it receives, so tests can prove that refused requests
-never reach the engine, and every usage it reports, so tests can compare counts with it:
+one token per generated word. It records every call it receives, so tests can prove that
+refused requests never reach the engine, and every usage it reports, so tests can compare
+counts with it:
 
 ``RAYLLM_AUTH_STANDIN_CALLS_FILE``
     if set, each call appends one line ``<method> <model> credentials=<forwarded|none>`` to
