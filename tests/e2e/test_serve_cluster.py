@@ -19,6 +19,7 @@ from tests.support.local_cluster import (
     SERVE_URL,
     LocalCluster,
     application,
+    llm_config,
     token_totals,
 )
 from tests.conftest import new_key
@@ -44,6 +45,7 @@ def cluster(wheel, cluster_key_env, tmp_path_factory):
                             "RAY_LLM_API_KEYS_FILE": str(key_file)}).start()
     try:
         pip = {"pip": [str(wheel)]}
+        cluster.compile_runtime_env(pip["pip"])
         cluster.deploy([
             # What a RayService's serveConfigV2 holds: Ray's import path, the plugin in pip.
             # Token accounting on here: every test of this app also runs through it.
@@ -60,14 +62,12 @@ def cluster(wheel, cluster_key_env, tmp_path_factory):
                 **pip, "env_vars": {"RAY_LLM_API_KEYS": " , "}}),
             # A runtime_env given to the ingress deployment in code replaces the app's pip:
             # list the plugin there too. First with a key variable broken for that replica...
-            application("badreplica", "/badreplica", runtime_env=pip, ingress_deployment_config={
-                "max_constructor_retry_count": 1, "ray_actor_options": {"runtime_env": {
-                    **pip, "env_vars": {"VLLM_API_KEY": ""}}}}),
+            application("badreplica", "/badreplica", runtime_env=pip, **failing_ingress({
+                "runtime_env": {**pip, "env_vars": {"VLLM_API_KEY": ""}}})),
             # ...then forgetting it: the app was built protected, the replica cannot load the
             # middleware, so it must not start.
-            application("noplugin", "/noplugin", runtime_env=pip, ingress_deployment_config={
-                "max_constructor_retry_count": 1, "ray_actor_options": {"runtime_env": {
-                    "env_vars": {"SOME_SETTING": "1"}}}}),
+            application("noplugin", "/noplugin", runtime_env=pip, **failing_ingress({
+                "runtime_env": {"env_vars": {"SOME_SETTING": "1"}}})),
         ])
         running = {"RUNNING"}
         cluster.apps = cluster.wait_for({
@@ -78,6 +78,20 @@ def cluster(wheel, cluster_key_env, tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+def failing_ingress(ray_actor_options: dict) -> dict:
+    """Builder arguments for an app whose ingress replica must fail to start: one try, and
+    no LLMServer replica (it would start for nothing: about 25 s of CPU on this machine).
+    Ray 2.60's builder gives the ingress the LLM deployments' autoscaling unless it has its
+    own, so the ingress's one replica is set here explicitly."""
+    return {
+        "llm_configs": [llm_config(deployment_config={"autoscaling_config": {
+            "min_replicas": 0, "initial_replicas": 0, "max_replicas": 1}})],
+        "ingress_deployment_config": {
+            "max_constructor_retry_count": 1, "ray_actor_options": ray_actor_options,
+            "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1}},
+    }
 
 
 @pytest.fixture(scope="module")
