@@ -21,7 +21,9 @@ from rayllm_auth.middleware import ApiKeyMiddleware
 from tests.support.secret_mount import SecretMount
 from tests.conftest import new_key
 
-pytestmark = pytest.mark.usefixtures("fresh_metrics")
+# wall_clock: file modification times are real, and the key store compares them with its
+# own clock (tests/conftest.py runs these at the default priority under -n 2).
+pytestmark = [pytest.mark.usefixtures("fresh_metrics"), pytest.mark.wall_clock]
 
 
 class Clock:

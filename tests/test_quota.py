@@ -18,6 +18,10 @@ from rayllm_auth.quota import (
     ReplicaQuota,
 )
 
+# wall_clock: interleavings are set with real sleeps, and the Ray ledger's deadlines race real
+# threads (tests/conftest.py runs these at the default priority under -n 2).
+pytestmark = pytest.mark.wall_clock
+
 
 class Clock:
     def __init__(self, now=1000.0):
