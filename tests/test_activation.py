@@ -153,7 +153,18 @@ def test_explicit_builder_is_importable_by_serve():
     assert out.strip() == "rayllm_auth.builders build_openai_app"
 
 
-BUILDERS_PROBE = """
+# Ray's builders read the driver's runtime_env (`ray.get_runtime_context().runtime_env`, in
+# `LLMServer.get_deployment_options`), and that call starts a whole local Ray node in a process
+# without one: 10 s of CPU per probe, and under a loaded machine its GCS start can time out (it
+# did in CI on 2026-11-29). rayllm-auth never reads the runtime_env, and these probes inspect the
+# app the builder froze, so they give the builder what a driver without a runtime_env has.
+# Apps built by Ray's builders on a real cluster: tests/e2e.
+DRIVER_WITHOUT_RAY_NODE = """
+import types, ray
+ray.get_runtime_context = lambda: types.SimpleNamespace(runtime_env={})
+"""
+
+BUILDERS_PROBE = DRIVER_WITHOUT_RAY_NODE + """
 import inspect
 from ray.serve.llm import LLMConfig, build_openai_app, build_dp_openai_app, build_pd_openai_app
 from ray.llm._internal.serve.core.ingress.dev_ingress import build_dev_openai_app
@@ -178,6 +189,7 @@ builds = {
                                        "decode_config": cfg(engine_kwargs=kv)}),
 }
 print("RESULT", {name: is_protected(frozen_app(build())) for name, build in builds.items()})
+print("RAY NODE", ray.is_initialized())
 """
 
 
@@ -186,9 +198,10 @@ def test_every_ray_builder_freezes_a_protected_app_only_with_keys(keys, protecte
     out = check(run_forked(BUILDERS_PROBE, env=keys))
     result = eval(re.search(r"^RESULT (.*)$", out, re.M).group(1))
     assert result == dict.fromkeys(["openai", "custom_ingress_cls", "dev", "dp", "pd"], protected)
+    assert "RAY NODE False" in out
 
 
-EXPLICIT_BUILD = """
+EXPLICIT_BUILD = DRIVER_WITHOUT_RAY_NODE + """
 import inspect, sys
 import rayllm_auth
 from ray.serve.llm import LLMConfig
@@ -198,13 +211,14 @@ app = rayllm_auth.build_openai_app({"llm_configs": [LLMConfig(
 frozen = inspect.getclosurevars(app._bound_deployment.func_or_class.__init__).nonlocals[
     "frozen_app_or_func"]
 print("PROTECTED", is_protected(frozen))
+print("RAY NODE", ray.is_initialized())
 """
 
 
 def test_explicit_builder_protects_without_any_auto_activation():
     # Kill switch on, no key in the building process: only the explicit call can protect.
     out = check(run_forked(EXPLICIT_BUILD, env={"RAY_LLM_AUTH_DISABLE_AUTOPATCH": "1"}))
-    assert "PROTECTED True" in out
+    assert "PROTECTED True" in out and "RAY NODE False" in out
 
 
 def test_explicit_builder_refuses_direct_streaming_it_cannot_protect():
