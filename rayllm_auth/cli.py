@@ -231,7 +231,7 @@ def _report_limits(report: _Report, grants: list) -> None:
     described = sorted({
         f"{g.key_id} ({' '.join(f'{name}={value}' for name, value in limits if value)})"
         for g in grants if g.rate_limited
-        for limits in [(("rpm", g.rpm), ("concurrency", g.concurrency))]})
+        for limits in [(("rpm", g.rpm), ("concurrency", g.concurrency), ("tpm", g.tpm))]})
     if described:
         report.line("limits", f"{len(described)} key id(s), each across the app's replicas: "
                               f"{', '.join(described[:10])}{' ...' if len(described) > 10 else ''}")

@@ -3,16 +3,16 @@
 Format (UTF-8 text, one key per line; a line ends at ``\\n`` or ``\\r\\n`` and nowhere else)::
 
     # rayllm-auth key file. '#' starts a comment (at the start of a line or after a space).
-    # ENTRY [models=MODEL[,MODEL...]] [expires=TIME] [rpm=N] [concurrency=N]
+    # ENTRY [models=MODEL[,MODEL...]] [expires=TIME] [rpm=N] [concurrency=N] [tpm=N]
     #   ENTRY: ID:KEY (KEY at least 20 characters), sha256:HEX or ID:sha256:HEX.
     #   models= limits the key to these model ids (a LoRA id base:adapter follows its base);
     #   without it the key may use every model.
     #   expires= an ISO 8601 time with its zone, e.g. 2027-01-31T00:00:00Z: from then on
     #   the key is refused (no reload needed).
-    #   rpm= requests per minute, concurrency= requests in flight, for the whole application
-    #   (all keys with the same ID share them).
+    #   rpm= requests per minute, concurrency= requests in flight, tpm= prompt + completion
+    #   tokens per minute, for the whole application (all keys with the same ID share them).
     team-a:sha256:3b1f...e9   models=llama-3-8b,qwen-2-7b   expires=2027-01-31T00:00:00Z
-    batch:sha256:9c04...5d    rpm=600 concurrency=8
+    batch:sha256:9c04...5d    rpm=600 concurrency=8 tpm=200000
     *                         rpm=60                        # every key without limits
     ci-bot:sha256:77aa...01                                 # every model, no expiry
     legacy:sk-plaintext-key-from-before-we-hashed
@@ -153,11 +153,11 @@ def _parse(text: str, where: str) -> tuple[list[Entry], Optional[Grant]]:
 
 
 def _parse_defaults(options: list[str], where: str) -> Grant:
-    """``* rpm=N concurrency=N``: limits for every key without limits of its own."""
+    """``* rpm=N concurrency=N tpm=N``: limits for every key without limits of its own."""
     limits = _parse_options(options, where)
     if limits.models is not None or limits.expires is not None or not limits.rate_limited:
-        raise ConfigError(f"{where}: a '{DEFAULTS_ENTRY}' line sets default limits: rpm= "
-                          f"and/or concurrency=, nothing else")
+        raise ConfigError(f"{where}: a '{DEFAULTS_ENTRY}' line sets default limits: rpm=, "
+                          f"concurrency= and/or tpm=, nothing else")
     return limits
 
 
@@ -224,7 +224,7 @@ def parse_expiry(value: str, where: str) -> float:
     return moment.timestamp()
 
 
-#: Largest rpm= or concurrency= accepted: more is a typo, not a limit.
+#: Largest rpm=, concurrency= or tpm= accepted: more is a typo, not a limit.
 MAX_LIMIT = 10**9
 
 
@@ -241,7 +241,7 @@ def _parse_limit(name: str):
 
 # Option name -> parser, in the order of Grant's fields after key_id.
 _OPTIONS = {"models": _parse_models, "expires": parse_expiry, "rpm": _parse_limit("rpm"),
-            "concurrency": _parse_limit("concurrency")}
+            "concurrency": _parse_limit("concurrency"), "tpm": _parse_limit("tpm")}
 # An option name followed by '=' or ':' anywhere in a comment ('# models = a', '(models=a)'):
 # the writer meant a limit, which a comment would silently drop.
 _OPTION_IN_COMMENT = re.compile(rf"\b(?:{'|'.join(_OPTIONS)})\s*[=:]", re.IGNORECASE)

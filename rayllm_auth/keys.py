@@ -113,9 +113,9 @@ class Grant:
     ``models`` is None for a key that may use every model, else the model ids it may use
     (a LoRA id ``base:adapter`` is allowed when its base is, see :meth:`allows`).
     ``expires`` is None for a key that never expires, else the Unix time from which it is
-    refused. ``rpm`` (requests per minute) and ``concurrency`` (requests in flight) are
-    None for no limit, else enforced across the whole application
-    (:mod:`rayllm_auth.quota`). ``plain`` is True for a key with none of these: the
+    refused. ``rpm`` (requests per minute), ``concurrency`` (requests in flight) and ``tpm``
+    (prompt and completion tokens per minute) are None for no limit, else enforced across
+    the whole application (:mod:`rayllm_auth.quota`). ``plain`` is True for a key with none of these: the
     middleware's short path.
     """
 
@@ -124,15 +124,16 @@ class Grant:
     expires: Optional[float] = None
     rpm: Optional[int] = None
     concurrency: Optional[int] = None
+    tpm: Optional[int] = None
     plain: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "plain", self.models is None and self.expires is None
-                           and self.rpm is None and self.concurrency is None)
+                           and not self.rate_limited)
 
     @property
     def rate_limited(self) -> bool:
-        return self.rpm is not None or self.concurrency is not None
+        return self.rpm is not None or self.concurrency is not None or self.tpm is not None
 
     def allows(self, model: str) -> bool:
         if self.models is None or model in self.models:
@@ -203,10 +204,10 @@ def _refuse_ids_with_different_limits(grants: Iterable[Grant]) -> None:
     # and a new key during a rotation, share one budget): one id, one set of limits.
     limits: dict[str, tuple] = {}
     for grant in grants:
-        these = (grant.rpm, grant.concurrency)
+        these = (grant.rpm, grant.concurrency, grant.tpm)
         if limits.setdefault(grant.key_id, these) != these:
             raise ConfigError(
-                f"keys with the id {grant.key_id!r} have different rpm= or concurrency=: keys "
+                f"keys with the id {grant.key_id!r} have different rpm=, concurrency= or tpm=: keys "
                 f"sharing an id share its limits, so give them the same ones"
             )
 

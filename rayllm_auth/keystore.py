@@ -115,12 +115,12 @@ def read_sources(environ: Mapping[str, str] = os.environ) -> list[SourceReport]:
 
 
 def with_default_limits(entry: Entry, defaults: Grant) -> Entry:
-    """``entry`` with the key file's default limits if it has no rpm= or concurrency= of
+    """``entry`` with the key file's default limits if it has no rpm=, concurrency= or tpm= of
     its own (keys from the environment variables never have)."""
     if entry.grant.rate_limited:
         return entry
     return Entry(entry.digest, replace(entry.grant, rpm=defaults.rpm,
-                                       concurrency=defaults.concurrency))
+                                       concurrency=defaults.concurrency, tpm=defaults.tpm))
 
 
 def load_keys(environ: Mapping[str, str] = os.environ) -> Optional[KeySet]:

@@ -4,7 +4,7 @@ Replicas never ask the ledger per request. They take **leases**: a number of req
 (``rpm``) or concurrency slots (``concurrency``) for one key id, used locally until spent
 (see :mod:`rayllm_auth.quota`). The ledger only hands out what a limit still allows:
 
-Requests per minute
+Requests (and tokens) per minute
     A permit is counted in the second it is granted, in one-second buckets per key, and a
     bucket is counted until ``WINDOW_S`` after its *last* instant (``COUNTED_S``, 61 s
     after its first): a permit granted at 12.99 still counts at 72.98, so the permits
@@ -13,6 +13,9 @@ Requests per minute
     of its grant or gives it back (:meth:`Ledger.give_back_requests`), so requests
     *admitted* in any 60 s window exceed ``rpm`` by at most the permits granted in the
     ``LEASE_S`` before it and used inside it: at most the replicas' outstanding leases.
+    Tokens per minute are the same books in permits of one token, under
+    ``quota.tokens_id(key_id)``, plus :meth:`Ledger.charge` for tokens used beyond a
+    request's reservation.
 Concurrency
     Each replica's slots per key are recorded under its id; a replica reports its holdings
     on every sync (the replica is the truth for them), and a replica silent for
@@ -128,6 +131,17 @@ class Ledger:
                 window.counts[second] = left
             else:
                 del window.counts[second]
+
+    def charge(self, key_id: str, count: int, incarnation: str) -> str:
+        """Tokens a replica's requests used beyond what they reserved (``tokens_id`` windows):
+        counted now, even above the limit (the window then refuses until it has made up for
+        them). Only the ``incarnation`` that counted the reservations applies it (another got
+        them in the window a replica restored into it). Returns the incarnation."""
+        if incarnation == self.incarnation and count > 0:
+            second = math.floor(self._clock())
+            window = self._windows.setdefault(key_id, _Window())
+            window.counts[second] = window.counts.get(second, 0) + count
+        return self.incarnation
 
     # -- concurrency ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ of the generate routes are read for their usage (:mod:`rayllm_auth.usage`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ from rayllm_auth.model_scope import ModelScope
 from rayllm_auth.quota import ReplicaQuota
 from rayllm_auth.ray_ledger import replica_quota
 from rayllm_auth.refusals import Answers, Refusal, rate_limit_headers
-from rayllm_auth.usage import prepare as prepare_usage, usage_enabled
+from rayllm_auth.usage import Settlement, is_metered, prepare as prepare_usage, usage_enabled
 
 __all__ = ["ApiKeyMiddleware", "EXEMPT_PATHS_VAR", "load_exempt_paths"]
 
@@ -196,24 +197,26 @@ class ApiKeyMiddleware:
         await self._call_app(grant, scope, *verdict)
 
     async def _call_app(self, grant, scope, receive, send):
-        """Pass an admitted request on; a key with rpm= or concurrency= first needs the
+        """Pass an admitted request on; a key with rpm=, concurrency= or tpm= first needs the
         quota's consent (:mod:`rayllm_auth.quota`), and its responses carry OpenAI's
         rate-limit headers. A concurrency slot is held until the app returns: after the last
-        byte of a stream, or when the client has gone."""
+        byte of a stream, or when the client has gone. tpm= applies to the routes whose
+        tokens are counted (:mod:`rayllm_auth.usage`)."""
         if not grant.rate_limited:
             return await self._call_counting(grant, scope, receive, send)
         if self._quota is None:
             self._quota = self._make_quota()
-        verdict = self._quota.admit_now(grant.key_id, grant.rpm, grant.concurrency) \
-            or await self._quota.admit(grant.key_id, grant.rpm, grant.concurrency)
+        tpm = grant.tpm if grant.tpm is not None and is_metered(scope) else None
+        verdict = self._quota.admit_now(grant.key_id, grant.rpm, grant.concurrency, tpm) \
+            or await self._quota.admit(grant.key_id, grant.rpm, grant.concurrency, tpm)
         if verdict.refused is not None:
-            refusal = Refusal.RPM_EXCEEDED if verdict.refused == "rpm" else \
-                Refusal.CONCURRENCY_EXCEEDED
-            return await self._refuse(refusal, grant.key_id, scope, receive, send,
-                                      rate_limit_headers(verdict))
+            return await self._refuse(_RATE_REFUSALS[verdict.refused], grant.key_id, scope,
+                                      receive, send, rate_limit_headers(verdict))
         headers = rate_limit_headers(verdict)
+        reservation = verdict.reservation
         if grant.concurrency is None:
-            return await self._call_counting(grant, scope, receive, _adding_headers(send, headers))
+            return await self._call_counting(grant, scope, receive,
+                                             _adding_headers(send, headers), reservation)
         quota, key_id, released = self._quota, grant.key_id, False
 
         async def send_releasing(message):
@@ -229,24 +232,28 @@ class ApiKeyMiddleware:
             await send(message)
 
         try:
-            await self._call_counting(grant, scope, receive, send_releasing)
+            await self._call_counting(grant, scope, receive, send_releasing, reservation)
         finally:
             if not released:  # an error, a client gone, a WebSocket
                 await quota.release(key_id)  # frees the slot here before any await
 
-    async def _call_counting(self, grant, scope, receive, send):
-        """Call the app; with token accounting on, its usage is counted
-        (:mod:`rayllm_auth.usage`). Runs after the quota's consent: a key over its limit
-        gets its 429 before its body is read."""
-        if self._counts_tokens:
+    async def _call_counting(self, grant, scope, receive, send, reservation=None):
+        """Call the app; with token accounting on, or a reservation of tokens (tpm=), its
+        usage is counted (:mod:`rayllm_auth.usage`) and settles the reservation. Runs after
+        the quota's consent: a key over its limit gets its 429 before its body is read."""
+        if self._counts_tokens or reservation is not None:
             prepared = await prepare_usage(grant.key_id, scope, receive)
-            if prepared is None:
-                return  # the client went away while sending its body: nobody to answer
-            if prepared.__class__ is Refusal:
+            if prepared is None or prepared.__class__ is Refusal:
+                if reservation is not None:  # it never reaches the engine
+                    self._quota.give_back(reservation)
+                if prepared is None:
+                    return  # the client went away while sending its body: nobody to answer
                 return await self._refuse(prepared, grant.key_id, scope, receive, send)
             receive, counting = prepared
             if counting is not None:
-                send = counting(send)
+                send = counting(send, None if reservation is None else Settlement(
+                    functools.partial(self._quota.settle, reservation),
+                    functools.partial(self._quota.give_back, reservation)))
         metrics.record_ok(grant.key_id)
         await self.app(scope, receive, send)
 
@@ -261,6 +268,10 @@ class ApiKeyMiddleware:
         # function means this check and the router always agree on which route a request
         # is for (whatever the root_path or route prefix). Exact match: no prefixes.
         return get_route_path(scope) in self._exempt
+
+
+_RATE_REFUSALS = {"rpm": Refusal.RPM_EXCEEDED, "concurrency": Refusal.CONCURRENCY_EXCEEDED,
+                  "tpm": Refusal.TPM_EXCEEDED}
 
 
 def _adding_headers(send, headers: list[tuple[bytes, bytes]]):

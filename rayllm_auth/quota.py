@@ -2,9 +2,9 @@
 without leaving the process.
 
 A replica holds **leases** from its application's :class:`~rayllm_auth.ledger.Ledger`:
-request permits (``rpm``) and concurrency slots (``concurrency``) per key id. A request
-spends a local permit and takes a local slot; only when a key's lease is spent does the
-replica ask the ledger again. Lease sizes adapt: a lease spent before it runs out doubles
+request permits (``rpm``), token permits (``tpm``) and concurrency slots (``concurrency``)
+per key id. A request spends a local permit and takes a local slot; only when a key's lease
+is spent does the replica ask the ledger again. Lease sizes adapt: a lease spent before it runs out doubles
 the next one (up to ``MAX_LEASE_SHARE`` of the limit), a lease that runs out unused halves
 it, so a busy key asks about once per ``LEASE_S`` and a quiet one takes one permit at a
 time. A key the ledger refused is refused locally until the window frees a permit
@@ -20,6 +20,18 @@ replicas last heard of, counted here alone. It says so once in the log and in
 returns to cluster-wide limits as soon as it answers, restoring into a restarted ledger what
 this replica admitted in the last window. Limits are never dropped and traffic is never
 refused because the ledger is gone.
+
+**Tokens per minute** are requests per minute counted in tokens, in a window of their own
+(``tokens_id``): a request *reserves* the key's recent mean usage on this replica (one token
+before any request of the key has ended here) from token permits, exactly as a request
+spends a request permit, and is refused when the window has not that much left. When its
+response ends, :meth:`ReplicaQuota.settle` corrects the reservation with the usage the engine
+reported: tokens reserved and not used go back into this replica's leases (spent by its next
+requests, or given back to the ledger when they run out: no remote call per request); tokens
+used beyond the reservation are taken from its leases, and what they lack is *charged* to the
+ledger by the heartbeat (within ``SYNC_S``), counted even above the limit, so the window
+refuses until it has made up for them. A response that reports no usage (a stream its client
+left) keeps its whole reservation; a response other than a 200 gives it all back.
 """
 
 from __future__ import annotations
@@ -34,8 +46,8 @@ from typing import Awaitable, Callable, NamedTuple, Optional, Protocol
 
 from rayllm_auth.ledger import COUNTED_S, LEASE_S, Ledger, RequestGrant
 
-__all__ = ["ReplicaQuota", "Verdict", "LedgerUnavailable", "InProcessLedger", "SYNC_S",
-           "RETRY_S"]
+__all__ = ["ReplicaQuota", "Verdict", "Reservation", "LedgerUnavailable", "InProcessLedger",
+           "SYNC_S", "RETRY_S", "tokens_id"]
 
 logger = logging.getLogger("rayllm_auth")
 
@@ -51,6 +63,19 @@ MAX_LEASE_SHARE = 0.02
 #: After the ledger refused a key a slot, this replica refuses it locally for this long (a
 #: flood of refused requests costs no remote calls; a slot freed elsewhere is seen after it).
 SLOT_REFUSAL_S = 0.05
+#: Weight of a request's usage in its key's mean (the next reservations): about the last
+#: five requests.
+USAGE_WEIGHT = 0.2
+#: Tokens reserved but not used go back into a lease only if they were granted less than
+#: this long ago: their second must still be counted by the ledger when they are spent again
+#: (up to LEASE_S later), on a clock that may differ from ours by a second.
+REFUND_WITHIN_S = COUNTED_S - 1 - LEASE_S - 1
+
+
+def tokens_id(key_id: str) -> str:
+    """The name under which a key's tokens per minute are counted, apart from its requests
+    (a key id never holds ':')."""
+    return "tokens:" + key_id
 
 
 class LedgerUnavailable(Exception):
@@ -73,6 +98,7 @@ class LedgerCalls(Protocol):
                           replica: str) -> tuple[int, str]: ...
     async def give_back_slots(self, key_id: str, count: int, replica: str) -> None: ...
     async def sync(self, replica: str, holdings: dict) -> dict: ...
+    async def charge(self, key_id: str, count: int, incarnation: str) -> str: ...
     async def restore(self, replica: str, incarnation: str, parts: list,
                       holdings: dict) -> str: ...
 
@@ -80,14 +106,41 @@ class LedgerCalls(Protocol):
 class Verdict(NamedTuple):
     """A limited key's request: admitted or not, and what its rate-limit headers say.
     ``limit``/``remaining``/``reset_s`` describe requests per minute (None without
-    ``rpm``); ``refused`` names the limit that refused ("rpm" or "concurrency"). A tuple:
-    one is made per limited request."""
+    ``rpm``), the ``token_`` ones tokens per minute (None without ``tpm`` or on a route
+    whose tokens are not counted); ``refused`` names the limit that refused ("rpm",
+    "concurrency" or "tpm"); ``reservation`` holds an admitted request's tokens, to be
+    :meth:`settled <ReplicaQuota.settle>`. A tuple: one is made per limited request."""
 
     refused: Optional[str] = None
     limit: Optional[int] = None
     remaining: Optional[int] = None
     reset_s: float = 0.0
     retry_after_s: float = 0.0
+    token_limit: Optional[int] = None
+    token_remaining: Optional[int] = None
+    token_reset_s: float = 0.0
+    reservation: Optional["Reservation"] = None
+
+
+class _Piece(NamedTuple):
+    """Permits of one lease spent by one request: counted by the ledger ``incarnation`` in
+    its ``second``, granted at ``granted_at`` (local clock); ``second`` None: on fallback
+    permits, counted here alone."""
+    second: Optional[int]
+    incarnation: str
+    count: int
+    granted_at: float
+
+
+@dataclass
+class Reservation:
+    """The tokens one admitted request holds until :meth:`ReplicaQuota.settle`: where each
+    came from, and the local second it was counted in. Settled once."""
+    key_id: str  # tokens_id(...) of the request's key
+    pieces: list[_Piece]
+    second: int
+    total: int
+    settled: bool = False
 
 
 @dataclass
@@ -96,6 +149,7 @@ class _RequestLease:
     left: int
     expires: float  # local clock
     incarnation: str  # the ledger that counted them: only it takes them back
+    granted_at: float = 0.0  # local clock
 
 
 @dataclass
@@ -120,6 +174,8 @@ class _KeyState:
     concurrency_told: Optional[int] = None  # the limit the ledger last heard for this key
     admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
     admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
+    mean_usage: Optional[float] = None  # tokens per request of the key, as settled here
+    charges: dict[str, int] = field(default_factory=dict)  # incarnation -> tokens to charge
 
     def free_slot(self) -> None:
         """One slot fewer in use here; a slot of this key is free, so ask the ledger again."""
@@ -191,9 +247,9 @@ class ReplicaQuota:
     def in_fallback(self) -> bool:
         return self._fallback_until is not None
 
-    def admit_now(self, key_id: str, rpm: Optional[int],
-                  concurrency: Optional[int]) -> Optional[Verdict]:
-        """:meth:`admit`, when a permit and a slot held here admit the request (a busy key,
+    def admit_now(self, key_id: str, rpm: Optional[int], concurrency: Optional[int],
+                  tpm: Optional[int] = None) -> Optional[Verdict]:
+        """:meth:`admit`, when permits and a slot held here admit the request (a busy key,
         nearly always): no await, no remote call. None when only :meth:`admit` can decide
         (nothing held here, or the key is refused): call it then."""
         state = self._keys.get(key_id)
@@ -201,51 +257,167 @@ class ReplicaQuota:
                              and state.slots_used >= min(state.slots_held, concurrency)):
             return None
         now = self._clock()
+        if tpm is not None:
+            tokens = self._keys.get(tokens_id(key_id))
+            if tokens is None or now < tokens.exhausted_until:
+                return None
+            wanted = _estimate(tokens, tpm)
+            if _available(tokens, now) < wanted:
+                return None
         if rpm is not None and (now < state.exhausted_until
                                 or not self._spend_local_permit(state, rpm, now)):
             return None
+        reservation = None
+        if tpm is not None:
+            pieces = self._spend_local(tokens, tpm, now, wanted)
+            reservation = self._reserve(tokens_id(key_id), tokens, pieces, wanted, now)
         if concurrency is not None:
             state.slots_used += 1
         state.concurrency = concurrency
         self._keep_up()
-        return self._admitted(state, rpm, now)
+        return self._admitted(state, rpm, now, tpm, reservation)
 
-    async def admit(self, key_id: str, rpm: Optional[int], concurrency: Optional[int]) -> Verdict:
-        """Admit one request of ``key_id`` (limits as its grant says now), or refuse it.
-        An admitted request with ``concurrency`` must be released (:meth:`release`) when it ends
-        (a request cancelled while this runs has nothing to release)."""
-        state = self._keys.get(key_id)
-        if state is None:
-            state = self._keys[key_id] = _KeyState()
+    async def admit(self, key_id: str, rpm: Optional[int], concurrency: Optional[int],
+                    tpm: Optional[int] = None) -> Verdict:
+        """Admit one request of ``key_id`` (limits as its grant says now; ``tpm`` only for a
+        request whose tokens are counted), or refuse it. An admitted request with
+        ``concurrency`` must be released (:meth:`release`) when it ends, and one with a
+        reservation settled (:meth:`settle`) when its usage is known (a request cancelled
+        while this runs has nothing to release or settle)."""
+        state = self._state(key_id)
         state.concurrency = concurrency
         self._keep_up()
         now = self._clock()
         if rpm is not None and now < state.exhausted_until and not self._retry_due(now):
-            return self._refused_rpm(state, rpm)  # before taking a slot: no remote call
+            return self._refused("rpm", state, rpm)  # before taking a slot: no remote call
+        if tpm is not None:
+            tokens = self._state(tokens_id(key_id))
+            if now < tokens.exhausted_until and not self._retry_due(now):
+                return self._refused("tpm", tokens, tpm)
         if concurrency is not None and not await self._take_slot(key_id, state, concurrency):
             remaining = self._remaining(state, None, rpm) if rpm else None
             return Verdict("concurrency", rpm, remaining, state.reset_s, 1.0)
-        # The common case without an await: a permit from a lease held here.
-        now = self._clock()  # again: taking a slot may have waited for the ledger
-        if rpm is not None and not self._spend_local_permit(state, rpm, now):
-            try:
-                refusal = await self._take_permit(key_id, state, rpm)
-            except BaseException:  # cancelled while waiting for the ledger: the slot goes back
-                if concurrency is not None:
-                    self.release_soon(key_id)
-                raise
-            if refusal is not None:
-                if concurrency is not None:
-                    self.release_soon(key_id)
-                return refusal
-            now = self._clock()
-        return self._admitted(state, rpm, now)
+        reservation = None
+        try:
+            if tpm is not None:
+                wanted = _estimate(tokens, tpm)
+                taken = await self._take_permit(tokens_id(key_id), tokens, tpm, wanted, "tpm")
+                if taken.__class__ is Verdict:
+                    if concurrency is not None:
+                        self.release_soon(key_id)
+                    return taken
+                reservation = self._reserve(tokens_id(key_id), tokens, taken, wanted,
+                                            self._clock())
+            # The common case without an await: a permit from a lease held here.
+            now = self._clock()  # again: taking a slot may have waited for the ledger
+            if rpm is not None and not self._spend_local_permit(state, rpm, now):
+                taken = await self._take_permit(key_id, state, rpm)
+                if taken.__class__ is Verdict:
+                    if reservation is not None:
+                        self.give_back(reservation)
+                    if concurrency is not None:
+                        self.release_soon(key_id)
+                    return taken
+                now = self._clock()
+        except BaseException:  # cancelled while waiting for the ledger: nothing is kept
+            if reservation is not None:
+                self.give_back(reservation)
+            if concurrency is not None:
+                self.release_soon(key_id)
+            raise
+        return self._admitted(state, rpm, now, tpm, reservation)
 
-    def _admitted(self, state: _KeyState, rpm: Optional[int], now: float) -> Verdict:
+    def _state(self, key_id: str) -> _KeyState:
+        state = self._keys.get(key_id)
+        if state is None:
+            state = self._keys[key_id] = _KeyState()
+        return state
+
+    def _admitted(self, state: _KeyState, rpm: Optional[int], now: float,
+                  tpm: Optional[int] = None,
+                  reservation: Optional[Reservation] = None) -> Verdict:
         """Count an admitted request in its second (fallback shares, restores) and say so."""
         _count(state.admitted, int(now))  # floor: the clock is never negative
+        if tpm is None:
+            return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
+                           state.reset_s)
+        tokens = self._keys[reservation.key_id]
         return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
-                       state.reset_s)
+                       state.reset_s, 0.0, tpm, self._remaining(tokens, now, tpm),
+                       tokens.reset_s, reservation)
+
+    def _reserve(self, key_id: str, state: _KeyState, pieces: list[_Piece], count: int,
+                 now: float) -> Reservation:
+        second = int(now)
+        _count(state.admitted, second, count)
+        return Reservation(key_id, pieces, second, count)
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        """The usage the engine reported for an admitted request: the reservation is
+        corrected (see the module's docstring; tokens used beyond it are charged to the
+        ledger by the heartbeat, or on fallback permits counted here alone), and the key's
+        next requests reserve the new mean. No remote call, no await. A reservation is
+        settled or given back once; later calls do nothing."""
+        self._settle(reservation, used, learn=True)
+
+    def give_back(self, reservation: Reservation) -> None:
+        """An admitted request whose tokens the engine never used (refused before it reached
+        the engine, or refused by it): its whole reservation goes back, and the key's mean
+        is not changed."""
+        self._settle(reservation, 0, learn=False)
+
+    def _settle(self, reservation: Reservation, used: int, learn: bool) -> None:
+        if reservation.settled:
+            return
+        reservation.settled = True
+        state = self._keys.get(reservation.key_id)
+        if state is None:
+            return
+        now = self._clock()
+        if learn:
+            state.mean_usage = used if state.mean_usage is None else \
+                state.mean_usage + USAGE_WEIGHT * (used - state.mean_usage)
+        extra = used - reservation.total
+        if extra < 0:
+            self._refund(state, reservation, -extra, now)
+        elif extra > 0:
+            self._charge(state, extra, now)
+
+    def _refund(self, state: _KeyState, reservation: Reservation, count: int,
+                now: float) -> None:
+        _net_out_at(state.admitted, reservation.second, count)
+        for piece in reversed(reservation.pieces):
+            back = min(count, piece.count)
+            count -= back
+            if piece.second is None:  # a fallback permit: counted here alone
+                _net_out_at(state.admitted_alone, reservation.second, back)
+            elif piece.incarnation == self._incarnation \
+                    and now - piece.granted_at < REFUND_WITHIN_S:
+                # Its ledger still counts it: spent again by this replica's next requests,
+                # or given back when this lease runs out (a lease per refund: each names
+                # its own second).
+                state.leases.append(_RequestLease(piece.second, back, now + LEASE_S,
+                                                  piece.incarnation, piece.granted_at))
+            # else: its ledger is gone, or its second soon leaves the window: it stays
+            # counted there until then (errs on the limit's side).
+            if not count:
+                break
+        self._keep_up()
+
+    def _charge(self, state: _KeyState, count: int, now: float) -> None:
+        _count(state.admitted, int(now), count)
+        for lease in state.leases:  # permits the ledger counted already
+            if lease.left > 0 and lease.expires > now:
+                taken = min(count, lease.left)
+                lease.left -= taken
+                count -= taken
+                if not count:
+                    return
+        if self.in_fallback or self._incarnation is None:
+            _count(state.admitted_alone, int(now), count)  # the ledger hears it on return
+        else:  # charged by the next heartbeat, to the ledger that counted the rest
+            state.charges[self._incarnation] = state.charges.get(self._incarnation, 0) + count
+        self._keep_up()
 
     async def release(self, key_id: str) -> None:
         """A request admitted with a concurrency limit has ended. When it was the key's last
@@ -270,22 +442,25 @@ class ReplicaQuota:
 
     # -- requests per minute -------------------------------------------------------------------
 
-    async def _take_permit(self, key_id, state: _KeyState, rpm: int) -> Optional[Verdict]:
-        """None when a permit was spent, else the refusal. One lease request per key at a
-        time: requests arriving meanwhile wait for its answer, then spend from it."""
+    async def _take_permit(self, key_id, state: _KeyState, limit: int, count: int = 1,
+                           kind: str = "rpm"):
+        """Spend ``count`` permits of ``key_id``'s window (``kind``: "rpm", or "tpm" for
+        tokens): the pieces spent, else the refusal (a Verdict). One lease request per key
+        at a time: requests arriving meanwhile wait for its answer, then spend from it."""
         while True:
             now = self._clock()
-            if self._spend_local_permit(state, rpm, now):
-                return None
+            pieces = self._spend_local(state, limit, now, count)
+            if pieces is not None:
+                return pieces
             if now < state.exhausted_until and not self._retry_due(now):
-                return self._refused_rpm(state, rpm)
+                return self._refused(kind, state, limit)
             if state.leasing is None:
                 if self.in_fallback and not self._retry_due(now):
-                    return self._fallback_permit(state, rpm, now)
+                    return self._fallback_permit(state, limit, now, count, kind)
                 # A task, shielded: a requester that goes away does not cancel the lease,
                 # so what the ledger grants lands here and is spent or given back.
-                state.leasing = asyncio.get_running_loop().create_task(
-                    self._lease_permits(key_id, state, rpm))
+                state.leasing = asyncio.get_running_loop().create_task(self._lease_permits(
+                    key_id, state, limit, count - _available(state, now)))
             state.waiting += 1
             try:
                 await asyncio.shield(state.leasing)
@@ -293,7 +468,8 @@ class ReplicaQuota:
                 state.waiting -= 1
 
     def _spend_local_permit(self, state: _KeyState, rpm: int, now: float) -> bool:
-        """Spend a permit of a lease held here that has not run out; False when there is none."""
+        """Spend a permit of a lease held here that has not run out; False when there is none.
+        (:meth:`_spend_local` for one permit, on the path of nearly every request.)"""
         for lease in state.leases:
             if lease.left > 0 and lease.expires > now:
                 lease.left -= 1
@@ -302,17 +478,37 @@ class ReplicaQuota:
                 return True
         return False
 
-    async def _lease_permits(self, key_id, state: _KeyState, rpm: int) -> None:
+    def _spend_local(self, state: _KeyState, limit: int, now: float,
+                     count: int) -> Optional[list[_Piece]]:
+        """Spend ``count`` permits of the leases held here that have not run out, or none
+        when they hold fewer: the pieces spent, or None."""
+        if _available(state, now) < count:
+            return None
+        pieces = []
+        for lease in state.leases:
+            if count and lease.left > 0 and lease.expires > now:
+                taken = min(count, lease.left)
+                lease.left -= taken
+                count -= taken
+                pieces.append(_Piece(lease.second, lease.incarnation, taken, lease.granted_at))
+                if lease.left == 0:  # spent before it ran out: ask for more next time
+                    state.want = min(state.want * 2, self._largest_lease(limit))
+        return pieces
+
+    async def _lease_permits(self, key_id, state: _KeyState, limit: int, need: int = 1) -> None:
+        """Ask the ledger for a lease of at least ``need`` permits."""
         try:
             # Spent leases go; one that ran out unused stays until upkeep gives it back.
             state.leases = [lease for lease in state.leases if lease.left > 0]
             # Enough for the requests waiting now or the adaptive size, but never more than
-            # MAX_LEASE_SHARE of the limit: waiters can go away, and what they leave behind
-            # must stay within the bound the README states (a burst takes several leases).
-            want = min(max(state.want, state.waiting), self._largest_lease(rpm))
+            # MAX_LEASE_SHARE of the limit (unless one request needs more: tokens): waiters
+            # can go away, and what they leave behind must stay within the bound the README
+            # states (a burst takes several leases).
+            need = max(need, 1)
+            want = max(min(max(state.want, state.waiting * need), self._largest_lease(limit)),
+                       need)
             try:
-                grant = await self._ledger.lease_requests(key_id, rpm, max(want, 1),
-                                                          self._replica)
+                grant = await self._ledger.lease_requests(key_id, limit, want, self._replica)
             except LedgerUnavailable as gone:
                 self._enter_fallback(self._clock())
                 if gone.late_answer is not None:
@@ -333,11 +529,11 @@ class ReplicaQuota:
             now = self._clock()
             state.remaining, state.reset_s = grant.remaining, grant.reset_s
             state.reset_at = now + grant.reset_s
-            if grant.granted == 0:
+            if grant.granted < need:  # the window has not enough left (for rpm: none)
                 state.exhausted_until = now + min(max(grant.reset_s, 0.05), RPM_RECHECK_S)
-            else:
+            if grant.granted:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S,
-                                                  grant.incarnation))
+                                                  grant.incarnation, now))
             await self._hear(grant.incarnation)
         finally:
             state.leasing = None
@@ -385,28 +581,34 @@ class ReplicaQuota:
     def _largest_lease(rpm: int) -> int:
         return max(1, math.floor(rpm * MAX_LEASE_SHARE))
 
-    def _refused_rpm(self, state: _KeyState, rpm: int) -> Verdict:
+    def _refused(self, kind: str, state: _KeyState, limit: int) -> Verdict:
+        """The refusal of a key whose window (``kind``: "rpm" or "tpm") is spent."""
         now = self._clock()
         wait = max(state.exhausted_until - now, state.reset_at - now, 0.0)
-        return Verdict("rpm", rpm, 0, wait, wait)
+        if kind == "tpm":
+            return Verdict("tpm", retry_after_s=wait, token_limit=limit, token_remaining=0,
+                           token_reset_s=wait)
+        return Verdict("rpm", limit, 0, wait, wait)
 
-    def _fallback_permit(self, state: _KeyState, rpm: int, now: float) -> Optional[Verdict]:
-        """Requests per minute counted by this replica alone, against its share (at least
-        one request: a share is rounded up)."""
-        share = max(1, math.ceil(rpm / self._replicas))
+    def _fallback_permit(self, state: _KeyState, limit: int, now: float, count: int = 1,
+                         kind: str = "rpm"):
+        """Permits counted by this replica alone, against its share of the limit: the piece
+        spent, or the refusal. A request is admitted when nothing is counted yet (a share is
+        at least one request)."""
+        share = max(1, math.ceil(limit / self._replicas))
         second = math.floor(now)
         recent = {s: n for s, n in state.admitted.items() if s > second - COUNTED_S}
         used = sum(recent.values())
-        state.remaining = max(0, share - used - 1)
+        state.remaining = max(0, share - used - count)
         state.reset_s = (min(recent) + COUNTED_S - now) if recent else 0.0
-        if used >= share:
+        if used and used + count > share:
             state.reset_at = now + state.reset_s
             state.exhausted_until = now + max(state.reset_s, 0.05)
-            return self._refused_rpm(state, rpm)
+            return self._refused(kind, state, limit)
         # The ledger hears of it when it answers again; a permit of a lease is not counted
         # here: the ledger counted it when it granted the lease.
-        _count(state.admitted_alone, second)
-        return None
+        _count(state.admitted_alone, second, count)
+        return [_Piece(None, "", count, now)]
 
     # -- concurrency ---------------------------------------------------------------------------
 
@@ -538,7 +740,7 @@ class ReplicaQuota:
         asked for or on its way back can count it after the ledger had its answer)."""
         return not self.in_fallback and self._reported_truth and not any(
             s.leases or s.slots_held or s.slots_used or s.slots_pending or s.slots_returning
-            or s.leasing is not None for s in self._keys.values())
+            or s.leasing is not None or s.charges for s in self._keys.values())
 
     async def upkeep(self) -> None:
         """Give back expired request leases and idle slots beyond a (lowered) limit or of
@@ -559,6 +761,19 @@ class ReplicaQuota:
                         state.want = max(1, state.want // 2)
                         await self._ledger.give_back_requests(key_id, lease.left, lease.second,
                                                               lease.incarnation)
+                for incarnation, count in list(state.charges.items()):
+                    # Out before the await (charged at most once here). A charge the ledger
+                    # did not get is charged again, one it got late counts twice: on the
+                    # limit's side. Another ledger ignores it (it got the whole window).
+                    del state.charges[incarnation]
+                    try:
+                        answer = await self._ledger.charge(key_id, count, incarnation)
+                    except LedgerUnavailable as lost:
+                        if lost.late_answer is None:
+                            state.charges[incarnation] = state.charges.get(incarnation, 0) \
+                                + count
+                        raise
+                    await self._hear(answer)
                 if state.slots_used == 0:  # no request of the key here: hold nothing
                     await self._give_back_idle(key_id, state, 0)
                 elif state.concurrency is not None and state.slots_held > state.concurrency:
@@ -697,6 +912,7 @@ class ReplicaQuota:
         self._void_grants = [v for v in self._void_grants if v[1].incarnation != incarnation]
         for state in self._keys.values():
             state.leases = [l for l in state.leases if l.incarnation != incarnation]
+            state.charges.pop(incarnation, None)  # in the window restored into the live one
 
     async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
         """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""
@@ -778,9 +994,9 @@ async def _keep_up_loop(quota_ref: "weakref.ref[ReplicaQuota]") -> None:
         del quota
 
 
-def _count(counts: dict[int, int], second: int) -> None:
-    """One more request in ``second``; seconds no longer counted go."""
-    counts[second] = counts.get(second, 0) + 1
+def _count(counts: dict[int, int], second: int, count: int = 1) -> None:
+    """``count`` more in ``second``; seconds no longer counted go."""
+    counts[second] = counts.get(second, 0) + count
     if len(counts) > COUNTED_S:
         for old in [s for s in counts if s <= second - COUNTED_S]:
             del counts[old]
@@ -797,6 +1013,27 @@ def _net_out(counts: dict[int, int], count: int) -> None:
             del counts[second]
         if not count:
             return
+
+
+def _net_out_at(counts: dict[int, int], second: int, count: int) -> None:
+    """``count`` fewer in ``second`` (what is left of it: it may be forgotten already)."""
+    left = counts.get(second, 0) - count
+    if left > 0:
+        counts[second] = left
+    else:
+        counts.pop(second, None)
+
+
+def _available(state: _KeyState, now: float) -> int:
+    """Permits of the leases held here that have not run out."""
+    return sum(lease.left for lease in state.leases if lease.left > 0 and lease.expires > now)
+
+
+def _estimate(state: _KeyState, tpm: int) -> int:
+    """Tokens a request of the key reserves: its recent mean here (one before any request
+    of it ended here), at most the whole limit (so that it is admitted in an empty window)."""
+    mean = state.mean_usage
+    return min(max(1, math.ceil(mean)) if mean else 1, tpm)
 
 
 def _still_counted(parts, now: float):

@@ -1,6 +1,6 @@
 """The ledger as a Ray actor, and a replica's connection to it.
 
-One named, detached actor per Serve application (``rayllm-auth-ledger-v2:<app>`` in the
+One named, detached actor per Serve application (``rayllm-auth-ledger-v3:<app>`` in the
 ``rayllm_auth`` namespace), created by the first replica that sees a limited key
 (``get_if_exists``: every replica gets the same one), with no CPU reserved. Ray restarts it
 if it dies (``max_restarts=-1``); replicas then restore what they admitted in the window
@@ -46,7 +46,8 @@ class LedgerActor(Ledger):
 
 #: In the actor's name: a replica of a newer rayllm-auth with another ledger protocol never
 #: talks to an older ledger still running (detached actors outlive upgrades).
-PROTOCOL = 2  # 2: restore takes parts with tokens, give-backs name the incarnation
+# 2: restore takes parts with tokens, give-backs name the incarnation; 3: charge (tpm=)
+PROTOCOL = 3
 
 
 def actor_name(app_name: str) -> str:

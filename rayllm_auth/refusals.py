@@ -76,6 +76,10 @@ class Refusal(_Spec, enum.Enum):
     CONCURRENCY_EXCEEDED = _Spec("rate_limited", 429, "rate_limit_exceeded",
                                  "Too many requests in flight for this API key. Please try "
                                  "again when one of them has finished.", error_type="requests")
+    TPM_EXCEEDED = _Spec("rate_limited", 429, "rate_limit_exceeded",
+                         "Rate limit reached for tokens per minute (TPM) of this API key. "
+                         "Please try again after the time in the Retry-After header.",
+                         error_type="tokens")
 
 
 class Answers:
@@ -133,14 +137,19 @@ async def _close_websocket(scope, receive, send):
 
 def rate_limit_headers(verdict) -> list[tuple[bytes, bytes]]:
     """OpenAI's rate-limit headers for a limited key's request (a
-    :class:`~rayllm_auth.quota.Verdict`): the requests-per-minute limit, what is left of it
-    and when the window frees a request; on a refusal, ``Retry-After`` (whole seconds, as
-    the ``openai`` SDK and HTTP read it) and ``retry-after-ms``."""
+    :class:`~rayllm_auth.quota.Verdict`): the requests-per-minute and tokens-per-minute
+    limits, what is left of each and when its window frees some; on a refusal,
+    ``Retry-After`` (whole seconds, as the ``openai`` SDK and HTTP read it) and
+    ``retry-after-ms``."""
     headers = []
     if verdict.limit is not None:
         headers += [(b"x-ratelimit-limit-requests", _number(verdict.limit)),
                     (b"x-ratelimit-remaining-requests", str(verdict.remaining).encode()),
                     (b"x-ratelimit-reset-requests", _duration(verdict.reset_s))]
+    if verdict.token_limit is not None:
+        headers += [(b"x-ratelimit-limit-tokens", _number(verdict.token_limit)),
+                    (b"x-ratelimit-remaining-tokens", str(verdict.token_remaining).encode()),
+                    (b"x-ratelimit-reset-tokens", _duration(verdict.token_reset_s))]
     if verdict.refused is not None:
         wait = max(verdict.retry_after_s, 0.001)
         headers += [(b"retry-after", _number(math.ceil(wait))),

@@ -2,7 +2,9 @@
 exactly as the engine reports them in ``usage``, counted in
 ``ray_rayllm_auth_tokens_total{key_id,model,kind}`` (:mod:`rayllm_auth.metrics`).
 
-On for every key with ``RAY_LLM_AUTH_TOKEN_USAGE=1`` (read in the replica). Counted routes:
+On for every key with ``RAY_LLM_AUTH_TOKEN_USAGE=1`` (read in the replica), and always for the
+requests of a key with ``tpm=``, whose reservations are settled with the usage counted here
+(:class:`Settlement`). Counted routes:
 ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``; every other
 route passes untouched and costs nothing.
 
@@ -32,7 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from typing import Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 from pydantic import TypeAdapter, ValidationError
 from starlette._utils import get_route_path
@@ -44,7 +46,7 @@ from rayllm_auth.json_fields import FieldNotFound, first_field, last_field
 from rayllm_auth.refusals import Refusal
 
 __all__ = ["USAGE_VAR", "METERED_ROUTES", "MAX_METERED_BODY_BYTES", "usage_enabled",
-           "prepare"]
+           "prepare", "is_metered", "Settlement"]
 
 logger = logging.getLogger("rayllm_auth")
 
@@ -83,15 +85,28 @@ def usage_enabled(environ: Mapping[str, str]) -> bool:
     raise ConfigError(f"{USAGE_VAR} must be 1 (count every key's tokens) or 0, not {value!r}")
 
 
+class Settlement(NamedTuple):
+    """What a response's end tells a key's tokens-per-minute limit, once: ``used(tokens)``
+    (prompt + completion, as the engine reported them) when a 200 response ends having
+    reported usage; ``refused()`` when the response is not a 200 (the engine generated
+    nothing). Neither for a response that ends without usage (a stream its client left)."""
+    used: Callable[[int], None]
+    refused: Callable[[], None]
+
+
+def is_metered(scope) -> bool:
+    """Whether the request is on a route whose tokens are counted."""
+    return scope["type"] == "http" and scope["method"] == "POST" \
+        and get_route_path(scope) in METERED_ROUTES
+
+
 async def prepare(key_id: str, scope, receive):
     """Get a request ready to be counted. Returns the (receive, wrap) pair to call the app
-    with, ``wrap(send)`` being the ``send`` that counts (None for a route not counted);
-    None when the client went away while sending its body; or a Refusal."""
-    if scope["type"] != "http" or scope["method"] != "POST":
+    with, ``wrap(send, settlement=None)`` being the ``send`` that counts (None for a route
+    not counted); None when the client went away while sending its body; or a Refusal."""
+    if not is_metered(scope):
         return receive, None
     route = get_route_path(scope)
-    if route not in METERED_ROUTES:
-        return receive, None
     body = await read_body(receive, MAX_METERED_BODY_BYTES)
     if body is None:
         return None
@@ -106,7 +121,8 @@ async def prepare(key_id: str, scope, receive):
                 *((k, v) for k, v in scope["headers"] if k.lower() != b"content-length"),
                 (b"content-length", str(len(body)).encode()),
             ]
-    return replay(body, receive), lambda send: _counting_send(send, key_id, strip)
+    return replay(body, receive), \
+        lambda send, settlement=None: _counting_send(send, key_id, strip, settlement)
 
 
 def _asking_for_usage(body: bytes) -> Optional[bytes]:
@@ -159,9 +175,10 @@ def _stream_options() -> TypeAdapter:
     return TypeAdapter(ChatCompletionRequest.model_fields["stream_options"].annotation)
 
 
-def _counting_send(send, key_id: str, strip: bool):
+def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settlement] = None):
     """A ``send`` that counts the usage a 200 response reports, and takes the usage event
-    out of a stream whose client did not ask for it (``strip``).
+    out of a stream whose client did not ask for it (``strip``); with a ``settlement``,
+    tells it how the response ended (:func:`_settling_send`).
 
     A plain function, not a coroutine and not an object's ``__call__`` (both cost more per
     call): it returns the client's own send's awaitable. Once an event stream has started,
@@ -189,14 +206,38 @@ def _counting_send(send, key_id: str, strip: bool):
             counter.collect(message)
         return send(message)
 
-    return counting_send
+    return counting_send if settlement is None else \
+        _settling_send(counting_send, counter, settlement)
+
+
+def _settling_send(counting_send, counter: "_Counter", settlement: Settlement):
+    """``counting_send``, telling ``settlement`` once how the response ended: at a start
+    other than a 200, or at the last body message of a 200 that reported usage (counted by
+    then: ``counting_send`` counts a message before it returns)."""
+    ended = False
+
+    def settling_send(message):
+        nonlocal ended
+        sent = counting_send(message)
+        if not ended:
+            if message["type"] == "http.response.start":
+                if message.get("status") != 200:
+                    ended = True
+                    settlement.refused()
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
+                if counter.reported:
+                    settlement.used(counter.total)
+        return sent
+
+    return settling_send
 
 
 class _Counter:
     """What one response reports: its kind (from its start), its JSON body, and the tokens
     counted for it so far."""
 
-    __slots__ = ("_key_id", "_strip", "_json", "_chunks", "_size", "_counted")
+    __slots__ = ("_key_id", "_strip", "_json", "_chunks", "_size", "_counted", "reported")
 
     def __init__(self, key_id: str, strip: bool):
         self._key_id, self._strip = key_id, strip
@@ -204,6 +245,12 @@ class _Counter:
         self._chunks: list[bytes] = []  # its parts, until its end
         self._size = 0
         self._counted = (0, 0)  # prompt, completion tokens counted for this response
+        self.reported = False  # the response reported usage
+
+    @property
+    def total(self) -> int:
+        """Prompt and completion tokens counted for this response."""
+        return self._counted[0] + self._counted[1]
 
     def start(self, message) -> bool:
         """Read a response's start; True if it begins a 200 event stream."""
@@ -281,6 +328,7 @@ class _Counter:
                               max(0, prompt - counted_prompt),
                               max(0, completion - counted_completion))
         self._counted = (max(prompt, counted_prompt), max(completion, counted_completion))
+        self.reported = True
         return True
 
 

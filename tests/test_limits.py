@@ -231,7 +231,7 @@ def test_limits_are_read_with_the_other_options():
 
 @pytest.mark.parametrize("option", ["rpm=0", "rpm=-1", "rpm=1.5", "rpm=", "rpm=ten",
                                     "concurrency=0", "rpm=1000000001", "rpm=１", "RPM=5",
-                                    "rpm=5 rpm=6", "tpm=100"])
+                                    "rpm=5 rpm=6", "tpm=0", "tpm=5 tpm=5"])
 def test_unreadable_limits_are_errors(option):
     with pytest.raises(ConfigError) as caught:
         parse_key_file(f"team:{new_key()} {option}\n", "f")

@@ -1,0 +1,248 @@
+"""tpm= (prompt + completion tokens per minute): reservations against the ledger's token window,
+corrected with the engine's usage, across replicas; and at the ASGI level, Ray's ingress app
+around the stand-in engine. The oracles are the tokens the tests make requests use (quota level)
+and the usage the engine itself reports (ASGI level), never what the code under test computes."""
+
+import asyncio
+import json
+import types
+
+import pytest
+
+from rayllm_auth import metrics
+from rayllm_auth.ledger import COUNTED_S, LEASE_S, WINDOW_S, Ledger
+from rayllm_auth.middleware import ApiKeyMiddleware
+from rayllm_auth.quota import InProcessLedger, ReplicaQuota, SYNC_S, tokens_id
+from rayllm_auth.testing.engine import USAGE_FILE_VAR, StandInEngine
+from tests.conftest import new_key
+from tests.engine_app import build_engine_app
+from tests.ray_app import bearer, call
+from tests.test_quota import Clock, LocalLedger
+
+# wall_clock: as test_quota.py, whose helpers these tests use.
+pytestmark = pytest.mark.wall_clock
+
+
+def cluster(replicas=2):
+    clock = Clock()
+    remote = LocalLedger(Ledger(clock))
+    return clock, remote, [ReplicaQuota(remote, f"r{i}", clock, heartbeat=False)
+                           for i in range(replicas)]
+
+
+def window_count(remote, key):
+    """Tokens the ledger counts for ``key`` in its window now."""
+    window = remote.ledger._windows.get(tokens_id(key))
+    return sum(window.counts.values()) if window else 0
+
+
+async def request(quota, key, tpm, used, rpm=None):
+    """One request of ``used`` tokens: admitted (its usage settled at once) or refused."""
+    verdict = await quota.admit(key, rpm, None, tpm)
+    if verdict.refused is None:
+        quota.settle(verdict.reservation, used)
+    return verdict
+
+
+def test_tpm_holds_across_replicas_with_the_usage_reported():
+    clock, remote, replicas = cluster()
+    tpm, used = 6000, 100
+    admitted_tokens = 0
+    start = clock.now
+    while clock.now < start + WINDOW_S:  # two replicas offering 40 times the limit
+        for quota in replicas:
+            admitted_tokens += used * ((asyncio.run(request(quota, "team", tpm, used))
+                                        ).refused is None)
+        clock.now += 0.05
+        if round((clock.now - start) / 0.05) % round(SYNC_S / 0.05) == 0:
+            for quota in replicas:
+                asyncio.run(quota.upkeep())
+    # Each replica's first request reserves one token (nothing known of the key yet) and
+    # uses 100: the documented overshoot, at most what those requests used beyond it.
+    assert tpm - used <= admitted_tokens <= tpm + 2 * (used - 1)
+    clock.now += COUNTED_S
+    assert asyncio.run(request(replicas[0], "team", tpm, used)).refused is None
+
+
+def test_usage_beyond_the_reservation_is_charged_and_refuses_until_made_up():
+    clock, remote, (quota,) = cluster(replicas=1)
+    assert asyncio.run(request(quota, "team", 1000, 5000)).refused is None  # reserved 1
+    asyncio.run(quota.upkeep())  # the heartbeat charges what the leases lacked
+    assert window_count(remote, "team") >= 5000
+    refused = asyncio.run(request(quota, "team", 1000, 10))
+    assert refused.refused == "tpm" and refused.token_remaining == 0
+    assert 0 < refused.retry_after_s <= COUNTED_S
+    clock.now += COUNTED_S + 1
+    assert asyncio.run(request(quota, "team", 1000, 10)).refused is None
+
+
+def test_tokens_reserved_and_not_used_are_spent_again_without_remote_calls():
+    clock, remote, (quota,) = cluster(replicas=1)
+    tpm = 1_000_000
+    asyncio.run(request(quota, "team", tpm, 1000))  # the key's mean is now 1000
+    asyncio.run(quota.upkeep())
+    calls = remote.calls
+    verdict = asyncio.run(quota.admit("team", None, None, tpm))
+    assert verdict.reservation.total == 1000
+    quota.settle(verdict.reservation, 10)  # 990 back into this replica's leases
+    for _ in range(3):  # the next reservations (the mean now ~800) come from them
+        nxt = asyncio.run(quota.admit("team", None, None, tpm))
+        assert nxt.refused is None
+        quota.give_back(nxt.reservation)
+    assert remote.calls == calls + 1  # one lease: 990 held back cover the rest
+    # What the ledger counts is what was used, once the unused permits run out.
+    clock.now += LEASE_S + 0.1
+    asyncio.run(quota.upkeep())
+    assert window_count(remote, "team") == 1000 + 10
+
+
+def test_a_request_refused_for_its_rate_gives_its_tokens_back():
+    clock, remote, (quota,) = cluster(replicas=1)
+    first = asyncio.run(request(quota, "team", 500, 100, rpm=1))
+    assert first.refused is None and first.token_limit == 500
+    second = asyncio.run(quota.admit("team", 1, None, 500))
+    assert second.refused == "rpm" and second.reservation is None
+    clock.now += LEASE_S + 0.1
+    asyncio.run(quota.upkeep())
+    assert window_count(remote, "team") == 100  # the refused request's 100 went back
+
+
+def test_a_response_the_engine_refused_gives_the_whole_reservation_back():
+    clock, remote, (quota,) = cluster(replicas=1)
+    asyncio.run(request(quota, "team", 10_000, 300))
+    verdict = asyncio.run(quota.admit("team", None, None, 10_000))
+    quota.give_back(verdict.reservation)
+    quota.settle(verdict.reservation, 5000)  # settled once: a second call does nothing
+    clock.now += LEASE_S + 0.1
+    asyncio.run(quota.upkeep())
+    assert window_count(remote, "team") == 300
+    assert asyncio.run(quota.admit("team", None, None, 10_000)).reservation.total == 300
+
+
+def test_a_restarted_ledger_gets_the_tokens_used_once():
+    clock, remote, (quota,) = cluster(replicas=1)
+    asyncio.run(request(quota, "team", 100_000, 40))
+    asyncio.run(request(quota, "team", 100_000, 4000))  # 3960 beyond its reservation
+    remote.ledger = Ledger(clock)  # the actor restarted, empty, before the charge was sent
+    clock.now += LEASE_S + 0.1
+    asyncio.run(quota.upkeep())  # the stale charge is dropped; the window is restored
+    assert window_count(remote, "team") == 40 + 4000
+
+
+def test_without_the_ledger_each_replica_limits_to_its_share_then_restores_it():
+    clock, remote, replicas = cluster()
+    for quota in replicas:
+        quota.assume_replicas(2)
+    remote.down = True
+    admitted = [sum(asyncio.run(request(q, "team", 1000, 100)).refused is None
+                    for _ in range(20)) for q in replicas]
+    # A share is 500 tokens; the first request of each reserves 1 and uses 100.
+    assert all(5 <= n <= 6 for n in admitted), admitted
+    remote.down = False
+    clock.now += 5.1  # RETRY_S
+    for quota in replicas:
+        asyncio.run(quota.upkeep())
+    assert window_count(remote, "team") == 100 * sum(admitted)
+
+
+def test_a_charge_for_another_ledger_counts_nothing():
+    ledger = Ledger(Clock())
+    assert ledger.charge(tokens_id("team"), 500, "another") == ledger.incarnation
+    assert ledger.lease_requests(tokens_id("team"), 600, 600, "r").granted == 600
+
+
+# -- at the ASGI level: Ray's ingress app, the stand-in engine --------------------------------
+
+MODEL = "tpm-model"
+PROMPT = "one two three four five"  # five tokens to the stand-in's tokenizer
+KEYS = {"tokens": new_key(), "free": new_key()}
+
+
+@pytest.fixture
+def engine(monkeypatch, tmp_path):
+    usage_file = tmp_path / "usage"
+    monkeypatch.setenv(USAGE_FILE_VAR, str(usage_file))
+    engine = StandInEngine(types.SimpleNamespace(model_id=MODEL))
+    engine.reported = lambda: sum(
+        int(p.split("=")[1]) + int(c.split("=")[1]) for _m, _model, p, c in
+        (line.split() for line in usage_file.read_text().splitlines())
+    ) if usage_file.exists() else 0
+    return engine
+
+
+@pytest.fixture
+def limited(engine, tmp_path, monkeypatch, no_key_env, fresh_metrics):
+    """The protected app: key "tokens" with tpm=100, "free" without limits; token accounting
+    off (RAY_LLM_AUTH_TOKEN_USAGE unset): tpm= counts a limited key's tokens by itself."""
+    monkeypatch.delenv("RAY_LLM_AUTH_TOKEN_USAGE", raising=False)
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"tokens:{KEYS['tokens']} tpm=100\nfree:{KEYS['free']}\n")
+    monkeypatch.setenv("RAY_LLM_API_KEYS_FILE", str(key_file))
+    clock = Clock()
+    ledger = InProcessLedger(Ledger(clock))
+    app = ApiKeyMiddleware(build_engine_app(engine, protect=False), clock=clock,
+                           quota=lambda: ReplicaQuota(ledger, "test", clock))
+    return types.SimpleNamespace(app=app, clock=clock)
+
+
+def post(app, key, stream=False, path="/v1/chat/completions", **extra):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 15, "stream": stream, **extra}
+    return asyncio.run(call(app, "POST", path, [*bearer(key), ("content-type", "application/json")],
+                            body=json.dumps(body).encode()))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_tpm_key_gets_its_tokens_per_minute_then_openais_429(engine, limited, stream):
+    # 20 tokens per request (5 prompt + 15 completion): tpm=100 admits five, give or take
+    # the first request's reservation of one token.
+    statuses = [post(limited.app, KEYS["tokens"], stream).status for _ in range(8)]
+    assert statuses[:5] == [200] * 5 and statuses[-1] == 429
+    used = engine.reported()
+    assert 100 <= used <= 100 + 19  # what the engine reported for the admitted requests
+    refused = post(limited.app, KEYS["tokens"], stream)
+    assert refused.json()["error"]["type"] == "tokens"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["x-ratelimit-limit-tokens"] == "100"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert 1 <= int(refused.headers["retry-after"]) <= COUNTED_S
+    assert engine.reported() == used  # refused: the engine never saw it
+    # The engine's usage, counted per key and model (accounting is otherwise off).
+    tokens = {label: n for (name, label), n in metrics.pending().items()
+              if name == "rayllm_auth_tokens"}
+    assert sum(n for (key_id, model, _kind), n in tokens.items()
+               if key_id == "tokens" and model == MODEL) == used
+    limited.clock.now += COUNTED_S + 1
+    assert post(limited.app, KEYS["tokens"], stream).status == 200
+
+
+def test_a_stream_that_did_not_ask_for_usage_gets_none_and_is_still_limited(engine, limited):
+    reply = post(limited.app, KEYS["tokens"], stream=True)
+    assert reply.status == 200 and b'"usage"' not in reply.body
+    assert reply.headers["x-ratelimit-limit-tokens"] == "100"
+    for _ in range(6):
+        post(limited.app, KEYS["tokens"], stream=True)
+    assert post(limited.app, KEYS["tokens"], stream=True).status == 429
+
+
+def test_routes_whose_tokens_are_not_counted_stay_open_to_a_key_over_its_tpm(engine, limited):
+    while post(limited.app, KEYS["tokens"]).status == 200:
+        pass
+    # This app has no GET route: its own 404 says the request passed the limits.
+    other = asyncio.run(call(limited.app, "GET", "/v1/models", bearer(KEYS["tokens"])))
+    assert other.status == 404 and other.json() == {"detail": "Not Found"}
+    assert "x-ratelimit-limit-tokens" not in other.headers
+
+
+def test_a_request_the_engine_refuses_spends_no_tokens(engine, limited):
+    assert post(limited.app, KEYS["tokens"]).status == 200  # the key's requests reserve 20 now
+    for _ in range(20):  # the stand-in refuses max_tokens=0 with a 400: 400 tokens reserved
+        assert post(limited.app, KEYS["tokens"], max_tokens=0).status == 400
+    assert engine.reported() == 20
+    assert [post(limited.app, KEYS["tokens"]).status for _ in range(4)] == [200] * 4
+
+
+def test_keys_without_limits_are_unaffected(engine, limited):
+    for _ in range(20):
+        reply = post(limited.app, KEYS["free"])
+        assert reply.status == 200 and "x-ratelimit-limit-tokens" not in reply.headers
