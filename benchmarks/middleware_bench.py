@@ -18,8 +18,10 @@ fresh scope per request. Variants:
 Cases: a valid, an invalid and a missing key, with 1, 16, 1,000 and 10,000 configured keys;
 a valid key on a 256-chunk SSE response, to get the cost per streamed chunk; and keys with
 limits on a 1 KB chat request against an unlimited key on the same request: limited to one
-model (``models=``: the middleware reads the body to find the model), and with ``rpm=``
-and ``concurrency=`` (configured, not reached: admission from local leases).
+model (``models=``: the middleware reads the body to find the model), with ``rpm=``
+and ``concurrency=`` (configured, not reached: admission from local leases), and with
+``tpm=`` (a reservation from local leases, the body and the response read for the usage that
+settles it), next to an unlimited key with token accounting on (the same reading, no limit).
 
 Method: rounds of ``--batch`` requests per variant, variants in a new random order every
 round (interleaved, so drift on a shared machine hits all alike). For each round the
@@ -70,8 +72,18 @@ async def streaming_app(scope, receive, send):
     await send({"type": "http.response.body", "body": b""})
 
 
-def middleware_from_file(inner, lines: list[str]):
-    """An ApiKeyMiddleware whose keys come from a key file holding ``lines``."""
+async def usage_app(scope, receive, send):
+    """A chat completion's answer as engines write it: usage last, model first."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"id":"c","model":"llama","choices":'
+                b'[{"index":0,"message":{"role":"assistant","content":"hi"}}],"usage":'
+                b'{"prompt_tokens":230,"completion_tokens":64,"total_tokens":294}}'})
+
+
+def middleware_from_file(inner, lines: list[str], **environ):
+    """An ApiKeyMiddleware whose keys come from a key file holding ``lines``; ``environ``:
+    more variables for it."""
     from rayllm_auth.middleware import ApiKeyMiddleware
 
     path = Path(tempfile.mkdtemp(prefix="rayllm-auth-bench-")) / "keys"
@@ -79,7 +91,7 @@ def middleware_from_file(inner, lines: list[str]):
     saved = os.environ.pop("RAY_LLM_API_KEYS", None)
     os.environ["RAY_LLM_API_KEYS_FILE"] = str(path)
     try:
-        return ApiKeyMiddleware(inner)
+        return ApiKeyMiddleware(inner, environ={**os.environ, **environ})
     finally:
         del os.environ["RAY_LLM_API_KEYS_FILE"]
         if saved is not None:
@@ -218,16 +230,19 @@ LIMITED_KEYS = {
     "key with rpm=": "rpm=1000000000",
     "key with concurrency=": "concurrency=1000",
     "key with rpm= and concurrency=": "rpm=1000000000 concurrency=1000",
+    "key with tpm=": "tpm=1000000000",
 }
 
 
 async def limited_key_cost(rounds: int, batch: int) -> list[dict]:
-    """Limited keys against an unlimited key, same key file, same 1 KB chat request: what
-    reading the body for its model adds, and what admission under rate limits adds."""
+    """Limited keys against an unlimited key, same key file, same 1 KB chat request and the
+    same answer (with its usage): what reading the body for its model adds, what admission
+    under rate limits adds, and the same unlimited key with token accounting on."""
     keys = {name: "sk-" + secrets.token_urlsafe(32) for name in LIMITED_KEYS}
-    app = middleware_from_file(bare_app, [
-        f"k{i}:{keys[name]} {options}".strip() for i, (name, options) in
-        enumerate(LIMITED_KEYS.items())])
+    lines = [f"k{i}:{keys[name]} {options}".strip()
+             for i, (name, options) in enumerate(LIMITED_KEYS.items())]
+    app = middleware_from_file(usage_app, lines)
+    counting = middleware_from_file(usage_app, lines, RAY_LLM_AUTH_TOKEN_USAGE="1")
     body = json.dumps({"model": "llama", "max_tokens": 64, "stream": True, "messages": [
         {"role": "user", "content": "x" * 900}]}).encode()
     # One request of each concurrency-limited key stays in flight, as under load: the measured
@@ -237,8 +252,9 @@ async def limited_key_cost(rounds: int, batch: int) -> list[dict]:
         if "concurrency=" in options:
             await app._quota.admit(f"k{i}", None, 1000)
     rows = []
-    for name, key in keys.items():
-        added = await measure({"none": bare_app, name: app}, scope_for("valid", [key]),
+    for name, key in [*keys.items(), ("unlimited key, token usage on", keys["unlimited key"])]:
+        variant = counting if name.endswith("token usage on") else app
+        added = await measure({"none": usage_app, name: variant}, scope_for("valid", [key]),
                               rounds, batch, body)
         rows.append({"variant": name, "body_bytes": len(body), **summary(added[name])})
     print("  1 KB chat request: " + ", ".join(

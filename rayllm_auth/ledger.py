@@ -14,8 +14,8 @@ Requests (and tokens) per minute
     *admitted* in any 60 s window exceed ``rpm`` by at most the permits granted in the
     ``LEASE_S`` before it and used inside it: at most the replicas' outstanding leases.
     Tokens per minute are the same books in permits of one token, under
-    ``quota.tokens_id(key_id)``, plus :meth:`Ledger.charge` for tokens used beyond a
-    request's reservation.
+    ``quota.tokens_id(key_id)``, plus :meth:`Ledger.correct` once a request's usage is
+    known.
 Concurrency
     Each replica's slots per key are recorded under its id; a replica reports its holdings
     on every sync (the replica is the truth for them), and a replica silent for
@@ -67,6 +67,16 @@ class RequestGrant:
     remaining: int
     reset_s: float
     incarnation: str = ""
+
+
+def take_off(counts: dict[int, int], second: int, count: int) -> None:
+    """``count`` fewer of ``second`` in per-second ``counts`` (what is left of it: it may
+    be gone already)."""
+    left = counts.get(second, 0) - count
+    if left > 0:
+        counts[second] = left
+    else:
+        counts.pop(second, None)
 
 
 @dataclass
@@ -123,24 +133,26 @@ class Ledger:
         """Permits granted in ``second`` and never used (a lease that ran out). Permits
         another incarnation granted are not in these books: nothing is taken off."""
         window = self._windows.get(key_id)
-        if incarnation != self.incarnation:
-            return
-        if window is not None and second in window.counts:
-            left = window.counts[second] - count
-            if left > 0:
-                window.counts[second] = left
-            else:
-                del window.counts[second]
+        if incarnation == self.incarnation and window is not None:
+            take_off(window.counts, second, count)
 
-    def charge(self, key_id: str, count: int, incarnation: str) -> str:
-        """Tokens a replica's requests used beyond what they reserved (``tokens_id`` windows):
-        counted now, even above the limit (the window then refuses until it has made up for
-        them). Only the ``incarnation`` that counted the reservations applies it (another got
-        them in the window a replica restored into it). Returns the incarnation."""
-        if incarnation == self.incarnation and count > 0:
+    def correct(self, key_id: str, given_back: Mapping[int, int], charged: int,
+                incarnation: str) -> str:
+        """A replica's corrections of its token reservations (``tokens_id`` windows), once
+        the engine reported their usage: permits granted in a second and not used
+        (``given_back``: second -> count), and tokens used beyond what was reserved
+        (``charged``), counted now, even above the limit (the window then refuses until it
+        has made up for them). Only the ``incarnation`` that granted the reservations applies
+        them (another got them in the window a replica restored into it). Returns the
+        incarnation."""
+        if incarnation != self.incarnation:
+            return self.incarnation
+        window = self._windows.setdefault(key_id, _Window())
+        for second, count in given_back.items():
+            take_off(window.counts, second, count)
+        if charged > 0:
             second = math.floor(self._clock())
-            window = self._windows.setdefault(key_id, _Window())
-            window.counts[second] = window.counts.get(second, 0) + count
+            window.counts[second] = window.counts.get(second, 0) + charged
         return self.incarnation
 
     # -- concurrency ---------------------------------------------------------------------------

@@ -3,8 +3,8 @@ wherever Ray's metrics are scraped (KubeRay pods' metrics port, Ray's Prometheus
 
 ``rayllm_auth_requests`` (Counter; tags ``outcome``, ``key_id``)
     One per auth decision. ``outcome``: ``ok``, ``missing``, ``malformed``, ``conflicting``,
-    ``invalid``, ``expired``, ``model_denied``, ``rate_limited`` (over its ``rpm`` or
-    ``concurrency``), ``too_large`` (token accounting: a body over its limit), ``exempt``, or
+    ``invalid``, ``expired``, ``model_denied``, ``rate_limited`` (over its ``rpm``,
+    ``concurrency`` or ``tpm``), ``too_large`` (token accounting: a body over its limit), ``exempt``, or
     ``config_error`` (a replica that refused to start because its key configuration is
     unusable). ``key_id`` is the key's non-secret id when the key was recognised, else empty.
 ``rayllm_auth_key_reloads`` (Counter; tag ``outcome``: ``ok`` or ``failed``)
@@ -15,7 +15,7 @@ wherever Ray's metrics are scraped (KubeRay pods' metrics port, Ray's Prometheus
     is the number of replicas in fallback now.
 ``rayllm_auth_tokens`` (Counter; tags ``key_id``, ``model``, ``kind``)
     Tokens the engine reported in a response's ``usage`` (:mod:`rayllm_auth.usage`), when
-    token accounting is on. ``kind``: ``prompt`` or ``completion``; ``model``: the model
+    token accounting is on, and for keys with ``tpm``. ``kind``: ``prompt`` or ``completion``; ``model``: the model
     the engine says it served.
 ``rayllm_auth_key_expiry_timestamp_seconds`` (Gauge; tag ``key_id``)
     Unix time at which a key expires (the earliest, if several keys share the id), for the

@@ -26,11 +26,14 @@ refused because the ledger is gone.
 before any request of the key has ended here) from token permits, exactly as a request
 spends a request permit, and is refused when the window has not that much left. When its
 response ends, :meth:`ReplicaQuota.settle` corrects the reservation with the usage the engine
-reported: tokens reserved and not used go back into this replica's leases (spent by its next
-requests, or given back to the ledger when they run out: no remote call per request); tokens
-used beyond the reservation are taken from its leases, and what they lack is *charged* to the
-ledger by the heartbeat (within ``SYNC_S``), counted even above the limit, so the window
-refuses until it has made up for them. A response that reports no usage (a stream its client
+reported: tokens reserved and not used go back into the lease they came from while it runs
+(spent by the next requests), and are taken off the second they were counted in by the
+heartbeat once it has run out (within ``SYNC_S``, one call per key: never a remote call per
+request); tokens used beyond the reservation are taken from this replica's leases, and what
+they lack is *charged* to the ledger by the heartbeat, counted even above the limit, so the
+window refuses until it has made up for them. A permit is thus always spent within
+``LEASE_S`` of its grant, as for requests per minute: the bound on what a window admits
+holds for tokens too. A response that reports no usage (a stream its client
 left) keeps its whole reservation; a response other than a 200 gives it all back.
 """
 
@@ -44,7 +47,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, NamedTuple, Optional, Protocol
 
-from rayllm_auth.ledger import COUNTED_S, LEASE_S, Ledger, RequestGrant
+from rayllm_auth.ledger import COUNTED_S, LEASE_S, Ledger, RequestGrant, take_off
 
 __all__ = ["ReplicaQuota", "Verdict", "Reservation", "LedgerUnavailable", "InProcessLedger",
            "SYNC_S", "RETRY_S", "tokens_id"]
@@ -66,10 +69,6 @@ SLOT_REFUSAL_S = 0.05
 #: Weight of a request's usage in its key's mean (the next reservations): about the last
 #: five requests.
 USAGE_WEIGHT = 0.2
-#: Tokens reserved but not used go back into a lease only if they were granted less than
-#: this long ago: their second must still be counted by the ledger when they are spent again
-#: (up to LEASE_S later), on a clock that may differ from ours by a second.
-REFUND_WITHIN_S = COUNTED_S - 1 - LEASE_S - 1
 
 
 def tokens_id(key_id: str) -> str:
@@ -98,7 +97,8 @@ class LedgerCalls(Protocol):
                           replica: str) -> tuple[int, str]: ...
     async def give_back_slots(self, key_id: str, count: int, replica: str) -> None: ...
     async def sync(self, replica: str, holdings: dict) -> dict: ...
-    async def charge(self, key_id: str, count: int, incarnation: str) -> str: ...
+    async def correct(self, key_id: str, given_back: dict, charged: int,
+                      incarnation: str) -> str: ...
     async def restore(self, replica: str, incarnation: str, parts: list,
                       holdings: dict) -> str: ...
 
@@ -123,13 +123,10 @@ class Verdict(NamedTuple):
 
 
 class _Piece(NamedTuple):
-    """Permits of one lease spent by one request: counted by the ledger ``incarnation`` in
-    its ``second``, granted at ``granted_at`` (local clock); ``second`` None: on fallback
-    permits, counted here alone."""
-    second: Optional[int]
-    incarnation: str
+    """Permits one request spent of one ``lease``; None: fallback permits, counted here
+    alone."""
+    lease: Optional["_RequestLease"]
     count: int
-    granted_at: float
 
 
 @dataclass
@@ -149,7 +146,6 @@ class _RequestLease:
     left: int
     expires: float  # local clock
     incarnation: str  # the ledger that counted them: only it takes them back
-    granted_at: float = 0.0  # local clock
 
 
 @dataclass
@@ -176,6 +172,9 @@ class _KeyState:
     admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
     mean_usage: Optional[float] = None  # tokens per request of the key, as settled here
     charges: dict[str, int] = field(default_factory=dict)  # incarnation -> tokens to charge
+    #: (incarnation, second) -> tokens reserved in a lease that has run out, not used: the
+    #: ledger takes them off that second at the next heartbeat.
+    refunds: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def free_slot(self) -> None:
         """One slot fewer in use here; a slot of this key is free, so ask the ledger again."""
@@ -385,21 +384,24 @@ class ReplicaQuota:
 
     def _refund(self, state: _KeyState, reservation: Reservation, count: int,
                 now: float) -> None:
-        _net_out_at(state.admitted, reservation.second, count)
+        take_off(state.admitted, reservation.second, count)
         for piece in reversed(reservation.pieces):
             back = min(count, piece.count)
             count -= back
-            if piece.second is None:  # a fallback permit: counted here alone
-                _net_out_at(state.admitted_alone, reservation.second, back)
-            elif piece.incarnation == self._incarnation \
-                    and now - piece.granted_at < REFUND_WITHIN_S:
-                # Its ledger still counts it: spent again by this replica's next requests,
-                # or given back when this lease runs out (a lease per refund: each names
-                # its own second).
-                state.leases.append(_RequestLease(piece.second, back, now + LEASE_S,
-                                                  piece.incarnation, piece.granted_at))
-            # else: its ledger is gone, or its second soon leaves the window: it stays
-            # counted there until then (errs on the limit's side).
+            lease = piece.lease
+            if lease is None:  # a fallback permit: counted here alone
+                take_off(state.admitted_alone, reservation.second, back)
+            elif lease.incarnation in self._left_behind:
+                pass  # its ledger is gone: the window restored into the live one has it
+            elif lease.expires > now:
+                # Back into its lease, spent again within LEASE_S of its grant like any
+                # permit (later, it would be spent in a window that no longer counts it).
+                lease.left += back
+                if not any(held is lease for held in state.leases):  # out once spent
+                    state.leases.append(lease)
+            else:  # taken off its second by the heartbeat's correction
+                where = (lease.incarnation, lease.second)
+                state.refunds[where] = state.refunds.get(where, 0) + back
             if not count:
                 break
         self._keep_up()
@@ -490,7 +492,7 @@ class ReplicaQuota:
                 taken = min(count, lease.left)
                 lease.left -= taken
                 count -= taken
-                pieces.append(_Piece(lease.second, lease.incarnation, taken, lease.granted_at))
+                pieces.append(_Piece(lease, taken))
                 if lease.left == 0:  # spent before it ran out: ask for more next time
                     state.want = min(state.want * 2, self._largest_lease(limit))
         return pieces
@@ -533,7 +535,7 @@ class ReplicaQuota:
                 state.exhausted_until = now + min(max(grant.reset_s, 0.05), RPM_RECHECK_S)
             if grant.granted:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S,
-                                                  grant.incarnation, now))
+                                                  grant.incarnation))
             await self._hear(grant.incarnation)
         finally:
             state.leasing = None
@@ -608,7 +610,7 @@ class ReplicaQuota:
         # The ledger hears of it when it answers again; a permit of a lease is not counted
         # here: the ledger counted it when it granted the lease.
         _count(state.admitted_alone, second, count)
-        return [_Piece(None, "", count, now)]
+        return [_Piece(None, count)]
 
     # -- concurrency ---------------------------------------------------------------------------
 
@@ -740,7 +742,7 @@ class ReplicaQuota:
         asked for or on its way back can count it after the ledger had its answer)."""
         return not self.in_fallback and self._reported_truth and not any(
             s.leases or s.slots_held or s.slots_used or s.slots_pending or s.slots_returning
-            or s.leasing is not None or s.charges for s in self._keys.values())
+            or s.leasing is not None or s.charges or s.refunds for s in self._keys.values())
 
     async def upkeep(self) -> None:
         """Give back expired request leases and idle slots beyond a (lowered) limit or of
@@ -761,19 +763,8 @@ class ReplicaQuota:
                         state.want = max(1, state.want // 2)
                         await self._ledger.give_back_requests(key_id, lease.left, lease.second,
                                                               lease.incarnation)
-                for incarnation, count in list(state.charges.items()):
-                    # Out before the await (charged at most once here). A charge the ledger
-                    # did not get is charged again, one it got late counts twice: on the
-                    # limit's side. Another ledger ignores it (it got the whole window).
-                    del state.charges[incarnation]
-                    try:
-                        answer = await self._ledger.charge(key_id, count, incarnation)
-                    except LedgerUnavailable as lost:
-                        if lost.late_answer is None:
-                            state.charges[incarnation] = state.charges.get(incarnation, 0) \
-                                + count
-                        raise
-                    await self._hear(answer)
+                if state.charges or state.refunds:
+                    await self._correct_tokens(key_id, state)
                 if state.slots_used == 0:  # no request of the key here: hold nothing
                     await self._give_back_idle(key_id, state, 0)
                 elif state.concurrency is not None and state.slots_held > state.concurrency:
@@ -912,7 +903,32 @@ class ReplicaQuota:
         self._void_grants = [v for v in self._void_grants if v[1].incarnation != incarnation]
         for state in self._keys.values():
             state.leases = [l for l in state.leases if l.incarnation != incarnation]
-            state.charges.pop(incarnation, None)  # in the window restored into the live one
+            # In the window restored into the live ledger:
+            state.charges.pop(incarnation, None)
+            state.refunds = {k: n for k, n in state.refunds.items() if k[0] != incarnation}
+
+    async def _correct_tokens(self, key_id: str, state: _KeyState) -> None:
+        """Send the key's token corrections (charges, refunds), one call per ledger that
+        counted them. Taken out before the await: a correction the ledger did not get is
+        sent again; one it got late (missed its deadline) is not, and counts twice if it
+        was a charge (on the limit's side); another ledger ignores it (it got the whole
+        window). Raises LedgerUnavailable."""
+        for incarnation in {*state.charges, *(k[0] for k in state.refunds)}:
+            charged = state.charges.pop(incarnation, 0)
+            refunds = {second: n for (inc, second), n in state.refunds.items()
+                       if inc == incarnation}
+            for second in refunds:
+                del state.refunds[(incarnation, second)]
+            try:
+                answer = await self._ledger.correct(key_id, refunds, charged, incarnation)
+            except LedgerUnavailable as lost:
+                if lost.late_answer is None:
+                    state.charges[incarnation] = state.charges.get(incarnation, 0) + charged
+                    for second, n in refunds.items():
+                        where = (incarnation, second)
+                        state.refunds[where] = state.refunds.get(where, 0) + n
+                raise
+            await self._hear(answer)
 
     async def _give_back_idle(self, key_id: str, state: _KeyState, keep: int) -> None:
         """Idle slots beyond ``keep`` held (never one in use) go back to the ledger."""
@@ -1013,15 +1029,6 @@ def _net_out(counts: dict[int, int], count: int) -> None:
             del counts[second]
         if not count:
             return
-
-
-def _net_out_at(counts: dict[int, int], second: int, count: int) -> None:
-    """``count`` fewer in ``second`` (what is left of it: it may be forgotten already)."""
-    left = counts.get(second, 0) - count
-    if left > 0:
-        counts[second] = left
-    else:
-        counts.pop(second, None)
 
 
 def _available(state: _KeyState, now: float) -> int:

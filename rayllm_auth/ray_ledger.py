@@ -46,7 +46,7 @@ class LedgerActor(Ledger):
 
 #: In the actor's name: a replica of a newer rayllm-auth with another ledger protocol never
 #: talks to an older ledger still running (detached actors outlive upgrades).
-# 2: restore takes parts with tokens, give-backs name the incarnation; 3: charge (tpm=)
+# 2: restore takes parts with tokens, give-backs name the incarnation; 3: correct (tpm=)
 PROTOCOL = 3
 
 

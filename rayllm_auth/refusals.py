@@ -63,11 +63,13 @@ class Refusal(_Spec, enum.Enum):
                          "known to use only the model the request names.")
     TOO_LARGE = _Spec("model_denied", 413, "request_too_large",
                       "Request body too large for a key limited to some models.")
-    # Token accounting (outcome too_large): a body it must read to ask for a stream's usage.
+    # Token accounting, or a key with tpm= (outcome too_large): a body it must read to ask
+    # for a stream's usage.
     BODY_TOO_LARGE = _Spec("too_large", 413, "request_too_large",
-                           "Request body too large: with token accounting on, request bodies "
-                           "of completions, chat and embeddings are read, up to 64 MiB.")
-    # A key over its rpm= or concurrency= (outcome rate_limited): OpenAI's 429, which the
+                           "Request body too large: with token accounting on, or a limit of "
+                           "tokens per minute, request bodies of completions, chat and "
+                           "embeddings are read, up to 64 MiB.")
+    # A key over its rpm=, concurrency= or tpm= (outcome rate_limited): OpenAI's 429, which the
     # openai SDK retries after Retry-After; the answer carries the rate-limit headers.
     RPM_EXCEEDED = _Spec("rate_limited", 429, "rate_limit_exceeded",
                          "Rate limit reached for requests per minute (RPM) of this API key. "

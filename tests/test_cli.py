@@ -96,7 +96,7 @@ def test_doctor_reports_enforced_with_counts_and_ids_only(tmp_path):
                                    f"old:{new_key()} expires={iso_in(-60)}\n"
                                    f"soon:{new_key()} expires={soon}\n"
                                    f"later:{new_key()} expires={iso_in(30 * 86400)}\n"
-                                   f"batch:{new_key()} rpm=600 concurrency=8\n"
+                                   f"batch:{new_key()} rpm=600 concurrency=8 tpm=90000\n"
                                    f"*  rpm=60\n")
     result = run_forked(DOCTOR, env={"RAY_LLM_API_KEYS": f"team-a:{env_key}",
                                      "RAY_LLM_API_KEYS_FILE": str(tmp_path / "keys")})
@@ -105,7 +105,7 @@ def test_doctor_reports_enforced_with_counts_and_ids_only(tmp_path):
     assert "1 key(s), 0 limited to some models; ids team-a" in out
     assert "5 key(s), 1 limited to some models; ids batch, later, old, soon, team-b" in out
     assert re.search(r"limits +6 key id\(s\), each across the app's replicas: batch \(rpm=600 "
-                     r"concurrency=8\), later \(rpm=60\), old \(rpm=60\), soon \(rpm=60\), "
+                     r"concurrency=8 tpm=90000\), later \(rpm=60\), old \(rpm=60\), soon \(rpm=60\), "
                      r"team-a \(rpm=60\), team-b \(rpm=60\)\n", out)
     assert re.search(r"expired keys +old\n", out)
     assert re.search(rf"expiring in 7 days +soon at {soon[:13]}", out)

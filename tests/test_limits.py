@@ -227,6 +227,9 @@ def test_limits_are_read_with_the_other_options():
     (entry,) = parse_key_file(f"team:{new_key()} models=a rpm=600 concurrency=8\n", "f")
     assert (entry.grant.rpm, entry.grant.concurrency, entry.grant.models) == (600, 8, {"a"})
     assert not entry.grant.plain and entry.grant.rate_limited
+    (tokens_only,) = parse_key_file(f"team:{new_key()} tpm=90000\n", "f")
+    assert tokens_only.grant.tpm == 90000 and tokens_only.grant.rpm is None
+    assert not tokens_only.grant.plain and tokens_only.grant.rate_limited
 
 
 @pytest.mark.parametrize("option", ["rpm=0", "rpm=-1", "rpm=1.5", "rpm=", "rpm=ten",
@@ -245,14 +248,15 @@ def test_limits_written_in_a_comment_are_errors(comment):
 
 
 def test_default_limits_apply_to_keys_without_their_own(key_file, clock):
-    key_file.write_text(key_file.read_text() + "*  rpm=100 concurrency=4\n")
-    grants = {g.key_id: (g.rpm, g.concurrency) for g in KeyStore(watch=False).current().grants}
-    assert grants == {"slow": (3, None), "one-at-a-time": (None, 1), "both": (2, 1),
-                      "free": (100, 4), "env": (100, 4)}
+    key_file.write_text(key_file.read_text() + "*  rpm=100 concurrency=4 tpm=5000\n")
+    grants = {g.key_id: (g.rpm, g.concurrency, g.tpm)
+              for g in KeyStore(watch=False).current().grants}
+    assert grants == {"slow": (3, None, None), "one-at-a-time": (None, 1, None),
+                      "both": (2, 1, None), "free": (100, 4, 5000), "env": (100, 4, 5000)}
 
 
 @pytest.mark.parametrize("line", ["* models=a", "* expires=2030-01-01T00:00:00Z", "*",
-                                  "* rpm=5\n* rpm=6"])
+                                  "* rpm=5\n* rpm=6", "* tpm=0"])
 def test_a_defaults_line_sets_limits_and_nothing_else(tmp_path, line):
     path = tmp_path / "keys"
     path.write_text(f"team:{new_key()}\n{line}\n")
@@ -260,9 +264,11 @@ def test_a_defaults_line_sets_limits_and_nothing_else(tmp_path, line):
         read_key_file(str(path))
 
 
-def test_keys_sharing_an_id_must_share_its_limits():
+@pytest.mark.parametrize("first, second", [("rpm=5", "rpm=6"), ("tpm=5", "tpm=6"),
+                                           ("tpm=5", "")])
+def test_keys_sharing_an_id_must_share_its_limits(first, second):
     with pytest.raises(ConfigError, match="share its limits"):
-        KeySet(parse_key_file(f"team:{new_key()} rpm=5\nteam:{new_key()} rpm=6\n", "f"),
+        KeySet(parse_key_file(f"team:{new_key()} {first}\nteam:{new_key()} {second}\n", "f"),
                ("test",))
     same = KeySet(parse_key_file(f"team:{new_key()} rpm=5\nteam:{new_key()} rpm=5\n", "f"),
                   ("test",))

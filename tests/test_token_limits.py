@@ -145,10 +145,29 @@ def test_without_the_ledger_each_replica_limits_to_its_share_then_restores_it():
     assert window_count(remote, "team") == 100 * sum(admitted)
 
 
-def test_a_charge_for_another_ledger_counts_nothing():
+def test_corrections_for_another_ledger_count_nothing():
     ledger = Ledger(Clock())
-    assert ledger.charge(tokens_id("team"), 500, "another") == ledger.incarnation
-    assert ledger.lease_requests(tokens_id("team"), 600, 600, "r").granted == 600
+    granted = ledger.lease_requests(tokens_id("team"), 600, 100, "r")
+    assert ledger.correct(tokens_id("team"), {granted.second: 100}, 500, "another") \
+        == ledger.incarnation
+    assert ledger.lease_requests(tokens_id("team"), 600, 600, "r").granted == 500
+
+
+def test_tokens_a_long_request_did_not_use_are_taken_off_their_second_not_spent_again():
+    # Spent again later, permits counted in an old second would be admitted in a window that
+    # no longer counts them: the window would admit up to twice its limit.
+    clock, remote, (quota,) = cluster(replicas=1)
+    asyncio.run(request(quota, "team", 2000, 1000))  # the key's mean is now 1000
+    asyncio.run(quota.upkeep())  # (the heartbeat's correction of it)
+    clock.now += COUNTED_S + 1
+    verdict = asyncio.run(quota.admit("team", None, None, 2000))
+    assert verdict.reservation.total == 1000
+    clock.now += 30  # a long stream; its lease ran out and went back meanwhile
+    asyncio.run(quota.upkeep())
+    quota.settle(verdict.reservation, 10)
+    asyncio.run(quota.upkeep())
+    assert window_count(remote, "team") == 10
+    assert quota._keys[tokens_id("team")].leases == []  # nothing of it to spend here
 
 
 # -- at the ASGI level: Ray's ingress app, the stand-in engine --------------------------------

@@ -637,13 +637,15 @@ def test_replica_killed_mid_stream_comes_back_enforcing(cluster, wheel):
 # -- per-key limits across two ingress replicas --------------------------------------------
 
 LIMITS_RPM = {"rpm-fast": 120, "rpm-slow": 60}
+#: tpm= of the "tokens" key, whose requests use 2 to 6 tokens each (1 prompt, 1 to 5 completion).
+LIMIT_TPM = 480
 LIMITED_KEYS = {name: new_key() for name in (*LIMITS_RPM, "lowered", "one-stream", "unlimited",
-                                             "survivor")}
+                                             "survivor", "tokens")}
 LIMITS_APP = "/limits"
 
 
 def limits_key_file(lowered_rpm: int = 1000) -> str:
-    """The example's key file plus keys with limits: three rpm=, one concurrency=."""
+    """The example's key file plus keys with limits: three rpm=, one concurrency=, one tpm=."""
     sha = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in LIMITED_KEYS.items()}
     return example_key_file() + "".join([
         f"rpm-fast:sha256:{sha['rpm-fast']} rpm={LIMITS_RPM['rpm-fast']}\n",
@@ -652,6 +654,7 @@ def limits_key_file(lowered_rpm: int = 1000) -> str:
         f"rpm-slow:sha256:{sha['rpm-slow']} rpm={LIMITS_RPM['rpm-slow']}\n",
         f"one-stream:sha256:{sha['one-stream']} concurrency=1\n",
         f"unlimited:sha256:{sha['unlimited']}\n",
+        f"tokens:sha256:{sha['tokens']} tpm={LIMIT_TPM}\n",
     ])
 
 
@@ -684,38 +687,54 @@ async def limits_request(client, key, max_tokens=2, stream=False):
     return reply.status_code, time.time(), reply.headers
 
 
-async def paced(key, per_second, seconds):
-    """Requests with ``key`` at a fixed rate for ``seconds``; their (status, time, headers)."""
+async def tokens_request(client, key, n):
+    """The ``n``th request of a tokens load (1 to 5 completion tokens): (status, time,
+    headers, the response's usage and model; None when refused)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 1 + n % 5}
+    reply = await client.post(f"{LIMITS_APP}/v1/chat/completions", json=body,
+                              headers={"authorization": f"Bearer {key}"})
+    served = reply.json() if reply.status_code == 200 else None
+    return reply.status_code, time.time(), reply.headers, served and (served["usage"],
+                                                                      served["model"])
+
+
+async def paced(key, per_second, seconds, tokens=False):
+    """Requests with ``key`` at a fixed rate for ``seconds``; their (status, time, headers),
+    or with ``tokens`` what :func:`tokens_request` returns."""
     async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
         started = time.monotonic()
         tasks = []
         for n in range(int(per_second * seconds)):
             await asyncio.sleep(max(0.0, started + n / per_second - time.monotonic()))
-            tasks.append(asyncio.create_task(limits_request(client, key)))
+            tasks.append(asyncio.create_task(
+                tokens_request(client, key, n) if tokens else limits_request(client, key)))
         return await asyncio.gather(*tasks)
 
 
-def most_in_any_window(times, width=60.0):
-    times = sorted(times)
-    return max((sum(1 for u in times[i:] if u < t + width) for i, t in enumerate(times)),
-               default=0)
+def most_in_any_window(times, width=60.0, weights=None):
+    """The most ``times`` (or the most of their ``weights``) in any window of ``width``."""
+    ordered = sorted(zip(times, weights or [1] * len(times)))
+    return max((sum(w for u, w in ordered[i:] if u < t + width)
+                for i, (t, _) in enumerate(ordered)), default=0)
 
 
 def by_ten_seconds(answers) -> list[tuple[int, int, int]]:
     """(second, admitted, refused) per 10 s from the first answer: what a failed accuracy
     assertion shows, to tell a slow client from a ledger that under-admits."""
-    start = min(t for _, t, _ in answers)
+    start = min(answer[1] for answer in answers)
     rows = {}
-    for status, t, _ in answers:
+    for status, t, *_ in answers:
         row = rows.setdefault(int(t - start) // 10 * 10, [0, 0])
         row[status != 200] += 1
     return [(second, *row) for second, row in sorted(rows.items())]
 
 
-def test_rpm_holds_across_two_ingress_replicas_under_twice_the_load(cluster, limits):
-    """Per key, at twice its rpm for 75 s: the requests admitted in any 60 s window are
-    within 5 % of the limit plus the leases' slack; a key without limits is untouched; a
-    refused request never reaches the engine."""
+def test_rpm_and_tpm_hold_across_two_ingress_replicas_under_twice_the_load(cluster, limits):
+    """Per key, at twice its rpm (or tpm) for 75 s: the requests (tokens) admitted in any
+    60 s window are within 5 % of the limit plus the leases' slack; a key without limits is
+    untouched; a refused request never reaches the engine; the tokens counted are exactly
+    the engine's."""
     deployments = cluster.applications()["limits"]["deployments"]
     ingress = [d for name, d in deployments.items() if name in ("OpenAiIngress", "LLMRouter")]
     assert [sum(r["state"] == "RUNNING" for r in d["replicas"]) for d in ingress] == [2]
@@ -725,6 +744,8 @@ def test_rpm_holds_across_two_ingress_replicas_under_twice_the_load(cluster, lim
         loads = {name: paced(LIMITED_KEYS[name], 2 * rpm / 60, 75)
                  for name, rpm in LIMITS_RPM.items()}
         loads["unlimited"] = paced(LIMITED_KEYS["unlimited"], 2, 75)
+        # 4 tokens per request on average: twice the tpm.
+        loads["tokens"] = paced(LIMITED_KEYS["tokens"], 2 * LIMIT_TPM / 60 / 4, 75, tokens=True)
         return dict(zip(loads, await asyncio.gather(*loads.values())))
 
     results = asyncio.run(scenario())
@@ -745,8 +766,39 @@ def test_rpm_holds_across_two_ingress_replicas_under_twice_the_load(cluster, lim
         assert all(1 <= int(h["retry-after"]) <= 60 for h in refused)
         assert all(h["x-ratelimit-limit-requests"] == str(rpm) for _, _, h in results[name])
     assert {status for status, _, _ in results["unlimited"]} == {200}
-    admitted_total = sum(status == 200 for r in results.values() for status, _, _ in r)
+    admitted_total = sum(answer[0] == 200 for r in results.values() for answer in r)
     assert len(cluster.engine_calls()) - before == admitted_total
+    check_tokens_per_minute(cluster, results["tokens"])
+
+
+def check_tokens_per_minute(cluster, answers):
+    """The tokens load: the engine's usage of the requests admitted in any 60 s window within
+    5 % of tpm= plus the slack (two replicas' largest leases, and each replica's requests in
+    flight when the window fills using up to 5 tokens more than they reserved); the tokens
+    counted in Ray's metrics exactly the engine's."""
+    assert {status for status, *_ in answers} <= {200, 429}, answers
+    admitted = [(t, usage["total_tokens"]) for status, t, _, (usage, _) in
+                (a for a in answers if a[0] == 200)]
+    most = most_in_any_window([t for t, _ in admitted], weights=[n for _, n in admitted])
+    start = min(t for t, _ in admitted)
+    first_minute = sum(n for t, n in admitted if t < start + 60)
+    FIGURES["limits"]["tokens"] = {"tpm": LIMIT_TPM, "most_in_60s": most,
+                                   "first_60s": first_minute}
+    slack = 2 * max(1, int(LIMIT_TPM * 0.02)) + 2 * 2 * 5
+    timeline = by_ten_seconds(answers)
+    assert most <= LIMIT_TPM * 1.05 + slack, (most, timeline)
+    assert first_minute >= LIMIT_TPM * 0.95, (first_minute, timeline)
+    for status, _, headers, _ in answers:
+        assert headers["x-ratelimit-limit-tokens"] == str(LIMIT_TPM)
+    refused = [h for status, _, h, _ in answers if status == 429]
+    assert refused and all(1 <= int(h["retry-after"]) <= 60 for h in refused)
+    expected = {}
+    for status, _, _, served in answers:
+        if served is not None:
+            usage, model = served
+            for kind in ("prompt", "completion"):
+                expected[(model, kind)] = expected.get((model, kind), 0) + usage[f"{kind}_tokens"]
+    cluster.wait_for_tokens_counted("tokens", expected)
 
 
 def test_concurrency_holds_across_replicas_and_a_stream_holds_its_slot(cluster, limits):
