@@ -51,6 +51,9 @@ COUNTED_S = WINDOW_S + 1
 LEASE_S = 2.0
 #: A replica that has not synced for this long loses its concurrency slots.
 HOLDING_TTL_S = 10.0
+#: The longest an overdraw of tokens per minute is carried (what is left of it then is
+#: counted in that minute).
+MAX_OVERDRAW_MINUTES = 60
 #: A key refused a slot (or found above its limit) is reported as contended to every replica
 #: that syncs for this long: longer than a heartbeat, so its holders hear it.
 CONTENDED_S = 3.0
@@ -60,7 +63,8 @@ CONTENDED_S = 3.0
 class RequestGrant:
     """The answer to a request-permit lease: ``granted`` permits (possibly 0), counted in
     ``second``; ``remaining`` in the window after them; ``reset_s`` until the window frees
-    its oldest counted permit (0 when nothing is counted); the ledger's ``incarnation``."""
+    its oldest counted permit (0 when nothing is counted), or, when nothing was granted,
+    until it has freed enough for the lease asked for; the ledger's ``incarnation``."""
 
     granted: int
     second: int
@@ -81,18 +85,27 @@ def take_off(counts: dict[int, int], second: int, count: int) -> None:
 
 @dataclass
 class _Window:
-    """Permits granted per second, for the last COUNTED_S seconds."""
+    """Permits granted per second, for the last COUNTED_S seconds; and, for tokens, an
+    overdraw carried into seconds to come (counted from their second on)."""
 
     counts: dict[int, int] = field(default_factory=dict)  # second -> permits granted
 
     def used(self, now_s: int) -> int:
         self._forget(now_s)
-        return sum(self.counts.values())
+        return sum(n for s, n in self.counts.items() if s <= now_s)
 
-    def reset_s(self, now: float) -> float:
-        if not self.counts:
-            return 0.0
-        return max(0.0, min(self.counts) + COUNTED_S - now)
+    def reset_s(self, now: float, needed: int = 1) -> float:
+        """Seconds until the seconds counted now have freed ``needed`` permits (as many as
+        they hold at most): 0 when nothing is counted."""
+        freed = 0
+        for second in sorted(s for s in self.counts if s <= now):
+            freed += self.counts[second]
+            if freed >= needed:
+                break
+        else:
+            if not freed:
+                return 0.0
+        return max(0.0, second + COUNTED_S - now)
 
     def _forget(self, now_s: int) -> None:
         for second in [s for s in self.counts if s <= now_s - COUNTED_S]:
@@ -116,17 +129,23 @@ class Ledger:
 
     # -- requests per minute -----------------------------------------------------------------
 
-    def lease_requests(self, key_id: str, rpm: int, want: int, replica: str) -> RequestGrant:
+    def lease_requests(self, key_id: str, rpm: int, want: int, replica: str,
+                       least: int = 1) -> RequestGrant:
+        """Up to ``want`` permits of a window of ``rpm`` per minute; none unless at least
+        ``least`` are free (a request's tokens: all or nothing)."""
         now = self._clock()
         self._last_sync[replica] = now
         second = math.floor(now)
         window = self._windows.setdefault(key_id, _Window())
-        free = max(0, rpm - window.used(second))
-        granted = min(want, free)
+        used = window.used(second)
+        free = max(0, rpm - used)
+        granted = min(want, free) if free >= least else 0
         if granted:
             window.counts[second] = window.counts.get(second, 0) + granted
-        return RequestGrant(granted, second, free - granted, window.reset_s(now),
-                            self.incarnation)
+            reset_s = window.reset_s(now)
+        else:
+            reset_s = window.reset_s(now, used + least - rpm)
+        return RequestGrant(granted, second, free - granted, reset_s, self.incarnation)
 
     def give_back_requests(self, key_id: str, count: int, second: int,
                            incarnation: str) -> None:
@@ -136,15 +155,17 @@ class Ledger:
         if incarnation == self.incarnation and window is not None:
             take_off(window.counts, second, count)
 
-    def correct(self, key_id: str, given_back: Mapping[int, int], charged: int,
+    def correct(self, key_id: str, tpm: int, given_back: Mapping[int, int], charged: int,
                 incarnation: str) -> str:
         """A replica's corrections of its token reservations (``tokens_id`` windows), once
         the engine reported their usage: permits granted in a second and not used
         (``given_back``: second -> count), and tokens used beyond what was reserved
-        (``charged``), counted now, even above the limit (the window then refuses until it
-        has made up for them). Only the ``incarnation`` that granted the reservations applies
-        them (another got them in the window a replica restored into it). Returns the
-        incarnation."""
+        (``charged``), counted now, even above ``tpm``. What the charge puts above ``tpm``
+        is an overdraw, also counted in the minutes to come, ``tpm`` per minute (at most
+        MAX_OVERDRAW_MINUTES), so that the key gets ``tpm`` over any longer stretch, not
+        ``tpm`` plus an overdraw every minute. Only the ``incarnation`` that granted the
+        reservations applies them (another got them in the window a replica restored into
+        it). Returns the incarnation."""
         if incarnation != self.incarnation:
             return self.incarnation
         window = self._windows.setdefault(key_id, _Window())
@@ -153,6 +174,14 @@ class Ledger:
         if charged > 0:
             second = math.floor(self._clock())
             window.counts[second] = window.counts.get(second, 0) + charged
+            overdraw = min(charged, window.used(second) - tpm)
+            for minute in range(1, MAX_OVERDRAW_MINUTES + 1):
+                if overdraw <= 0:
+                    break
+                later = second + minute * COUNTED_S  # counted from the end of this window on
+                part = overdraw if minute == MAX_OVERDRAW_MINUTES else min(overdraw, tpm)
+                window.counts[later] = window.counts.get(later, 0) + part
+                overdraw -= part
         return self.incarnation
 
     # -- concurrency ---------------------------------------------------------------------------

@@ -251,9 +251,19 @@ class ApiKeyMiddleware:
                 return await self._refuse(prepared, grant.key_id, scope, receive, send)
             receive, counting = prepared
             if counting is not None:
-                send = counting(send, None if reservation is None else Settlement(
-                    functools.partial(self._quota.settle, reservation),
-                    functools.partial(self._quota.give_back, reservation)))
+                if reservation is None:
+                    send = counting(send)
+                else:
+                    quota = self._quota
+                    send = counting(send, Settlement(
+                        functools.partial(quota.settle, reservation),
+                        functools.partial(quota.give_back, reservation),
+                        functools.partial(quota.settle_unreported, reservation)))
+                    metrics.record_ok(grant.key_id)
+                    try:
+                        return await self.app(scope, receive, send)
+                    finally:
+                        send.close()  # a client gone, an app failed: settled all the same
         metrics.record_ok(grant.key_id)
         await self.app(scope, receive, send)
 

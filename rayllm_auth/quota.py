@@ -22,19 +22,20 @@ this replica admitted in the last window. Limits are never dropped and traffic i
 refused because the ledger is gone.
 
 **Tokens per minute** are requests per minute counted in tokens, in a window of their own
-(``tokens_id``): a request *reserves* the key's recent mean usage on this replica (one token
-before any request of the key has ended here) from token permits, exactly as a request
-spends a request permit, and is refused when the window has not that much left. When its
-response ends, :meth:`ReplicaQuota.settle` corrects the reservation with the usage the engine
-reported: tokens reserved and not used go back into the lease they came from while it runs
-(spent by the next requests), and are taken off the second they were counted in by the
-heartbeat once it has run out (within ``SYNC_S``, one call per key: never a remote call per
-request); tokens used beyond the reservation are taken from this replica's leases, and what
-they lack is *charged* to the ledger by the heartbeat, counted even above the limit, so the
-window refuses until it has made up for them. A permit is thus always spent within
-``LEASE_S`` of its grant, as for requests per minute: the bound on what a window admits
-holds for tokens too. A response that reports no usage (a stream its client
-left) keeps its whole reservation; a response other than a 200 gives it all back.
+(``tokens_id``): a request *reserves* the key's recent usage on this replica (the median of
+its last USAGE_SAMPLES requests; one token before any has ended here) from token permits,
+as a request spends a request permit, and is refused when the window has not that much left
+(a token lease is all or nothing). When its response ends, :meth:`ReplicaQuota.settle`
+corrects the reservation with the usage the engine reported: tokens reserved and not used go
+back into the lease they came from while it runs (spent by the next requests), and are taken
+off the second they were counted in by the heartbeat once it has run out (within ``SYNC_S``,
+one call per key: never a remote call per request); tokens used beyond the reservation are
+taken from this replica's leases, and what they lack is *charged* to the ledger by the
+heartbeat, counted even above the limit, and what puts the window above it in the following
+minutes too (:meth:`~rayllm_auth.ledger.Ledger.correct`). A permit is thus always spent within
+``LEASE_S`` of its grant, as for requests per minute. A response that reports no usage (a
+stream its client left) is settled with the events it streamed, or its reservation if more;
+a response other than a 200 gives it all back.
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ MAX_LEASE_SHARE = 0.02
 #: After the ledger refused a key a slot, this replica refuses it locally for this long (a
 #: flood of refused requests costs no remote calls; a slot freed elsewhere is seen after it).
 SLOT_REFUSAL_S = 0.05
-#: Weight of a request's usage in its key's mean (the next reservations): about the last
-#: five requests.
-USAGE_WEIGHT = 0.2
+#: A request reserves the median usage of its key's last this many requests on the replica:
+#: a median, so one outlier does not make the replica reserve it for every request (and be
+#: refused for ever: it learns nothing while it refuses).
+USAGE_SAMPLES = 5
+#: Largest reservation, as a share of the key's tpm.
+RESERVATION_SHARE = 0.25
 
 
 def tokens_id(key_id: str) -> str:
@@ -90,14 +94,15 @@ class LedgerCalls(Protocol):
     """The ledger's methods as awaitables (:class:`~rayllm_auth.ledger.Ledger`'s signatures);
     each raises LedgerUnavailable when the ledger cannot answer."""
 
-    async def lease_requests(self, key_id: str, rpm: int, want: int, replica: str) -> RequestGrant: ...
+    async def lease_requests(self, key_id: str, rpm: int, want: int, replica: str,
+                             least: int = 1) -> RequestGrant: ...
     async def give_back_requests(self, key_id: str, count: int, second: int,
                                  incarnation: str) -> None: ...
     async def lease_slots(self, key_id: str, concurrency: int, want: int,
                           replica: str) -> tuple[int, str]: ...
     async def give_back_slots(self, key_id: str, count: int, replica: str) -> None: ...
     async def sync(self, replica: str, holdings: dict) -> dict: ...
-    async def correct(self, key_id: str, given_back: dict, charged: int,
+    async def correct(self, key_id: str, tpm: int, given_back: dict, charged: int,
                       incarnation: str) -> str: ...
     async def restore(self, replica: str, incarnation: str, parts: list,
                       holdings: dict) -> str: ...
@@ -170,7 +175,9 @@ class _KeyState:
     concurrency_told: Optional[int] = None  # the limit the ledger last heard for this key
     admitted: dict[int, int] = field(default_factory=dict)  # local second -> requests
     admitted_alone: dict[int, int] = field(default_factory=dict)  # of those, on fallback permits
-    mean_usage: Optional[float] = None  # tokens per request of the key, as settled here
+    #: Tokens used by the key's last requests here, as settled (the newest last).
+    usage: list[int] = field(default_factory=list)
+    tpm: int = 0  # tokens: the limit as last seen
     charges: dict[str, int] = field(default_factory=dict)  # incarnation -> tokens to charge
     #: (incarnation, second) -> tokens reserved in a lease that has run out, not used: the
     #: ledger takes them off that second at the next heartbeat.
@@ -260,6 +267,7 @@ class ReplicaQuota:
             tokens = self._keys.get(tokens_id(key_id))
             if tokens is None or now < tokens.exhausted_until:
                 return None
+            tokens.tpm = tpm
             wanted = _estimate(tokens, tpm)
             if _available(tokens, now) < wanted:
                 return None
@@ -287,15 +295,16 @@ class ReplicaQuota:
         state.concurrency = concurrency
         self._keep_up()
         now = self._clock()
+        tokens = None
         if rpm is not None and now < state.exhausted_until and not self._retry_due(now):
-            return self._refused("rpm", state, rpm)  # before taking a slot: no remote call
+            return self._refusal("rpm", key_id, rpm, tpm)  # before taking a slot
         if tpm is not None:
             tokens = self._state(tokens_id(key_id))
+            tokens.tpm = tpm
             if now < tokens.exhausted_until and not self._retry_due(now):
-                return self._refused("tpm", tokens, tpm)
+                return self._refusal("tpm", key_id, rpm, tpm)
         if concurrency is not None and not await self._take_slot(key_id, state, concurrency):
-            remaining = self._remaining(state, None, rpm) if rpm else None
-            return Verdict("concurrency", rpm, remaining, state.reset_s, 1.0)
+            return self._refusal("concurrency", key_id, rpm, tpm)
         reservation = None
         try:
             if tpm is not None:
@@ -304,7 +313,7 @@ class ReplicaQuota:
                 if taken.__class__ is Verdict:
                     if concurrency is not None:
                         self.release_soon(key_id)
-                    return taken
+                    return self._refusal(taken, key_id, rpm, tpm)
                 reservation = self._reserve(tokens_id(key_id), tokens, taken, wanted,
                                             self._clock())
             # The common case without an await: a permit from a lease held here.
@@ -316,7 +325,7 @@ class ReplicaQuota:
                         self.give_back(reservation)
                     if concurrency is not None:
                         self.release_soon(key_id)
-                    return taken
+                    return self._refusal(taken, key_id, rpm, tpm)
                 now = self._clock()
         except BaseException:  # cancelled while waiting for the ledger: nothing is kept
             if reservation is not None:
@@ -325,6 +334,27 @@ class ReplicaQuota:
                 self.release_soon(key_id)
             raise
         return self._admitted(state, rpm, now, tpm, reservation)
+
+    def _refusal(self, refused, key_id: str, rpm: Optional[int],
+                 tpm: Optional[int]) -> Verdict:
+        """The refusal ``refused`` (a Verdict, or the name of the limit), with what each of
+        the key's limits says: its 429 carries the headers of every limit, as OpenAI's do."""
+        state = self._state(key_id)
+        tokens = self._state(tokens_id(key_id)) if tpm is not None else None
+        if refused == "concurrency":
+            refused = Verdict("concurrency", retry_after_s=1.0)
+        elif refused.__class__ is str:
+            refused = self._refused(refused, tokens, tpm) if refused == "tpm" else \
+                self._refused(refused, state, rpm)
+        now = self._clock()
+        if rpm is not None and refused.limit is None:
+            refused = refused._replace(limit=rpm, remaining=self._remaining(state, now, rpm),
+                                       reset_s=state.reset_s)
+        if tokens is not None and refused.token_limit is None:
+            refused = refused._replace(token_limit=tpm,
+                                       token_remaining=self._remaining(tokens, now, tpm),
+                                       token_reset_s=tokens.reset_s)
+        return refused
 
     def _state(self, key_id: str) -> _KeyState:
         state = self._keys.get(key_id)
@@ -355,14 +385,20 @@ class ReplicaQuota:
         """The usage the engine reported for an admitted request: the reservation is
         corrected (see the module's docstring; tokens used beyond it are charged to the
         ledger by the heartbeat, or on fallback permits counted here alone), and the key's
-        next requests reserve the new mean. No remote call, no await. A reservation is
+        next requests reserve from its recent usage. No remote call, no await. A reservation is
         settled or given back once; later calls do nothing."""
         self._settle(reservation, used, learn=True)
 
+    def settle_unreported(self, reservation: Reservation, events: int) -> None:
+        """A 200 response that reported no usage (a stream its client left, or that broke
+        off): :meth:`settle` with the ``events`` it streamed (one token each at least), or
+        its reservation if more. Its usage is unknown; this is what it used at least."""
+        self._settle(reservation, max(reservation.total, events), learn=True)
+
     def give_back(self, reservation: Reservation) -> None:
         """An admitted request whose tokens the engine never used (refused before it reached
-        the engine, or refused by it): its whole reservation goes back, and the key's mean
-        is not changed."""
+        the engine, or refused by it): its whole reservation goes back, and the key's recent
+        usage is not changed."""
         self._settle(reservation, 0, learn=False)
 
     def _settle(self, reservation: Reservation, used: int, learn: bool) -> None:
@@ -374,8 +410,8 @@ class ReplicaQuota:
             return
         now = self._clock()
         if learn:
-            state.mean_usage = used if state.mean_usage is None else \
-                state.mean_usage + USAGE_WEIGHT * (used - state.mean_usage)
+            state.usage.append(used)
+            del state.usage[:-USAGE_SAMPLES]
         extra = used - reservation.total
         if extra < 0:
             self._refund(state, reservation, -extra, now)
@@ -510,7 +546,8 @@ class ReplicaQuota:
             want = max(min(max(state.want, state.waiting * need), self._largest_lease(limit)),
                        need)
             try:
-                grant = await self._ledger.lease_requests(key_id, limit, want, self._replica)
+                grant = await self._ledger.lease_requests(key_id, limit, want, self._replica,
+                                                          need)
             except LedgerUnavailable as gone:
                 self._enter_fallback(self._clock())
                 if gone.late_answer is not None:
@@ -531,7 +568,7 @@ class ReplicaQuota:
             now = self._clock()
             state.remaining, state.reset_s = grant.remaining, grant.reset_s
             state.reset_at = now + grant.reset_s
-            if grant.granted < need:  # the window has not enough left (for rpm: none)
+            if grant.granted < need:  # the window has not enough left (granted: none)
                 state.exhausted_until = now + min(max(grant.reset_s, 0.05), RPM_RECHECK_S)
             if grant.granted:
                 state.leases.append(_RequestLease(grant.second, grant.granted, now + LEASE_S,
@@ -577,6 +614,8 @@ class ReplicaQuota:
         for lease in state.leases:
             if lease.expires > now:
                 left += lease.left
+        if state.charges:  # tokens used beyond their reservations, not yet charged
+            left = max(0, left - sum(state.charges.values()))
         return min(left, rpm)
 
     @staticmethod
@@ -920,7 +959,8 @@ class ReplicaQuota:
             for second in refunds:
                 del state.refunds[(incarnation, second)]
             try:
-                answer = await self._ledger.correct(key_id, refunds, charged, incarnation)
+                answer = await self._ledger.correct(key_id, state.tpm, refunds, charged,
+                                                    incarnation)
             except LedgerUnavailable as lost:
                 if lost.late_answer is None:
                     state.charges[incarnation] = state.charges.get(incarnation, 0) + charged
@@ -1037,10 +1077,15 @@ def _available(state: _KeyState, now: float) -> int:
 
 
 def _estimate(state: _KeyState, tpm: int) -> int:
-    """Tokens a request of the key reserves: its recent mean here (one before any request
-    of it ended here), at most the whole limit (so that it is admitted in an empty window)."""
-    mean = state.mean_usage
-    return min(max(1, math.ceil(mean)) if mean else 1, tpm)
+    """Tokens a request of the key reserves: the median of its last USAGE_SAMPLES here (the
+    higher of two middle ones; one before any request of it ended here), at most
+    RESERVATION_SHARE of the limit: a replica that learnt of large requests is not refused
+    for as long as others keep the window from being nearly empty (what a request uses
+    beyond its reservation is charged, and carried over when it puts the window above the
+    limit: see :meth:`~rayllm_auth.ledger.Ledger.correct`)."""
+    usage = sorted(state.usage)
+    return min(max(1, usage[len(usage) // 2]) if usage else 1,
+               max(1, int(tpm * RESERVATION_SHARE)))
 
 
 def _still_counted(parts, now: float):

@@ -86,12 +86,14 @@ def usage_enabled(environ: Mapping[str, str]) -> bool:
 
 
 class Settlement(NamedTuple):
-    """What a response's end tells a key's tokens-per-minute limit, once: ``used(tokens)``
-    (prompt + completion, as the engine reported them) when a 200 response ends having
-    reported usage; ``refused()`` when the response is not a 200 (the engine generated
-    nothing). Neither for a response that ends without usage (a stream its client left)."""
+    """What a response tells a key's tokens-per-minute limit, once (:func:`_settling_send`):
+    ``used(tokens)`` (prompt + completion, as the engine reported them) when its usage was
+    counted; ``refused()`` when it is not a 200 (the engine generated nothing); or
+    ``unreported(events)`` when it ended, or its client left, without usage: the streamed
+    events it was sent (each one token or more), the only count there is."""
     used: Callable[[int], None]
     refused: Callable[[], None]
+    unreported: Callable[[int], None]
 
 
 def is_metered(scope) -> bool:
@@ -177,8 +179,9 @@ def _stream_options() -> TypeAdapter:
 
 def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settlement] = None):
     """A ``send`` that counts the usage a 200 response reports, and takes the usage event
-    out of a stream whose client did not ask for it (``strip``); with a ``settlement``,
-    tells it how the response ended (:func:`_settling_send`).
+    out of a stream whose client did not ask for it (``strip``); with a ``settlement``, a
+    ``send`` that tells it how the response ended, and must be closed once the app has
+    returned (:func:`_settling_send`).
 
     A plain function, not a coroutine and not an object's ``__call__`` (both cost more per
     call): it returns the client's own send's awaitable. Once an event stream has started,
@@ -212,24 +215,37 @@ def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settleme
 
 def _settling_send(counting_send, counter: "_Counter", settlement: Settlement):
     """``counting_send``, telling ``settlement`` once how the response ended: at a start
-    other than a 200, or at the last body message of a 200 that reported usage (counted by
-    then: ``counting_send`` counts a message before it returns)."""
-    ended = False
+    other than a 200, at the last body message (its usage counted by then: ``counting_send``
+    counts a message before it returns), or when the returned send's ``close()`` is called
+    (the app returned or failed, the client may have left): usage counted so far, else the
+    events sent."""
+    state = {"ok": False, "events": 0, "ended": False}
+
+    def end():
+        if state["ended"]:
+            return
+        state["ended"] = True
+        if counter.reported:
+            settlement.used(counter.total)
+        elif state["ok"]:
+            settlement.unreported(state["events"])
+        else:  # no 200 started: the engine refused it, or the app failed before answering
+            settlement.refused()
 
     def settling_send(message):
-        nonlocal ended
         sent = counting_send(message)
-        if not ended:
+        if not state["ended"]:
             if message["type"] == "http.response.start":
-                if message.get("status") != 200:
-                    ended = True
-                    settlement.refused()
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                ended = True
-                if counter.reported:
-                    settlement.used(counter.total)
+                state["ok"] = message.get("status") == 200
+                if not state["ok"]:
+                    end()
+            elif message["type"] == "http.response.body":
+                state["events"] += bytes(message.get("body", b"")).count(b"data:")
+                if not message.get("more_body"):
+                    end()
         return sent
 
+    settling_send.close = end
     return settling_send
 
 

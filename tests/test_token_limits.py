@@ -72,24 +72,29 @@ def test_usage_beyond_the_reservation_is_charged_and_refuses_until_made_up():
     refused = asyncio.run(request(quota, "team", 1000, 10))
     assert refused.refused == "tpm" and refused.token_remaining == 0
     assert 0 < refused.retry_after_s <= COUNTED_S
-    clock.now += COUNTED_S + 1
+    # 5000 tokens at 1000 a minute: not forgiven when the minute is over, but carried into
+    # the next four.
+    for _ in range(4):
+        clock.now += COUNTED_S
+        assert asyncio.run(request(quota, "team", 1000, 10)).refused == "tpm"
+    clock.now += COUNTED_S
     assert asyncio.run(request(quota, "team", 1000, 10)).refused is None
 
 
 def test_tokens_reserved_and_not_used_are_spent_again_without_remote_calls():
     clock, remote, (quota,) = cluster(replicas=1)
     tpm = 1_000_000
-    asyncio.run(request(quota, "team", tpm, 1000))  # the key's mean is now 1000
+    asyncio.run(request(quota, "team", tpm, 1000))  # its requests now reserve 1000
     asyncio.run(quota.upkeep())
     calls = remote.calls
     verdict = asyncio.run(quota.admit("team", None, None, tpm))
     assert verdict.reservation.total == 1000
     quota.settle(verdict.reservation, 10)  # 990 back into this replica's leases
-    for _ in range(3):  # the next reservations (the mean now ~800) come from them
+    for _ in range(3):  # the next reservations (1000: the median of 1000 and 10) use them
         nxt = asyncio.run(quota.admit("team", None, None, tpm))
-        assert nxt.refused is None
+        assert nxt.refused is None and nxt.reservation.total == 1000
         quota.give_back(nxt.reservation)
-    assert remote.calls == calls + 1  # one lease: 990 held back cover the rest
+    assert remote.calls == calls + 2  # the second request's lease, and 10 more
     # What the ledger counts is what was used, once the unused permits run out.
     clock.now += LEASE_S + 0.1
     asyncio.run(quota.upkeep())
@@ -148,7 +153,7 @@ def test_without_the_ledger_each_replica_limits_to_its_share_then_restores_it():
 def test_corrections_for_another_ledger_count_nothing():
     ledger = Ledger(Clock())
     granted = ledger.lease_requests(tokens_id("team"), 600, 100, "r")
-    assert ledger.correct(tokens_id("team"), {granted.second: 100}, 500, "another") \
+    assert ledger.correct(tokens_id("team"), 600, {granted.second: 100}, 500, "another") \
         == ledger.incarnation
     assert ledger.lease_requests(tokens_id("team"), 600, 600, "r").granted == 500
 
@@ -157,10 +162,10 @@ def test_tokens_a_long_request_did_not_use_are_taken_off_their_second_not_spent_
     # Spent again later, permits counted in an old second would be admitted in a window that
     # no longer counts them: the window would admit up to twice its limit.
     clock, remote, (quota,) = cluster(replicas=1)
-    asyncio.run(request(quota, "team", 2000, 1000))  # the key's mean is now 1000
+    asyncio.run(request(quota, "team", 10_000, 1000))  # the key's mean is now 1000
     asyncio.run(quota.upkeep())  # (the heartbeat's correction of it)
     clock.now += COUNTED_S + 1
-    verdict = asyncio.run(quota.admit("team", None, None, 2000))
+    verdict = asyncio.run(quota.admit("team", None, None, 10_000))
     assert verdict.reservation.total == 1000
     clock.now += 30  # a long stream; its lease ran out and went back meanwhile
     asyncio.run(quota.upkeep())
@@ -199,16 +204,21 @@ def limited(engine, tmp_path, monkeypatch, no_key_env, fresh_metrics):
     monkeypatch.setenv("RAY_LLM_API_KEYS_FILE", str(key_file))
     clock = Clock()
     ledger = InProcessLedger(Ledger(clock))
+    quota = ReplicaQuota(ledger, "test", clock, heartbeat=False)
     app = ApiKeyMiddleware(build_engine_app(engine, protect=False), clock=clock,
-                           quota=lambda: ReplicaQuota(ledger, "test", clock))
+                           quota=lambda: quota)
+    app.heartbeat = lambda: asyncio.run(quota.upkeep())
     return types.SimpleNamespace(app=app, clock=clock)
 
 
 def post(app, key, stream=False, path="/v1/chat/completions", **extra):
+    """One request, then the replica's heartbeat (which runs every 2 s in a replica)."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
             "max_tokens": 15, "stream": stream, **extra}
-    return asyncio.run(call(app, "POST", path, [*bearer(key), ("content-type", "application/json")],
-                            body=json.dumps(body).encode()))
+    reply = asyncio.run(call(app, "POST", path, [*bearer(key), ("content-type", "application/json")],
+                             body=json.dumps(body).encode()))
+    getattr(app, "heartbeat", lambda: None)()
+    return reply
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -265,3 +275,108 @@ def test_keys_without_limits_are_unaffected(engine, limited):
     for _ in range(20):
         reply = post(limited.app, KEYS["free"])
         assert reply.status == 200 and "x-ratelimit-limit-tokens" not in reply.headers
+
+
+async def call_leaving(app, key, leave_after: int, **body):
+    """A streamed chat request whose client goes away after ``leave_after`` body messages (its
+    ``send`` then raises OSError, as an ASGI server's does): the messages it received."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+             "headers": [(b"authorization", f"Bearer {key}".encode()),
+                         (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    payload = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
+                          "stream": True, **body}).encode()
+    received, gone, asked = [], asyncio.Event(), []
+
+    async def receive():
+        if not asked:
+            asked.append(True)
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if gone.is_set():
+            raise OSError("the client has gone")
+        received.append(message)
+        if message["type"] == "http.response.body" and len(received) > leave_after:
+            gone.set()
+
+    try:
+        await app(scope, receive, send)
+    except Exception:  # the app's own report of the client gone
+        pass
+    await asyncio.to_thread(getattr(app, "heartbeat", lambda: None))
+    return received
+
+
+def test_a_stream_left_before_its_usage_is_charged_for_what_it_streamed(engine, limited):
+    # Review of tpm=, finding 1: left one event early, a stream used to be charged the one
+    # token it reserved, for ever (200 times tpm=100 a minute).
+    admitted = 0
+    for _ in range(20):
+        received = asyncio.run(call_leaving(limited.app, KEYS["tokens"], 60, max_tokens=200))
+        admitted += received[0]["status"] == 200
+    assert admitted <= 2  # the first reserved one token; it streamed 60 events
+    assert post(limited.app, KEYS["tokens"]).status == 429
+
+
+def test_a_stream_left_after_its_usage_is_charged_its_usage(engine, limited):
+    # The usage event arrived (and was counted) but the client left before the last message.
+    for _ in range(5):
+        received = asyncio.run(call_leaving(limited.app, KEYS["tokens"], 10 ** 6, max_tokens=15))
+        assert received[0]["status"] == 200
+    assert post(limited.app, KEYS["tokens"]).status == 429  # 5 x 20 = tpm=100
+    assert engine.reported() == 100
+
+
+def test_a_429_carries_every_limits_headers(engine, tmp_path, monkeypatch, no_key_env):
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"tokens:{KEYS['tokens']} rpm=2 tpm=100000\n")
+    monkeypatch.setenv("RAY_LLM_API_KEYS_FILE", str(key_file))
+    app = ApiKeyMiddleware(build_engine_app(engine, protect=False), clock=Clock(),
+                           quota=lambda: ReplicaQuota(InProcessLedger(Ledger(Clock())), "t",
+                                                      Clock()))
+    replies = [post(app, KEYS["tokens"]) for _ in range(3)]
+    assert [r.status for r in replies] == [200, 200, 429]
+    refused = replies[-1]
+    assert refused.json()["error"]["type"] == "requests"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-limit-tokens"] == "100000"
+    # Two requests of 20 tokens, the first charged after it (it reserved one): not yet sent.
+    assert int(refused.headers["x-ratelimit-remaining-tokens"]) == 100000 - 40
+
+
+def test_an_outlier_does_not_make_a_replica_refuse_the_key_for_ever():
+    # Review of tpm=, finding 4: one 5000-token request made its replica reserve the whole
+    # limit for every later request, refused while the other replica kept the window busy.
+    clock, remote, (a, b) = cluster()
+    tpm = 1000
+    asyncio.run(request(a, "team", tpm, 5000))
+    asyncio.run(a.upkeep())
+    clock.now += 6 * COUNTED_S  # the overdraw is made up
+    admitted = {"a": 0, "b": 0}
+    for step in range(1200):  # 60 s, 10 tokens a request on both replicas: 60 % of tpm
+        for name, quota in (("a", a), ("b", b)):
+            if step % 40 == 0:
+                admitted[name] += asyncio.run(request(quota, "team", tpm, 10)).refused is None
+        clock.now += 0.05
+        if step % 40 == 0:
+            asyncio.run(a.upkeep()), asyncio.run(b.upkeep())
+    assert admitted == {"a": 30, "b": 30}
+
+
+def test_a_tokens_retry_after_waits_until_the_window_has_room_for_the_request():
+    # Review of tpm=, finding 6: Retry-After said when the oldest second frees a token, and a
+    # retry then got another 429.
+    clock = Clock()
+    ledger = Ledger(clock)
+    start = clock.now
+    ledger.lease_requests(tokens_id("team"), 100, 6, "r")
+    clock.now += 30
+    ledger.lease_requests(tokens_id("team"), 100, 90, "r")
+    refused = ledger.lease_requests(tokens_id("team"), 100, 20, "r", 20)
+    assert refused.granted == 0  # 4 free: all or nothing
+    assert refused.reset_s == pytest.approx(start + 30 + COUNTED_S - clock.now, abs=1)
