@@ -81,17 +81,18 @@ async def usage_app(scope, receive, send):
                 b'{"prompt_tokens":230,"completion_tokens":64,"total_tokens":294}}'})
 
 
-def middleware_from_file(inner, lines: list[str], **environ):
-    """An ApiKeyMiddleware whose keys come from a key file holding ``lines``; ``environ``:
-    more variables for it."""
+def middleware_from_file(inner, lines: list[str], middleware=None, **environ):
+    """An ApiKeyMiddleware (or ``middleware``, another checkout's) whose keys come from a key
+    file holding ``lines``; ``environ``: more variables for it."""
     from rayllm_auth.middleware import ApiKeyMiddleware
 
+    middleware = middleware or ApiKeyMiddleware
     path = Path(tempfile.mkdtemp(prefix="rayllm-auth-bench-")) / "keys"
     path.write_text("\n".join(lines) + "\n")
     saved = os.environ.pop("RAY_LLM_API_KEYS", None)
     os.environ["RAY_LLM_API_KEYS_FILE"] = str(path)
     try:
-        return ApiKeyMiddleware(inner, environ={**os.environ, **environ})
+        return middleware(inner, environ={**os.environ, **environ})
     finally:
         del os.environ["RAY_LLM_API_KEYS_FILE"]
         if saved is not None:
@@ -243,6 +244,9 @@ async def limited_key_cost(rounds: int, batch: int) -> list[dict]:
              for i, (name, options) in enumerate(LIMITED_KEYS.items())]
     app = middleware_from_file(usage_app, lines)
     counting = middleware_from_file(usage_app, lines, RAY_LLM_AUTH_TOKEN_USAGE="1")
+    # The previous checkout (--compare) on the keys it knows, in the same rounds.
+    previous = PREVIOUS and middleware_from_file(
+        usage_app, [line for line in lines if "tpm=" not in line], PREVIOUS.ApiKeyMiddleware)
     body = json.dumps({"model": "llama", "max_tokens": 64, "stream": True, "messages": [
         {"role": "user", "content": "x" * 900}]}).encode()
     # One request of each concurrency-limited key stays in flight, as under load: the measured
@@ -250,13 +254,17 @@ async def limited_key_cost(rounds: int, batch: int) -> list[dict]:
     # its slots after each one: two ledger calls, counted by limits_bench.py).
     for i, (name, options) in enumerate(LIMITED_KEYS.items()):
         if "concurrency=" in options:
-            await app._quota.admit(f"k{i}", None, 1000)
+            for middleware in (app, previous) if previous else (app,):
+                await middleware._quota.admit(f"k{i}", None, 1000)
     rows = []
     for name, key in [*keys.items(), ("unlimited key, token usage on", keys["unlimited key"])]:
-        variant = counting if name.endswith("token usage on") else app
-        added = await measure({"none": usage_app, name: variant}, scope_for("valid", [key]),
-                              rounds, batch, body)
-        rows.append({"variant": name, "body_bytes": len(body), **summary(added[name])})
+        variants = {"none": usage_app,
+                    name: counting if name.endswith("token usage on") else app}
+        if previous and "tpm=" not in LIMITED_KEYS.get(name, "tpm="):
+            variants[f"{name} (previous)"] = previous
+        added = await measure(variants, scope_for("valid", [key]), rounds, batch, body)
+        rows += [{"variant": variant, "body_bytes": len(body), **summary(added[variant])}
+                 for variant in variants if variant != "none"]
     print("  1 KB chat request: " + ", ".join(
         f"{r['variant']} +{r['median']:.2f} us" for r in rows), flush=True)
     return rows

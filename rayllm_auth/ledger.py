@@ -51,9 +51,6 @@ COUNTED_S = WINDOW_S + 1
 LEASE_S = 2.0
 #: A replica that has not synced for this long loses its concurrency slots.
 HOLDING_TTL_S = 10.0
-#: The longest an overdraw of tokens per minute is carried (what is left of it then is
-#: counted in that minute).
-MAX_OVERDRAW_MINUTES = 60
 #: A key refused a slot (or found above its limit) is reported as contended to every replica
 #: that syncs for this long: longer than a heartbeat, so its holders hear it.
 CONTENDED_S = 3.0
@@ -85,31 +82,54 @@ def take_off(counts: dict[int, int], second: int, count: int) -> None:
 
 @dataclass
 class _Window:
-    """Permits granted per second, for the last COUNTED_S seconds; and, for tokens, an
-    overdraw carried into seconds to come (counted from their second on)."""
+    """Permits granted per second, for the last COUNTED_S seconds; and, for tokens, a debt:
+    tokens used beyond the limit, paid off one limit's worth per window (COUNTED_S) after the
+    window they were used in, so that none is forgiven."""
 
     counts: dict[int, int] = field(default_factory=dict)  # second -> permits granted
+    debt: int = 0  # tokens still to be counted, from ``debt_from`` on
+    debt_from: int = 0  # the second from which the debt's current part is counted
 
-    def used(self, now_s: int) -> int:
-        self._forget(now_s)
-        return sum(n for s, n in self.counts.items() if s <= now_s)
+    def used(self, now_s: int, limit: int) -> int:
+        """What the window counts at ``now_s``: its seconds, and the part of a debt due."""
+        self._forget(now_s, limit)
+        counted = sum(self.counts.values())
+        if self.debt and now_s >= self.debt_from:
+            counted += min(self.debt, limit)
+        return counted
 
-    def reset_s(self, now: float, needed: int = 1) -> float:
-        """Seconds until the seconds counted now have freed ``needed`` permits (as many as
-        they hold at most): 0 when nothing is counted."""
-        freed = 0
-        for second in sorted(s for s in self.counts if s <= now):
+    def owe(self, tokens: int, now_s: int, limit: int) -> None:
+        """``tokens`` over the limit at ``now_s``: counted after this window, ``limit`` per
+        window, until paid."""
+        self._forget(now_s, limit)
+        if not self.debt:
+            self.debt_from = now_s + COUNTED_S
+        self.debt += tokens
+
+    def reset_s(self, now: float, needed: int = 1, limit: int = 0) -> float:
+        """Seconds until the window has freed ``needed`` permits of what it counts now (all
+        of them at most), and a debt no longer keeps them: 0 when nothing is counted."""
+        freed, wait = 0, 0.0
+        for second in sorted(self.counts):
             freed += self.counts[second]
+            wait = second + COUNTED_S - now
             if freed >= needed:
                 break
-        else:
-            if not freed:
-                return 0.0
-        return max(0.0, second + COUNTED_S - now)
+        if self.debt:  # room once the part of the debt still due leaves enough free
+            parts = -(-self.debt // max(limit, 1))
+            last = self.debt - (parts - 1) * max(limit, 1)
+            room_from = self.debt_from + (parts - 1) * COUNTED_S
+            if last + needed > limit:
+                room_from += COUNTED_S
+            wait = max(wait, room_from - now)
+        return max(0.0, wait)
 
-    def _forget(self, now_s: int) -> None:
+    def _forget(self, now_s: int, limit: int) -> None:
         for second in [s for s in self.counts if s <= now_s - COUNTED_S]:
             del self.counts[second]
+        while self.debt and now_s >= self.debt_from + COUNTED_S:  # a part paid off
+            self.debt -= min(self.debt, max(limit, 1))
+            self.debt_from += COUNTED_S
 
 
 class Ledger:
@@ -137,14 +157,14 @@ class Ledger:
         self._last_sync[replica] = now
         second = math.floor(now)
         window = self._windows.setdefault(key_id, _Window())
-        used = window.used(second)
+        used = window.used(second, rpm)
         free = max(0, rpm - used)
         granted = min(want, free) if free >= least else 0
         if granted:
             window.counts[second] = window.counts.get(second, 0) + granted
-            reset_s = window.reset_s(now)
+            reset_s = window.reset_s(now, 1, rpm)
         else:
-            reset_s = window.reset_s(now, used + least - rpm)
+            reset_s = window.reset_s(now, used + least - rpm, rpm)
         return RequestGrant(granted, second, free - granted, reset_s, self.incarnation)
 
     def give_back_requests(self, key_id: str, count: int, second: int,
@@ -161,9 +181,9 @@ class Ledger:
         the engine reported their usage: permits granted in a second and not used
         (``given_back``: second -> count), and tokens used beyond what was reserved
         (``charged``), counted now, even above ``tpm``. What the charge puts above ``tpm``
-        is an overdraw, also counted in the minutes to come, ``tpm`` per minute (at most
-        MAX_OVERDRAW_MINUTES), so that the key gets ``tpm`` over any longer stretch, not
-        ``tpm`` plus an overdraw every minute. Only the ``incarnation`` that granted the
+        is a debt, also counted in the windows that follow, ``tpm`` per window, until paid:
+        over any longer stretch the key gets ``tpm``, not ``tpm`` plus an overdraw every
+        minute. Only the ``incarnation`` that granted the
         reservations applies them (another got them in the window a replica restored into
         it). Returns the incarnation."""
         if incarnation != self.incarnation:
@@ -174,14 +194,9 @@ class Ledger:
         if charged > 0:
             second = math.floor(self._clock())
             window.counts[second] = window.counts.get(second, 0) + charged
-            overdraw = min(charged, window.used(second) - tpm)
-            for minute in range(1, MAX_OVERDRAW_MINUTES + 1):
-                if overdraw <= 0:
-                    break
-                later = second + minute * COUNTED_S  # counted from the end of this window on
-                part = overdraw if minute == MAX_OVERDRAW_MINUTES else min(overdraw, tpm)
-                window.counts[later] = window.counts.get(later, 0) + part
-                overdraw -= part
+            overdraw = min(charged, window.used(second, tpm) - tpm)
+            if overdraw > 0:
+                window.owe(overdraw, second, tpm)
         return self.incarnation
 
     # -- concurrency ---------------------------------------------------------------------------

@@ -389,11 +389,12 @@ class ReplicaQuota:
         settled or given back once; later calls do nothing."""
         self._settle(reservation, used, learn=True)
 
-    def settle_unreported(self, reservation: Reservation, events: int) -> None:
-        """A 200 response that reported no usage (a stream its client left, or that broke
-        off): :meth:`settle` with the ``events`` it streamed (one token each at least), or
-        its reservation if more. Its usage is unknown; this is what it used at least."""
-        self._settle(reservation, max(reservation.total, events), learn=True)
+    def settle_unreported(self, reservation: Reservation, estimate: int) -> None:
+        """A request whose usage never came (its client left, its app failed): settled with
+        ``estimate`` (:class:`~rayllm_auth.usage.Settlement`), or its reservation if more.
+        Not learnt from: a client leaving early must not lower what the key's next requests
+        reserve."""
+        self._settle(reservation, max(reservation.total, estimate), learn=False)
 
     def give_back(self, reservation: Reservation) -> None:
         """An admitted request whose tokens the engine never used (refused before it reached

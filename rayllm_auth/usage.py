@@ -53,6 +53,9 @@ logger = logging.getLogger("rayllm_auth")
 USAGE_VAR = "RAY_LLM_AUTH_TOKEN_USAGE"
 METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _STREAMED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+#: OpenAI's rule of thumb for a prompt's tokens from its size, for a request whose usage
+#: never came (:class:`Settlement`).
+PROMPT_BYTES_PER_TOKEN = 4
 #: Largest request body read (as model_scope's).
 MAX_METERED_BODY_BYTES = 64 * 1024 * 1024
 #: Largest JSON response read for its usage. Its parts are kept by reference (Starlette sends
@@ -88,9 +91,11 @@ def usage_enabled(environ: Mapping[str, str]) -> bool:
 class Settlement(NamedTuple):
     """What a response tells a key's tokens-per-minute limit, once (:func:`_settling_send`):
     ``used(tokens)`` (prompt + completion, as the engine reported them) when its usage was
-    counted; ``refused()`` when it is not a 200 (the engine generated nothing); or
-    ``unreported(events)`` when it ended, or its client left, without usage: the streamed
-    events it was sent (each one token or more), the only count there is."""
+    counted; ``refused()`` when its answer started with a status other than 200 (the engine
+    generated nothing); or ``unreported(tokens)`` when usage never came (a client that left,
+    before or during the answer; an app that failed): an estimate of what it used at least,
+    the request body's size over PROMPT_BYTES_PER_TOKEN plus the events streamed to it (each
+    one token or more)."""
     used: Callable[[int], None]
     refused: Callable[[], None]
     unreported: Callable[[int], None]
@@ -123,8 +128,8 @@ async def prepare(key_id: str, scope, receive):
                 *((k, v) for k, v in scope["headers"] if k.lower() != b"content-length"),
                 (b"content-length", str(len(body)).encode()),
             ]
-    return replay(body, receive), \
-        lambda send, settlement=None: _counting_send(send, key_id, strip, settlement)
+    return replay(body, receive), lambda send, settlement=None: _counting_send(
+        send, key_id, strip, settlement, len(body) // PROMPT_BYTES_PER_TOKEN)
 
 
 def _asking_for_usage(body: bytes) -> Optional[bytes]:
@@ -177,7 +182,8 @@ def _stream_options() -> TypeAdapter:
     return TypeAdapter(ChatCompletionRequest.model_fields["stream_options"].annotation)
 
 
-def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settlement] = None):
+def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settlement] = None,
+                   prompt_estimate: int = 0):
     """A ``send`` that counts the usage a 200 response reports, and takes the usage event
     out of a stream whose client did not ask for it (``strip``); with a ``settlement``, a
     ``send`` that tells it how the response ended, and must be closed once the app has
@@ -210,37 +216,37 @@ def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settleme
         return send(message)
 
     return counting_send if settlement is None else \
-        _settling_send(counting_send, counter, settlement)
+        _settling_send(counting_send, counter, settlement, prompt_estimate)
 
 
-def _settling_send(counting_send, counter: "_Counter", settlement: Settlement):
+def _settling_send(counting_send, counter: "_Counter", settlement: Settlement,
+                   prompt_estimate: int):
     """``counting_send``, telling ``settlement`` once how the response ended: at a start
     other than a 200, at the last body message (its usage counted by then: ``counting_send``
     counts a message before it returns), or when the returned send's ``close()`` is called
     (the app returned or failed, the client may have left): usage counted so far, else the
-    events sent."""
-    state = {"ok": False, "events": 0, "ended": False}
+    estimate (``prompt_estimate`` and the events sent)."""
+    state = {"events": 0, "ended": False}
 
-    def end():
+    def end(refused=False):
         if state["ended"]:
             return
         state["ended"] = True
         if counter.reported:
             settlement.used(counter.total)
-        elif state["ok"]:
-            settlement.unreported(state["events"])
-        else:  # no 200 started: the engine refused it, or the app failed before answering
+        elif refused:
             settlement.refused()
+        else:  # the engine may have worked: a client gone (before or after the start)
+            settlement.unreported(prompt_estimate + state["events"])
 
     def settling_send(message):
         sent = counting_send(message)
         if not state["ended"]:
             if message["type"] == "http.response.start":
-                state["ok"] = message.get("status") == 200
-                if not state["ok"]:
-                    end()
+                if message.get("status") != 200:
+                    end(refused=True)
             elif message["type"] == "http.response.body":
-                state["events"] += bytes(message.get("body", b"")).count(b"data:")
+                state["events"] += bytes(message.get("body", b"")).count(b"data: {")
                 if not message.get("more_body"):
                     end()
         return sent

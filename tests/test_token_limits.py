@@ -71,9 +71,9 @@ def test_usage_beyond_the_reservation_is_charged_and_refuses_until_made_up():
     assert window_count(remote, "team") >= 5000
     refused = asyncio.run(request(quota, "team", 1000, 10))
     assert refused.refused == "tpm" and refused.token_remaining == 0
-    assert 0 < refused.retry_after_s <= COUNTED_S
     # 5000 tokens at 1000 a minute: not forgiven when the minute is over, but carried into
-    # the next four.
+    # the next four; Retry-After says when the key is admitted again (review 2, finding 3).
+    assert refused.retry_after_s == pytest.approx(5 * COUNTED_S, abs=1)
     for _ in range(4):
         clock.now += COUNTED_S
         assert asyncio.run(request(quota, "team", 1000, 10)).refused == "tpm"
@@ -380,3 +380,65 @@ def test_a_tokens_retry_after_waits_until_the_window_has_room_for_the_request():
     refused = ledger.lease_requests(tokens_id("team"), 100, 20, "r", 20)
     assert refused.granted == 0  # 4 free: all or nothing
     assert refused.reset_s == pytest.approx(start + 30 + COUNTED_S - clock.now, abs=1)
+
+
+def test_an_overdraw_is_never_forgiven_however_large():
+    # Review 2, finding 4: an overdraw was carried for an hour at most, so a burst could be
+    # repeated every hour. 100 minutes' worth is refused for 100 windows.
+    clock = Clock()
+    ledger = Ledger(clock)
+    key = tokens_id("team")
+    grant = ledger.lease_requests(key, 1000, 1, "r")
+    ledger.correct(key, 1000, {}, 101_000 - 1, grant.incarnation)
+    clock.now += 99 * COUNTED_S
+    refused = ledger.lease_requests(key, 1000, 10, "r", 10)
+    assert refused.granted == 0 and 0 < refused.reset_s <= 2 * COUNTED_S
+    clock.now += refused.reset_s + 1
+    assert ledger.lease_requests(key, 1000, 10, "r", 10).granted == 10
+
+
+def settling(prompt_estimate=100):
+    """usage's settling send around a send that keeps nothing: what it told the limit."""
+    from rayllm_auth import usage
+
+    told = []
+    settlement = usage.Settlement(lambda n: told.append(("used", n)),
+                                  lambda: told.append(("refused",)),
+                                  lambda n: told.append(("unreported", n)))
+
+    async def send(message):
+        pass
+
+    return usage._counting_send(send, "k", False, settlement, prompt_estimate), told
+
+
+def test_a_client_gone_before_the_answer_started_is_charged_an_estimate_not_refunded():
+    # Review 2, finding 2: Ray cancels the handler of a client that left; with no answer
+    # started, the whole reservation came back although the engine had taken the prompt.
+    send, told = settling()
+    send.close()
+    assert told == [("unreported", 100)]
+    send, told = settling()
+    asyncio.run(send({"type": "http.response.start", "status": 200,
+                      "headers": [(b"content-type", b"text/event-stream")]}))
+    for _ in range(3):
+        asyncio.run(send({"type": "http.response.body", "body": b'data: {"x": 1}\n\n',
+                          "more_body": True}))
+    send.close()
+    send.close()
+    assert told == [("unreported", 100 + 3)]
+    send, told = settling()
+    asyncio.run(send({"type": "http.response.start", "status": 400, "headers": []}))
+    send.close()
+    assert told == [("refused",)]
+
+
+def test_streams_left_early_do_not_lower_what_the_next_requests_reserve(engine, limited):
+    # Review 2, finding 1: learning from streams left early (their events, not their prompt)
+    # made every later reservation two tokens; the prompts were free.
+    long_prompt = " ".join(["word"] * 400)
+    for _ in range(3):
+        asyncio.run(call_leaving(limited.app, KEYS["tokens"], 1, max_tokens=2,
+                                 messages=[{"role": "user", "content": long_prompt}]))
+    # Each was charged its body's size over four (about 500 tokens): tpm=100 is spent.
+    assert post(limited.app, KEYS["tokens"]).status == 429
