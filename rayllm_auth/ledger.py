@@ -83,53 +83,56 @@ def take_off(counts: dict[int, int], second: int, count: int) -> None:
 @dataclass
 class _Window:
     """Permits granted per second, for the last COUNTED_S seconds; and, for tokens, a debt:
-    tokens used beyond the limit, paid off one limit's worth per window (COUNTED_S) after the
-    window they were used in, so that none is forgiven."""
+    tokens used beyond the limit, counted after the window they were used in, one *part* of
+    at most the limit per window (COUNTED_S) until paid, so that none is forgiven. A part's
+    size is fixed when its window starts: a debt made meanwhile waits for the next part."""
 
     counts: dict[int, int] = field(default_factory=dict)  # second -> permits granted
-    debt: int = 0  # tokens still to be counted, from ``debt_from`` on
-    debt_from: int = 0  # the second from which the debt's current part is counted
+    debt: int = 0  # tokens still to be counted, the current part included
+    debt_from: int = 0  # the second from which the current (or next) part is counted
+    part: int = 0  # the current part's size, once its window has started (else 0)
 
     def used(self, now_s: int, limit: int) -> int:
         """What the window counts at ``now_s``: its seconds, and the part of a debt due."""
         self._forget(now_s, limit)
-        counted = sum(self.counts.values())
-        if self.debt and now_s >= self.debt_from:
-            counted += min(self.debt, limit)
-        return counted
+        if self.debt and now_s >= self.debt_from and not self.part:
+            self.part = min(self.debt, max(limit, 1))
+        return sum(self.counts.values()) + (self.part if now_s >= self.debt_from else 0)
 
     def owe(self, tokens: int, now_s: int, limit: int) -> None:
-        """``tokens`` over the limit at ``now_s``: counted after this window, ``limit`` per
-        window, until paid."""
+        """``tokens`` over the limit at ``now_s``: counted after this window, in parts."""
         self._forget(now_s, limit)
         if not self.debt:
-            self.debt_from = now_s + COUNTED_S
+            self.debt_from, self.part = now_s + COUNTED_S, 0
         self.debt += tokens
 
-    def reset_s(self, now: float, needed: int = 1, limit: int = 0) -> float:
-        """Seconds until the window has freed ``needed`` permits of what it counts now (all
-        of them at most), and a debt no longer keeps them: 0 when nothing is counted."""
-        freed, wait = 0, 0.0
-        for second in sorted(self.counts):
-            freed += self.counts[second]
-            wait = second + COUNTED_S - now
-            if freed >= needed:
-                break
-        if self.debt:  # room once the part of the debt still due leaves enough free
-            parts = -(-self.debt // max(limit, 1))
-            last = self.debt - (parts - 1) * max(limit, 1)
-            room_from = self.debt_from + (parts - 1) * COUNTED_S
-            if last + needed > limit:
-                room_from += COUNTED_S
-            wait = max(wait, room_from - now)
-        return max(0.0, wait)
+    def reset_s(self, now: float, least: int, limit: int) -> float:
+        """Seconds until the window leaves ``least`` permits free, as far as it is known now
+        (permits granted meanwhile can take them): when enough of its seconds have left it
+        and the part of a debt then due is small enough. 0 when that is now."""
+        limit = max(limit, 1)
+        first = self.part or min(self.debt, limit)  # the current or next part
+        parts = 1 + -(-(self.debt - first) // limit) if self.debt else 0
+        changes = {s + COUNTED_S for s in self.counts}
+        if parts:  # parts after the first are full, but for the last
+            changes |= {self.debt_from + k * COUNTED_S for k in (0, 1, parts - 1, parts)}
+        for at in [now, *sorted(t for t in changes if t > now)]:
+            counted = sum(n for s, n in self.counts.items() if s > at - COUNTED_S)
+            if parts and at >= self.debt_from:
+                k = int((at - self.debt_from) // COUNTED_S)
+                left = self.debt - first - (k - 1) * limit
+                counted += first if k == 0 else max(0, min(left, limit))
+            if counted + least <= limit:
+                return max(0.0, at - now)
+        return 0.0  # least > limit: never (the caller's lease is refused anyway)
 
     def _forget(self, now_s: int, limit: int) -> None:
         for second in [s for s in self.counts if s <= now_s - COUNTED_S]:
             del self.counts[second]
-        while self.debt and now_s >= self.debt_from + COUNTED_S:  # a part paid off
-            self.debt -= min(self.debt, max(limit, 1))
+        while self.debt and now_s >= self.debt_from + COUNTED_S:  # a part paid
+            self.debt -= min(self.debt, self.part or max(limit, 1))
             self.debt_from += COUNTED_S
+            self.part = 0
 
 
 class Ledger:
@@ -162,9 +165,9 @@ class Ledger:
         granted = min(want, free) if free >= least else 0
         if granted:
             window.counts[second] = window.counts.get(second, 0) + granted
-            reset_s = window.reset_s(now, 1, rpm)
+            reset_s = max(0.0, min(window.counts) + COUNTED_S - now)  # its oldest second
         else:
-            reset_s = window.reset_s(now, used + least - rpm, rpm)
+            reset_s = window.reset_s(now, least, rpm)
         return RequestGrant(granted, second, free - granted, reset_s, self.incarnation)
 
     def give_back_requests(self, key_id: str, count: int, second: int,

@@ -258,7 +258,7 @@ class ApiKeyMiddleware:
                     send = counting(send, Settlement(
                         functools.partial(quota.settle, reservation),
                         functools.partial(quota.give_back, reservation),
-                        functools.partial(quota.settle_unreported, reservation)))
+                        functools.partial(quota.settle_unfinished, reservation)))
                     metrics.record_ok(grant.key_id)
                     try:
                         return await self.app(scope, receive, send)

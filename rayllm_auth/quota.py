@@ -33,9 +33,9 @@ one call per key: never a remote call per request); tokens used beyond the reser
 taken from this replica's leases, and what they lack is *charged* to the ledger by the
 heartbeat, counted even above the limit, and what puts the window above it in the following
 minutes too (:meth:`~rayllm_auth.ledger.Ledger.correct`). A permit is thus always spent within
-``LEASE_S`` of its grant, as for requests per minute. A response that reports no usage (a
-stream its client left) is settled with the events it streamed, or its reservation if more;
-a response other than a 200 gives it all back.
+``LEASE_S`` of its grant, as for requests per minute. A request whose usage never came whole
+(a client gone, an app failed) is settled with an estimate of what it used at least
+(:meth:`ReplicaQuota.settle_unfinished`); one refused by a 4xx answer gives it all back.
 """
 
 from __future__ import annotations
@@ -389,12 +389,18 @@ class ReplicaQuota:
         settled or given back once; later calls do nothing."""
         self._settle(reservation, used, learn=True)
 
-    def settle_unreported(self, reservation: Reservation, estimate: int) -> None:
-        """A request whose usage never came (its client left, its app failed): settled with
-        ``estimate`` (:class:`~rayllm_auth.usage.Settlement`), or its reservation if more.
+    def settle_unfinished(self, reservation: Reservation, prompt_estimate: int,
+                          generated: int) -> None:
+        """A request whose usage never came whole (its client left, its app failed or timed
+        out; :class:`~rayllm_auth.usage.Settlement`): settled with ``prompt_estimate`` (at
+        most RESERVATION_SHARE of the limit: a body's size says little of an image's
+        tokens) plus what it is known to have ``generated``, or its reservation if more.
         Not learnt from: a client leaving early must not lower what the key's next requests
         reserve."""
-        self._settle(reservation, max(reservation.total, estimate), learn=False)
+        state = self._keys.get(reservation.key_id)
+        cap = max(1, int(state.tpm * RESERVATION_SHARE)) if state is not None else 0
+        self._settle(reservation,
+                     max(reservation.total, min(prompt_estimate, cap) + generated), learn=False)
 
     def give_back(self, reservation: Reservation) -> None:
         """An admitted request whose tokens the engine never used (refused before it reached

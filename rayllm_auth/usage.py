@@ -90,15 +90,16 @@ def usage_enabled(environ: Mapping[str, str]) -> bool:
 
 class Settlement(NamedTuple):
     """What a response tells a key's tokens-per-minute limit, once (:func:`_settling_send`):
-    ``used(tokens)`` (prompt + completion, as the engine reported them) when its usage was
-    counted; ``refused()`` when its answer started with a status other than 200 (the engine
-    generated nothing); or ``unreported(tokens)`` when usage never came (a client that left,
-    before or during the answer; an app that failed): an estimate of what it used at least,
-    the request body's size over PROMPT_BYTES_PER_TOKEN plus the events streamed to it (each
-    one token or more)."""
+    ``used(tokens)`` (prompt + completion, as the engine reported them) when a response
+    reached its end with its usage counted; ``refused()`` when its answer started with a
+    4xx other than 408 (the request was refused before the engine worked on it); else
+    ``unfinished(prompt_estimate, streamed)``: a client that left before or during the
+    answer, an app that failed or timed out (408, 5xx), where the engine may have worked:
+    the request body's size over PROMPT_BYTES_PER_TOKEN, and what it is known to have
+    generated (the usage counted so far, else the events streamed: one token or more each)."""
     used: Callable[[int], None]
     refused: Callable[[], None]
-    unreported: Callable[[int], None]
+    unfinished: Callable[[int, int], None]
 
 
 def is_metered(scope) -> bool:
@@ -222,33 +223,33 @@ def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settleme
 def _settling_send(counting_send, counter: "_Counter", settlement: Settlement,
                    prompt_estimate: int):
     """``counting_send``, telling ``settlement`` once how the response ended: at a start
-    other than a 200, at the last body message (its usage counted by then: ``counting_send``
-    counts a message before it returns), or when the returned send's ``close()`` is called
-    (the app returned or failed, the client may have left): usage counted so far, else the
-    estimate (``prompt_estimate`` and the events sent)."""
-    state = {"events": 0, "ended": False}
+    that refuses the request, at the last body message (its usage counted by then:
+    ``counting_send`` counts a message before it returns), or when the returned send's
+    ``close()`` is called (the app returned or failed, the client may have left)."""
+    state = {"events": 0, "ended": False, "status": None}
 
-    def end(refused=False):
+    def end(finished=False):
         if state["ended"]:
             return
         state["ended"] = True
-        if counter.reported:
-            settlement.used(counter.total)
-        elif refused:
+        status = state["status"]
+        if status is not None and 400 <= status < 500 and status != 408:
             settlement.refused()
-        else:  # the engine may have worked: a client gone (before or after the start)
-            settlement.unreported(prompt_estimate + state["events"])
+        elif finished and status == 200 and counter.reported:
+            settlement.used(counter.total)
+        else:  # the engine may have worked (a running total counted, or its events)
+            settlement.unfinished(prompt_estimate,
+                                  counter.total if counter.reported else state["events"])
 
     def settling_send(message):
         sent = counting_send(message)
         if not state["ended"]:
             if message["type"] == "http.response.start":
-                if message.get("status") != 200:
-                    end(refused=True)
+                state["status"] = message.get("status")
             elif message["type"] == "http.response.body":
                 state["events"] += bytes(message.get("body", b"")).count(b"data: {")
                 if not message.get("more_body"):
-                    end()
+                    end(finished=True)
         return sent
 
     settling_send.close = end
