@@ -129,9 +129,11 @@ class _Window:
     def _forget(self, now_s: int, limit: int) -> None:
         for second in [s for s in self.counts if s <= now_s - COUNTED_S]:
             del self.counts[second]
-        while self.debt and now_s >= self.debt_from + COUNTED_S:  # a part paid
-            self.debt -= min(self.debt, self.part or max(limit, 1))
-            self.debt_from += COUNTED_S
+        if self.debt and now_s >= self.debt_from + COUNTED_S:  # parts paid since
+            windows = (now_s - self.debt_from) // COUNTED_S
+            paid = (self.part or min(self.debt, max(limit, 1))) + (windows - 1) * max(limit, 1)
+            self.debt = max(0, self.debt - paid)
+            self.debt_from += windows * COUNTED_S
             self.part = 0
 
 

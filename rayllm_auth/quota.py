@@ -392,15 +392,11 @@ class ReplicaQuota:
     def settle_unfinished(self, reservation: Reservation, prompt_estimate: int,
                           generated: int) -> None:
         """A request whose usage never came whole (its client left, its app failed or timed
-        out; :class:`~rayllm_auth.usage.Settlement`): settled with ``prompt_estimate`` (at
-        most RESERVATION_SHARE of the limit: a body's size says little of an image's
-        tokens) plus what it is known to have ``generated``, or its reservation if more.
-        Not learnt from: a client leaving early must not lower what the key's next requests
-        reserve."""
-        state = self._keys.get(reservation.key_id)
-        cap = max(1, int(state.tpm * RESERVATION_SHARE)) if state is not None else 0
-        self._settle(reservation,
-                     max(reservation.total, min(prompt_estimate, cap) + generated), learn=False)
+        out; :class:`~rayllm_auth.usage.Settlement`): settled with ``prompt_estimate`` plus
+        what it is known to have ``generated``, or its reservation if more. Not learnt from:
+        a client leaving early must not lower what the key's next requests reserve."""
+        self._settle(reservation, max(reservation.total, prompt_estimate + generated),
+                     learn=False)
 
     def give_back(self, reservation: Reservation) -> None:
         """An admitted request whose tokens the engine never used (refused before it reached

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from typing import Callable, Mapping, NamedTuple, Optional
 
 from pydantic import TypeAdapter, ValidationError
@@ -56,6 +57,9 @@ _STREAMED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 #: OpenAI's rule of thumb for a prompt's tokens from its size, for a request whose usage
 #: never came (:class:`Settlement`).
 PROMPT_BYTES_PER_TOKEN = 4
+# An image or audio given inline: its bytes say little of its tokens (base64 of a 2 MB image
+# would read as 500,000), so it is left out of that estimate. Base64 holds no '"'.
+_INLINE_DATA = re.compile(rb'"data:[^"]*"')
 #: Largest request body read (as model_scope's).
 MAX_METERED_BODY_BYTES = 64 * 1024 * 1024
 #: Largest JSON response read for its usage. Its parts are kept by reference (Starlette sends
@@ -130,7 +134,7 @@ async def prepare(key_id: str, scope, receive):
                 (b"content-length", str(len(body)).encode()),
             ]
     return replay(body, receive), lambda send, settlement=None: _counting_send(
-        send, key_id, strip, settlement, len(body) // PROMPT_BYTES_PER_TOKEN)
+        send, key_id, strip, settlement, body)
 
 
 def _asking_for_usage(body: bytes) -> Optional[bytes]:
@@ -184,7 +188,7 @@ def _stream_options() -> TypeAdapter:
 
 
 def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settlement] = None,
-                   prompt_estimate: int = 0):
+                   body: bytes = b""):
     """A ``send`` that counts the usage a 200 response reports, and takes the usage event
     out of a stream whose client did not ask for it (``strip``); with a ``settlement``, a
     ``send`` that tells it how the response ended, and must be closed once the app has
@@ -217,11 +221,17 @@ def _counting_send(send, key_id: str, strip: bool, settlement: Optional[Settleme
         return send(message)
 
     return counting_send if settlement is None else \
-        _settling_send(counting_send, counter, settlement, prompt_estimate)
+        _settling_send(counting_send, counter, settlement, body)
 
 
-def _settling_send(counting_send, counter: "_Counter", settlement: Settlement,
-                   prompt_estimate: int):
+def prompt_estimate(body: bytes) -> int:
+    """Tokens a request body's prompt holds at least, roughly: its size over
+    PROMPT_BYTES_PER_TOKEN, inline images and audio (``data:`` URIs) left out."""
+    inline = sum(len(m) for m in _INLINE_DATA.findall(body)) if b'"data:' in body else 0
+    return (len(body) - inline) // PROMPT_BYTES_PER_TOKEN
+
+
+def _settling_send(counting_send, counter: "_Counter", settlement: Settlement, body: bytes):
     """``counting_send``, telling ``settlement`` once how the response ended: at a start
     that refuses the request, at the last body message (its usage counted by then:
     ``counting_send`` counts a message before it returns), or when the returned send's
@@ -238,7 +248,7 @@ def _settling_send(counting_send, counter: "_Counter", settlement: Settlement,
         elif finished and status == 200 and counter.reported:
             settlement.used(counter.total)
         else:  # the engine may have worked (a running total counted, or its events)
-            settlement.unfinished(prompt_estimate,
+            settlement.unfinished(prompt_estimate(body),
                                   counter.total if counter.reported else state["events"])
 
     def settling_send(message):

@@ -397,8 +397,9 @@ def test_an_overdraw_is_never_forgiven_however_large():
     assert ledger.lease_requests(key, 1000, 10, "r", 10).granted == 10
 
 
-def settling(prompt_estimate=100):
-    """usage's settling send around a send that keeps nothing: what it told the limit."""
+def settling(body=b"x" * 400):
+    """usage's settling send around a send that keeps nothing: what it told the limit (a
+    ``body`` of 400 bytes: a prompt of about 100 tokens)."""
     from rayllm_auth import usage
 
     told = []
@@ -409,7 +410,7 @@ def settling(prompt_estimate=100):
     async def send(message):
         pass
 
-    return usage._counting_send(send, "k", False, settlement, prompt_estimate), told
+    return usage._counting_send(send, "k", False, settlement, body), told
 
 
 def answer(send, status, *bodies, content_type=b"text/event-stream"):
@@ -462,13 +463,19 @@ def test_a_running_total_of_a_stream_left_early_is_charged_not_learnt():
     assert told == [("used", 7)]
 
 
-def test_an_unfinished_requests_prompt_estimate_is_at_most_a_quarter_of_tpm():
-    # Review 3, finding 4: a 2 MB image in a stream left early was charged 500,000 tokens.
-    clock, remote, (quota,) = cluster(replicas=1)
-    verdict = asyncio.run(quota.admit("team", None, None, 100_000))
-    quota.settle_unfinished(verdict.reservation, 500_000, 3)
-    asyncio.run(quota.upkeep())
-    assert window_count(remote, "team") == 25_000 + 3
+def test_an_unfinished_requests_prompt_estimate_leaves_inline_images_out():
+    # Review 3, finding 4: a 2 MB image in a stream left early was charged 500,000 tokens;
+    # review 4, finding 1: capping the estimate let a long text prompt go mostly free.
+    from rayllm_auth.usage import prompt_estimate
+
+    image = "data:image/png;base64," + "A" * 2_000_000
+    text = " ".join(["word"] * 40_000)
+    body = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image}}]}]})
+    assert len(text) // 4 <= prompt_estimate(body.encode()) <= len(text) // 4 + 50
+    send, told = settling(body.encode())
+    send.close()
+    assert told == [("unfinished", prompt_estimate(body.encode()), 0)]
 
 
 def test_a_debt_made_while_a_part_is_counted_waits_for_the_next_part():
@@ -520,3 +527,16 @@ def test_streams_left_early_do_not_lower_what_the_next_requests_reserve(engine, 
     # Each was charged its body's size over four (about 500 tokens), at most a quarter of
     # tpm=100, and its event: tpm=100 is spent.
     assert post(limited.app, KEYS["tokens"]).status == 429
+
+
+def test_a_debt_is_paid_by_arithmetic_however_long_the_key_was_idle():
+    # Review 4, finding 2: one loop step per window since the last call.
+    clock = Clock(0.0)
+    ledger = Ledger(clock)
+    key = tokens_id("team")
+    grant = ledger.lease_requests(key, 1, 1, "r")
+    ledger.correct(key, 1, {}, 10 ** 9, grant.incarnation)  # paid one token per window
+    clock.now += 10 ** 8
+    ledger.lease_requests(key, 1, 1, "r", 1)
+    window = ledger._windows[key]
+    assert window.debt == 10 ** 9 - (10 ** 8 - COUNTED_S) // COUNTED_S
