@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -164,16 +165,18 @@ async def time_batch(app, scope: dict, batch: int, body: bytes = b"{}") -> float
 
 
 async def measure(variants: dict, scope: dict, rounds: int, batch: int,
-                  body: bytes = b"{}") -> dict:
+                  body: bytes = b"{}", scopes: Optional[dict] = None) -> dict:
     """{variant: [seconds per request it adds over ``none`` in the same round, ...]}, plus
-    ``none`` itself: the baseline's own seconds per request."""
-    for app in variants.values():  # warm-up
-        await time_batch(app, scope, max(10, batch // 10), body)
+    ``none`` itself: the baseline's own seconds per request. ``scopes`` gives some variants
+    a request of their own (another key), ``scope`` is everyone else's."""
+    scopes = {name: (scopes or {}).get(name, scope) for name in variants}
+    for name, app in variants.items():  # warm-up
+        await time_batch(app, scopes[name], max(10, batch // 10), body)
     samples = {name: [] for name in variants}
     for _ in range(rounds):
         order = list(variants)
         random.shuffle(order)
-        per_request = {name: await time_batch(variants[name], scope, batch, body)
+        per_request = {name: await time_batch(variants[name], scopes[name], batch, body)
                        for name in order}
         for name in variants:
             base = 0.0 if name == "none" else per_request["none"]
@@ -237,8 +240,11 @@ LIMITED_KEYS = {
 
 async def limited_key_cost(rounds: int, batch: int) -> list[dict]:
     """Limited keys against an unlimited key, same key file, same 1 KB chat request and the
-    same answer (with its usage): what reading the body for its model adds, what admission
-    under rate limits adds, and the same unlimited key with token accounting on."""
+    same answer (with its usage), all in the same rounds: what reading the body for its
+    model adds, what admission under rate limits adds, and the same unlimited key with token
+    accounting on. Each row also gives its key's cost over the unlimited key, paired round
+    by round (the rounds drift more than the difference: rows timed in separate runs differ
+    by a microsecond or two)."""
     keys = {name: "sk-" + secrets.token_urlsafe(32) for name in LIMITED_KEYS}
     lines = [f"k{i}:{keys[name]} {options}".strip()
              for i, (name, options) in enumerate(LIMITED_KEYS.items())]
@@ -256,17 +262,27 @@ async def limited_key_cost(rounds: int, batch: int) -> list[dict]:
         if "concurrency=" in options:
             for middleware in (app, previous) if previous else (app,):
                 await middleware._quota.admit(f"k{i}", None, 1000)
-    rows = []
+    variants, scopes, baselines = {"none": usage_app}, {}, {}
     for name, key in [*keys.items(), ("unlimited key, token usage on", keys["unlimited key"])]:
-        variants = {"none": usage_app,
-                    name: counting if name.endswith("token usage on") else app}
+        variants[name] = counting if name.endswith("token usage on") else app
+        scopes[name] = scope_for("valid", [key])
+        baselines[name] = "unlimited key"
         if previous and "tpm=" not in LIMITED_KEYS.get(name, "tpm="):
             variants[f"{name} (previous)"] = previous
-        added = await measure(variants, scope_for("valid", [key]), rounds, batch, body)
-        rows += [{"variant": variant, "body_bytes": len(body), **summary(added[variant])}
-                 for variant in variants if variant != "none"]
+            scopes[f"{name} (previous)"] = scopes[name]
+            baselines[f"{name} (previous)"] = "unlimited key (previous)"
+    added = await measure(variants, scopes["unlimited key"], rounds, batch, body, scopes)
+    rows = []
+    for variant in variants:
+        if variant == "none":
+            continue
+        over = [a - b for a, b in zip(added[variant], added[baselines[variant]])]
+        rows.append({"variant": variant, "body_bytes": len(body), **summary(added[variant]),
+                     "over_unlimited": summary(over) if variant != baselines[variant] else None})
     print("  1 KB chat request: " + ", ".join(
-        f"{r['variant']} +{r['median']:.2f} us" for r in rows), flush=True)
+        f"{r['variant']} +{r['median']:.2f} us" + (
+            f" (+{r['over_unlimited']['median']:.2f} over the unlimited key)"
+            if r["over_unlimited"] else "") for r in rows), flush=True)
     return rows
 
 
