@@ -115,8 +115,9 @@ class Grant:
     ``expires`` is None for a key that never expires, else the Unix time from which it is
     refused. ``rpm`` (requests per minute), ``concurrency`` (requests in flight) and ``tpm``
     (prompt and completion tokens per minute) are None for no limit, else enforced across
-    the whole application (:mod:`rayllm_auth.quota`). ``plain`` is True for a key with none of these: the
-    middleware's short path.
+    the whole application (:mod:`rayllm_auth.quota`); ``rate_limited`` is True for a key with
+    any of the three. ``plain`` is True for a key with none of these: the middleware's short
+    path.
     """
 
     key_id: str
@@ -125,15 +126,15 @@ class Grant:
     rpm: Optional[int] = None
     concurrency: Optional[int] = None
     tpm: Optional[int] = None
+    # Worked out once: the middleware reads them on every request.
+    rate_limited: bool = field(init=False, compare=False, repr=False)
     plain: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
+        limited = self.rpm is not None or self.concurrency is not None or self.tpm is not None
+        object.__setattr__(self, "rate_limited", limited)
         object.__setattr__(self, "plain", self.models is None and self.expires is None
-                           and not self.rate_limited)
-
-    @property
-    def rate_limited(self) -> bool:
-        return self.rpm is not None or self.concurrency is not None or self.tpm is not None
+                           and not limited)
 
     def allows(self, model: str) -> bool:
         if self.models is None or model in self.models:

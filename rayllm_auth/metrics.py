@@ -75,8 +75,11 @@ def ok_counts() -> dict[str, int]:
 
 
 def record_ok(key_id: str) -> None:
-    _ok[key_id] = _ok.get(key_id, 0) + 1
-    _schedule_flush()
+    try:  # a count pending for the key means its flush is scheduled (every flush clears _ok)
+        _ok[key_id] += 1
+    except KeyError:
+        _ok[key_id] = 1
+        _schedule_flush()
 
 
 def record_request(outcome: str, key_id: str = "") -> None:

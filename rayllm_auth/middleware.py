@@ -139,8 +139,10 @@ class ApiKeyMiddleware:
             metrics.record_ok(grant.key_id)
         await self.app(scope, receive, send)
 
-    async def _decide(self, key, grant, other_headers, scope, receive, send):
-        """Every request but the common one: refused, expired, limited, or exempt."""
+    def _decide(self, key, grant, other_headers, scope, receive, send):
+        """Every request but the common one: refused, expired, limited, or exempt. Returns
+        what to await (this and the functions it hands over to are plain functions where
+        they can be: a coroutine less per step, on the path of every limited key)."""
         if grant is None:
             refusal = Refusal.INVALID if key.__class__ is bytes else key
         elif grant.expires is not None and self._wall_clock() >= grant.expires:
@@ -154,14 +156,14 @@ class ApiKeyMiddleware:
                 and self._exempt and self._is_exempt(scope):
             scope["headers"] = without_credentials(scope["headers"])  # exempt, not a key relay
             metrics.record_request("exempt")
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
         if refusal is not None:
             key_id = grant.key_id if grant is not None else ""
-            return await self._refuse(refusal, key_id, scope, receive, send)
+            return self._refuse(refusal, key_id, scope, receive, send)
         self._admit(grant, other_headers, scope)
         if grant.models is not None:
-            return await self._call_limited(grant, scope, receive, send)
-        await self._call_app(grant, scope, receive, send)
+            return self._call_limited(grant, scope, receive, send)
+        return self._call_app(grant, scope, receive, send)
 
     @staticmethod
     def _admit(grant, other_headers, scope) -> None:
@@ -196,40 +198,60 @@ class ApiKeyMiddleware:
             return await self._refuse(verdict, grant.key_id, scope, receive, send)
         await self._call_app(grant, scope, *verdict)
 
-    async def _call_app(self, grant, scope, receive, send):
-        """Pass an admitted request on; a key with rpm=, concurrency= or tpm= first needs the
-        quota's consent (:mod:`rayllm_auth.quota`), and its responses carry OpenAI's
-        rate-limit headers. A concurrency slot is held until the app returns: after the last
-        byte of a stream, or when the client has gone. tpm= applies to the routes whose
-        tokens are counted (:mod:`rayllm_auth.usage`)."""
+    def _call_app(self, grant, scope, receive, send):
+        """The call of an admitted request, to be awaited; a key with rpm=, concurrency= or
+        tpm= first needs the quota's consent (:mod:`rayllm_auth.quota`), and its responses
+        carry OpenAI's rate-limit headers. tpm= applies to the routes whose tokens are
+        counted (:mod:`rayllm_auth.usage`)."""
         if not grant.rate_limited:
-            return await self._call_counting(grant, scope, receive, send)
+            return self._call_counting(grant, scope, receive, send)
         if self._quota is None:
             self._quota = self._make_quota()
         tpm = grant.tpm if grant.tpm is not None and is_metered(scope) else None
-        verdict = self._quota.admit_now(grant.key_id, grant.rpm, grant.concurrency, tpm) \
-            or await self._quota.admit(grant.key_id, grant.rpm, grant.concurrency, tpm)
+        verdict = self._quota.admit_now(grant.key_id, grant.rpm, grant.concurrency, tpm)
+        if verdict is None:  # the ledger must be asked, or the key is refused
+            return self._call_when_admitted(grant, tpm, scope, receive, send)
+        return self._call_admitted(grant, verdict, scope, receive, send)
+
+    async def _call_when_admitted(self, grant, tpm, scope, receive, send):
+        """:meth:`_call_admitted` once the quota has decided, asking the ledger if it must
+        (nothing held here for the key, or the key refused here until its window frees)."""
+        verdict = await self._quota.admit(grant.key_id, grant.rpm, grant.concurrency, tpm)
+        await self._call_admitted(grant, verdict, scope, receive, send)
+
+    def _call_admitted(self, grant, verdict, scope, receive, send):
+        """The quota's verdict on a limited key's request: its refusal, or the app's call
+        with the rate-limit headers added to the response."""
         if verdict.refused is not None:
-            return await self._refuse(_RATE_REFUSALS[verdict.refused], grant.key_id, scope,
-                                      receive, send, rate_limit_headers(verdict))
+            return self._refuse(_RATE_REFUSALS[verdict.refused], grant.key_id, scope,
+                                receive, send, rate_limit_headers(verdict))
         headers = rate_limit_headers(verdict)
-        reservation = verdict.reservation
         if grant.concurrency is None:
-            return await self._call_counting(grant, scope, receive,
-                                             _adding_headers(send, headers), reservation)
+            return self._call_counting(grant, scope, receive, _adding_headers(send, headers),
+                                       verdict.reservation)
+        return self._call_holding_slot(grant, headers, verdict.reservation, scope, receive,
+                                       send)
+
+    async def _call_holding_slot(self, grant, headers, reservation, scope, receive, send):
+        """The app's call for a request that holds one of its key's concurrency slots: the
+        slot is held until the app returns, after the last byte of a stream, or when the
+        client has gone."""
         quota, key_id, released = self._quota, grant.key_id, False
 
-        async def send_releasing(message):
+        def send_releasing(message):
             # The slot goes back before the last byte: a client that waits for the end of
-            # one request before the next finds its slot free on any replica.
+            # one request before the next finds its slot free on any replica. A plain
+            # function returning what to await (see _adding_headers).
             nonlocal released
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), *headers]}
             elif message["type"] == "http.response.body" and not message.get("more_body") \
                     and not released:
                 released = True
-                await quota.release(key_id)
-            await send(message)
+                giving_back = quota.release_soon(key_id)  # quota.release, without a coroutine
+                if giving_back is not None:  # the key's last request here: its slots go back
+                    return _send_after(giving_back, send, message)
+            return send(message)
 
         try:
             await self._call_counting(grant, scope, receive, send_releasing, reservation)
@@ -237,35 +259,41 @@ class ApiKeyMiddleware:
             if not released:  # an error, a client gone, a WebSocket
                 await quota.release(key_id)  # frees the slot here before any await
 
-    async def _call_counting(self, grant, scope, receive, send, reservation=None):
-        """Call the app; with token accounting on, or a reservation of tokens (tpm=), its
-        usage is counted (:mod:`rayllm_auth.usage`) and settles the reservation. Runs after
-        the quota's consent: a key over its limit gets its 429 before its body is read."""
+    def _call_counting(self, grant, scope, receive, send, reservation=None):
+        """The app's call, to be awaited, counted as ``ok``; with token accounting on, or a
+        reservation of tokens (tpm=), through :meth:`_call_metering`. A plain function: most
+        limited requests then pay for no coroutine of their own here."""
         if self._counts_tokens or reservation is not None:
-            prepared = await prepare_usage(grant.key_id, scope, receive)
-            if prepared is None or prepared.__class__ is Refusal:
-                if reservation is not None:  # it never reaches the engine
-                    self._quota.give_back(reservation)
-                if prepared is None:
-                    return  # the client went away while sending its body: nobody to answer
-                return await self._refuse(prepared, grant.key_id, scope, receive, send)
-            receive, counting = prepared
-            if counting is not None:
-                if reservation is None:
-                    send = counting(send)
-                else:
-                    quota = self._quota
-                    send = counting(send, Settlement(
-                        functools.partial(quota.settle, reservation),
-                        functools.partial(quota.give_back, reservation),
-                        functools.partial(quota.settle_unfinished, reservation)))
-                    metrics.record_ok(grant.key_id)
-                    try:
-                        return await self.app(scope, receive, send)
-                    finally:
-                        send.close()  # a client gone, an app failed: settled all the same
+            return self._call_metering(grant, scope, receive, send, reservation)
         metrics.record_ok(grant.key_id)
-        await self.app(scope, receive, send)
+        return self.app(scope, receive, send)
+
+    async def _call_metering(self, grant, scope, receive, send, reservation):
+        """Call the app and count its usage (:mod:`rayllm_auth.usage`), which settles the
+        reservation if there is one. Runs after the quota's consent: a key over its limit
+        gets its 429 before its body is read."""
+        prepared = await prepare_usage(grant.key_id, scope, receive)
+        if prepared is None or prepared.__class__ is Refusal:
+            if reservation is not None:  # it never reaches the engine
+                self._quota.give_back(reservation)
+            if prepared is None:
+                return  # the client went away while sending its body: nobody to answer
+            return await self._refuse(prepared, grant.key_id, scope, receive, send)
+        receive, counting = prepared
+        metrics.record_ok(grant.key_id)
+        if counting is None:
+            return await self.app(scope, receive, send)
+        if reservation is None:
+            return await self.app(scope, receive, counting(send))
+        quota = self._quota
+        send = counting(send, Settlement(
+            functools.partial(quota.settle, reservation),
+            functools.partial(quota.give_back, reservation),
+            functools.partial(quota.settle_unfinished, reservation)))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            send.close()  # a client gone, an app failed: settled all the same
 
     async def _refuse(self, refusal: Refusal, key_id: str, scope, receive, send, headers=()):
         """Count, log and answer one refusal: the only way a request is refused."""
@@ -289,9 +317,19 @@ def _adding_headers(send, headers: list[tuple[bytes, bytes]]):
     if not headers:
         return send
 
-    async def send_with_headers(message):
+    def send_with_headers(message):
+        # A plain function returning send's awaitable: no coroutine of its own per message
+        # (a stream's every chunk passes here). The app's message is copied, never changed:
+        # it may be reused.
         if message["type"] == "http.response.start":
             message = {**message, "headers": [*message.get("headers", ()), *headers]}
-        await send(message)
+        return send(message)
 
     return send_with_headers
+
+
+async def _send_after(giving_back, send, message) -> None:
+    """Send ``message`` once the slots ``giving_back`` returns are back with the ledger
+    (shielded: a client gone meanwhile must not keep them taken)."""
+    await asyncio.shield(giving_back)
+    await send(message)

@@ -366,7 +366,10 @@ class ReplicaQuota:
                   tpm: Optional[int] = None,
                   reservation: Optional[Reservation] = None) -> Verdict:
         """Count an admitted request in its second (fallback shares, restores) and say so."""
-        _count(state.admitted, int(now))  # floor: the clock is never negative
+        second, admitted = int(now), state.admitted  # floor: the clock is never negative
+        admitted[second] = admitted.get(second, 0) + 1  # _count's work, spelt out: per request
+        if len(admitted) > COUNTED_S:
+            _forget_old(admitted, second)
         if tpm is None:
             return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
                            state.reset_s)
@@ -465,21 +468,21 @@ class ReplicaQuota:
         one here, the key's slots go back to the ledger before this returns: call it before
         the response's last byte, and the client's next request finds its slot free on any
         replica. A busy key keeps its slots here (reused without remote calls)."""
-        state = self._keys.get(key_id)
-        if state is not None and state.slots_used > 0:
-            give_back = self._drop_slot(state)
-            if give_back:  # shielded: a client gone meanwhile must not keep the slot taken
-                await asyncio.shield(asyncio.ensure_future(
-                    self._give_back_slots(key_id, state, give_back)))
+        giving_back = self.release_soon(key_id)
+        if giving_back is not None:  # shielded: a client gone meanwhile must not keep it taken
+            await asyncio.shield(giving_back)
 
-    def release_soon(self, key_id: str) -> None:
-        """:meth:`release` where nothing may be awaited (a cancelled request's clean-up):
-        the slot is free here at once, the ledger hears of it in a task."""
+    def release_soon(self, key_id: str) -> Optional[asyncio.Task]:
+        """:meth:`release` without waiting (a cancelled request's clean-up, and the
+        middleware's own path, which awaits only a give-back): the slot is free here at
+        once; when the key's slots go back to the ledger, they do in a task, returned."""
         state = self._keys.get(key_id)
         if state is not None and state.slots_used > 0:
-            give_back = self._drop_slot(state)
+            state.free_slot()
+            give_back = self._slots_to_give_back(state)
             if give_back:
-                self._spawn(self._give_back_slots(key_id, state, give_back))
+                return self._spawn(self._give_back_slots(key_id, state, give_back))
+        return None
 
     # -- requests per minute -------------------------------------------------------------------
 
@@ -613,13 +616,13 @@ class ReplicaQuota:
         leased under a limit lowered since are still spent, the header says the new one)."""
         if now is None:
             now = self._clock()
-        left = max(0, state.remaining)
+        left = state.remaining if state.remaining > 0 else 0  # per request: no max(), min()
         for lease in state.leases:
             if lease.expires > now:
                 left += lease.left
         if state.charges:  # tokens used beyond their reservations, not yet charged
             left = max(0, left - sum(state.charges.values()))
-        return min(left, rpm)
+        return left if left < rpm else rpm
 
     @staticmethod
     def _largest_lease(rpm: int) -> int:
@@ -742,23 +745,19 @@ class ReplicaQuota:
         state.slots_held = max(state.slots_held, state.slots_used)
         return True
 
-    def _drop_slot(self, state: _KeyState) -> int:
-        """One slot fewer in use; how many to give back (all, when it was the last)."""
-        state.free_slot()
-        return self._slots_to_give_back(state)
-
     def _slots_to_give_back(self, state: _KeyState) -> int:
         """The slots held but not used here (all of them when no request of the key uses
         one; else only if the key is contended) move to ``slots_returning``: how many the
         caller must give back."""
-        if (state.slots_used == 0 or state.slots_contended) and not self.in_fallback:
+        in_fallback = self._fallback_until is not None
+        if (state.slots_used == 0 or state.slots_contended) and not in_fallback:
             idle = state.slots_held - state.slots_used
             if idle > 0:
                 state.slots_held -= idle
                 state.slots_returning += idle  # still reported until the ledger has them
                 return idle
             return 0
-        if self.in_fallback:
+        if in_fallback:
             state.slots_held = state.slots_used
         return 0
 
@@ -997,7 +996,7 @@ class ReplicaQuota:
                                        for s in self._keys.values())
         return self._holdings()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         """Run ``coro`` in a task this object keeps until it ends (the loop keeps only
         weak references to tasks)."""
         try:
@@ -1008,6 +1007,7 @@ class ReplicaQuota:
         task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _retry_due(self, now: float) -> bool:
         return self._fallback_until is not None and now >= self._fallback_until
@@ -1057,8 +1057,13 @@ def _count(counts: dict[int, int], second: int, count: int = 1) -> None:
     """``count`` more in ``second``; seconds no longer counted go."""
     counts[second] = counts.get(second, 0) + count
     if len(counts) > COUNTED_S:
-        for old in [s for s in counts if s <= second - COUNTED_S]:
-            del counts[old]
+        _forget_old(counts, second)
+
+
+def _forget_old(counts: dict[int, int], second: int) -> None:
+    """The seconds ``counts`` no longer counts at ``second`` go."""
+    for old in [s for s in counts if s <= second - COUNTED_S]:
+        del counts[old]
 
 
 def _net_out(counts: dict[int, int], count: int) -> None:

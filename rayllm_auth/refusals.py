@@ -145,28 +145,28 @@ def rate_limit_headers(verdict) -> list[tuple[bytes, bytes]]:
     ``retry-after-ms``."""
     headers = []
     if verdict.limit is not None:
-        headers += [(b"x-ratelimit-limit-requests", _number(verdict.limit)),
-                    (b"x-ratelimit-remaining-requests", str(verdict.remaining).encode()),
-                    (b"x-ratelimit-reset-requests", _duration(verdict.reset_s))]
+        limit, reset = _limit_and_reset(b"requests", verdict.limit, verdict.reset_s)
+        headers += [limit, (b"x-ratelimit-remaining-requests", str(verdict.remaining).encode()),
+                    reset]
     if verdict.token_limit is not None:
-        headers += [(b"x-ratelimit-limit-tokens", _number(verdict.token_limit)),
-                    (b"x-ratelimit-remaining-tokens", str(verdict.token_remaining).encode()),
-                    (b"x-ratelimit-reset-tokens", _duration(verdict.token_reset_s))]
+        limit, reset = _limit_and_reset(b"tokens", verdict.token_limit, verdict.token_reset_s)
+        headers += [limit, (b"x-ratelimit-remaining-tokens",
+                            str(verdict.token_remaining).encode()), reset]
     if verdict.refused is not None:
         wait = max(verdict.retry_after_s, 0.001)
-        headers += [(b"retry-after", _number(math.ceil(wait))),
-                    (b"retry-after-ms", _number(math.ceil(wait * 1000)))]
+        headers += [(b"retry-after", str(math.ceil(wait)).encode()),
+                    (b"retry-after-ms", str(math.ceil(wait * 1000)).encode())]
     return headers
 
 
 # Cached: a limited key's every response carries these, and between two leases the limit
 # and the reset time do not change (what remains does: not cached).
 @functools.lru_cache(maxsize=1024)
-def _number(number: int) -> bytes:
-    return str(number).encode()
+def _limit_and_reset(unit: bytes, limit: int, reset_s: float) -> tuple[tuple, tuple]:
+    return ((b"x-ratelimit-limit-" + unit, str(limit).encode()),
+            (b"x-ratelimit-reset-" + unit, _duration(reset_s)))
 
 
-@functools.lru_cache(maxsize=1024)
 def _duration(seconds: float) -> bytes:
     """OpenAI's (Go's) way of writing a duration, rounded up to the millisecond: ``120ms``,
     ``1.5s``, ``6m0s``."""
