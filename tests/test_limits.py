@@ -176,9 +176,9 @@ async def test_exempt_paths_spend_none_of_a_keys_limits(key_file, clock, monkeyp
     assert statuses == [200, 200, 200, 429]
 
 
-async def test_the_slot_is_free_before_the_clients_last_byte(key_file, clock):
-    # A client that sends its next request when the last one ends is never refused.
-    app, engine = limited_app(clock)
+async def next_request_at_last_byte(app, next_app) -> int:
+    """A client of the one-at-a-time key that sends its next request, to ``next_app``, at the
+    last byte of its request to ``app``: the next request's status."""
     seen_after_last_byte = []
 
     async def receive():
@@ -187,13 +187,20 @@ async def test_the_slot_is_free_before_the_clients_last_byte(key_file, clock):
     async def send(message):
         if message["type"] == "http.response.body" and not message.get("more_body"):
             seen_after_last_byte.append(
-                (await call(app, headers=bearer(KEYS["one-at-a-time"]))).status)
+                (await call(next_app, headers=bearer(KEYS["one-at-a-time"]))).status)
 
     scope = {"type": "http", "method": "GET", "path": "/v1/models", "raw_path": b"/v1/models",
              "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
              "headers": [(b"authorization", f"Bearer {KEYS['one-at-a-time']}".encode())]}
     await app(scope, receive, send)
-    assert seen_after_last_byte == [200]
+    (status,) = seen_after_last_byte
+    return status
+
+
+async def test_the_slot_is_free_before_the_clients_last_byte(key_file, clock):
+    # A client that sends its next request when the last one ends is never refused.
+    app, engine = limited_app(clock)
+    assert await next_request_at_last_byte(app, app) == 200
 
 
 class LaggingLedger(InProcessLedger):
@@ -212,23 +219,9 @@ async def test_the_slot_is_back_with_the_ledger_before_the_last_byte(key_file, c
     first, second = (ApiKeyMiddleware(engine, clock=clock,
                                       quota=lambda name=name: ReplicaQuota(ledger, name, clock))
                      for name in ("replica-a", "replica-b"))
-    seen_after_last_byte = []
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            seen_after_last_byte.append(
-                (await call(second, headers=bearer(KEYS["one-at-a-time"]))).status)
-
     for replica in (first, second):  # both have heard the ledger: no call waits on a sync
         assert (await call(replica, headers=bearer(KEYS["slow"]))).status == 200
-    scope = {"type": "http", "method": "GET", "path": "/v1/models", "raw_path": b"/v1/models",
-             "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
-             "headers": [(b"authorization", f"Bearer {KEYS['one-at-a-time']}".encode())]}
-    await first(scope, receive, send)
-    assert seen_after_last_byte == [200]
+    assert await next_request_at_last_byte(first, second) == 200
 
 
 async def test_with_token_accounting_a_key_over_its_limit_gets_429_before_its_body_is_read(
