@@ -115,12 +115,12 @@ def _error_response(refusal: Refusal, extra_headers: Sequence[tuple[bytes, bytes
                (b"content-length", str(len(body)).encode()), *extra_headers]
     if refusal.challenge is not None:
         headers.append((b"www-authenticate", refusal.challenge))
-    start = {"type": "http.response.start", "status": refusal.status, "headers": headers}
-    end = {"type": "http.response.body", "body": body}
-
     async def respond(scope, receive, send):
-        await send(start)
-        await send(end)
+        # New messages each time: what they pass through (the app's CORS policy) may change
+        # them, and one answer must never carry what an earlier client sent.
+        await send({"type": "http.response.start", "status": refusal.status,
+                    "headers": list(headers)})
+        await send({"type": "http.response.body", "body": body})
 
     return respond
 

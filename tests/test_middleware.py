@@ -283,6 +283,20 @@ async def test_cors_preflight_passes_without_key_and_reaches_no_handler(app, rea
     assert "authorization" in reply.headers["access-control-allow-headers"].lower()
 
 
+async def test_refusals_stay_the_same_whatever_earlier_clients_sent(app):
+    # Every refusal of a reason is answered from one prepared answer: the app's own CORS
+    # policy, which adds its headers to each answer, must never change that one for the next.
+    first = await call(app)
+    for n in range(20):
+        refused = await call(app, headers=[("origin", f"https://site-{n}.example")])
+        assert refused.status == 401
+        assert refused.headers["access-control-allow-origin"] == f"https://site-{n}.example"
+        assert refused.headers["vary"] == "Origin"  # not one ", Origin" more per refusal
+    later = await call(app)  # another client, sending no Origin
+    assert later.status == 401 and later.headers == first.headers
+    assert "access-control-allow-origin" not in later.headers
+
+
 async def test_401_carries_the_same_cors_headers_as_a_success(app, key_env, reached):
     origin = [("origin", "https://chat.example")]
     refused = await call(app, headers=origin)
