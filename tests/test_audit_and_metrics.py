@@ -132,3 +132,20 @@ async def test_the_expiry_gauge_is_handed_to_ray_again_while_idle(monkeypatch, f
     await asyncio.sleep(0.3)  # no traffic at all
     assert len(handed) >= 5 and set(handed[0][1].items()) == {("key_id", "k")}
     assert {value for value, _ in handed} == {2e9}
+
+
+def test_a_count_left_pending_by_an_ended_event_loop_is_flushed_by_the_next(monkeypatch,
+                                                                           fresh_metrics):
+    # A limited key's counts (record_ok) reach Ray also when the loop that scheduled their
+    # flush ended before it, as the counts made outside any loop do.
+    monkeypatch.setattr(metrics, "FLUSH_INTERVAL_S", 0.05)
+    metrics.record_ok("limited")  # outside a loop: no flush scheduled
+
+    async def serve(requests: int, wait: float):
+        for _ in range(requests):
+            metrics.record_ok("limited")
+        await asyncio.sleep(wait)
+        return metrics.pending().get(("rayllm_auth_requests", ("ok", "limited")), 0)
+
+    assert asyncio.run(serve(1, 0)) == 2  # this loop ends before its flush is due
+    assert asyncio.run(serve(5, 0.3)) == 0  # the next loop's flush takes all seven
