@@ -252,12 +252,17 @@ def _settling_send(counting_send, counter: "_Counter", settlement: Settlement, b
                                   counter.total if counter.reported else state["events"])
 
     def settling_send(message):
+        events = 0
+        if not state["ended"] and message["type"] == "http.response.body":
+            # Before the send is made: nothing may raise once its awaitable exists (a body
+            # that is no bytes would leave it never awaited).
+            events = bytes(message.get("body", b"")).count(b"data: {")
         sent = counting_send(message)
         if not state["ended"]:
             if message["type"] == "http.response.start":
                 state["status"] = message.get("status")
             elif message["type"] == "http.response.body":
-                state["events"] += bytes(message.get("body", b"")).count(b"data: {")
+                state["events"] += events
                 if not message.get("more_body"):
                     end(finished=True)
         return sent

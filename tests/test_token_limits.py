@@ -4,6 +4,7 @@ around the stand-in engine. The oracles are the tokens the tests make requests u
 and the usage the engine itself reports (ASGI level), never what the code under test computes."""
 
 import asyncio
+import gc
 import json
 import types
 
@@ -540,3 +541,27 @@ def test_a_debt_is_paid_by_arithmetic_however_long_the_key_was_idle():
     ledger.lease_requests(key, 1, 1, "r", 1)
     window = ledger._windows[key]
     assert window.debt == 10 ** 9 - (10 ** 8 - COUNTED_S) // COUNTED_S
+
+
+def test_an_app_sending_a_body_that_is_no_bytes_leaves_nothing_unawaited(monkeypatch, tmp_path,
+                                                                         recwarn):
+    # The app fails (its own bug): the request's send must fail before any awaitable of it
+    # exists, or Python warns that a coroutine was never awaited.
+    async def sends_text(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": "text, not bytes"})
+
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"tokens:{KEYS['tokens']} tpm=100000 concurrency=2\n")
+    monkeypatch.setenv("RAY_LLM_API_KEYS_FILE", str(key_file))
+    clock = Clock()
+    quota = ReplicaQuota(InProcessLedger(Ledger(clock)), "t", clock)
+    app = ApiKeyMiddleware(sends_text, clock=clock, quota=lambda: quota)
+    for _ in range(2):
+        with pytest.raises(TypeError):
+            post(app, KEYS["tokens"])
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+    assert quota._keys["tokens"].slots_used == 0
