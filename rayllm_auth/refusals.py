@@ -5,7 +5,8 @@ error code, message and ``WWW-Authenticate`` challenge. :class:`Answers` turns t
 responses, built once per middleware: an OpenAI-shaped JSON error (the ``openai`` SDK raises
 ``AuthenticationError``, ``PermissionDeniedError``, ``NotFoundError``... with a readable
 message) behind the app's own CORS policy, or, for a WebSocket, a close before the handshake
-is accepted. No answer ever repeats what the client sent.
+is accepted. No answer repeats what the client sent, beyond what the app's own CORS policy
+reflects to that client (its ``Origin``, a preflight's requested headers), as the app does.
 """
 
 from __future__ import annotations

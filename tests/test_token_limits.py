@@ -543,15 +543,19 @@ def test_a_debt_is_paid_by_arithmetic_however_long_the_key_was_idle():
     assert window.debt == 10 ** 9 - (10 ** 8 - COUNTED_S) // COUNTED_S
 
 
-def test_an_app_sending_a_body_that_is_no_bytes_leaves_nothing_unawaited(monkeypatch, tmp_path,
-                                                                         recwarn):
+@pytest.mark.parametrize("content_type, more_body", [
+    (b"text/plain", False), (b"text/plain", True), (b"application/json", True)])
+def test_an_app_sending_a_body_that_is_no_bytes_leaves_nothing_unawaited(
+        monkeypatch, tmp_path, recwarn, content_type, more_body):
     # The app fails (its own bug): the request's send must fail before any awaitable of it
     # exists, or Python warns that a coroutine was never awaited.
     async def sends_text(scope, receive, send):
         while (await receive()).get("more_body"):
             pass
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": "text, not bytes"})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type)]})
+        await send({"type": "http.response.body", "body": "text, not bytes",
+                    "more_body": more_body})
 
     key_file = tmp_path / "keys"
     key_file.write_text(f"tokens:{KEYS['tokens']} tpm=100000 concurrency=2\n")
