@@ -116,6 +116,7 @@ def _error_response(refusal: Refusal, extra_headers: Sequence[tuple[bytes, bytes
                (b"content-length", str(len(body)).encode()), *extra_headers]
     if refusal.challenge is not None:
         headers.append((b"www-authenticate", refusal.challenge))
+
     async def respond(scope, receive, send):
         # New messages each time: what they pass through (the app's CORS policy) may change
         # them, and one answer must never carry what an earlier client sent.
