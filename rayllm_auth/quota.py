@@ -366,10 +366,7 @@ class ReplicaQuota:
                   tpm: Optional[int] = None,
                   reservation: Optional[Reservation] = None) -> Verdict:
         """Count an admitted request in its second (fallback shares, restores) and say so."""
-        second, admitted = int(now), state.admitted  # floor: the clock is never negative
-        admitted[second] = admitted.get(second, 0) + 1  # _count's work, spelt out: per request
-        if len(admitted) > COUNTED_S:
-            _forget_old(admitted, second)
+        _count(state.admitted, int(now))  # floor: the clock is never negative
         if tpm is None:
             return Verdict(None, rpm, self._remaining(state, now, rpm) if rpm else None,
                            state.reset_s)
@@ -616,13 +613,13 @@ class ReplicaQuota:
         leased under a limit lowered since are still spent, the header says the new one)."""
         if now is None:
             now = self._clock()
-        left = state.remaining if state.remaining > 0 else 0  # per request: no max(), min()
+        left = max(0, state.remaining)
         for lease in state.leases:
             if lease.expires > now:
                 left += lease.left
         if state.charges:  # tokens used beyond their reservations, not yet charged
             left = max(0, left - sum(state.charges.values()))
-        return left if left < rpm else rpm
+        return min(left, rpm)
 
     @staticmethod
     def _largest_lease(rpm: int) -> int:
@@ -749,15 +746,14 @@ class ReplicaQuota:
         """The slots held but not used here (all of them when no request of the key uses
         one; else only if the key is contended) move to ``slots_returning``: how many the
         caller must give back."""
-        in_fallback = self._fallback_until is not None
-        if (state.slots_used == 0 or state.slots_contended) and not in_fallback:
+        if (state.slots_used == 0 or state.slots_contended) and not self.in_fallback:
             idle = state.slots_held - state.slots_used
             if idle > 0:
                 state.slots_held -= idle
                 state.slots_returning += idle  # still reported until the ledger has them
                 return idle
             return 0
-        if in_fallback:
+        if self.in_fallback:
             state.slots_held = state.slots_used
         return 0
 
@@ -1057,13 +1053,8 @@ def _count(counts: dict[int, int], second: int, count: int = 1) -> None:
     """``count`` more in ``second``; seconds no longer counted go."""
     counts[second] = counts.get(second, 0) + count
     if len(counts) > COUNTED_S:
-        _forget_old(counts, second)
-
-
-def _forget_old(counts: dict[int, int], second: int) -> None:
-    """The seconds ``counts`` no longer counts at ``second`` go."""
-    for old in [s for s in counts if s <= second - COUNTED_S]:
-        del counts[old]
+        for old in [s for s in counts if s <= second - COUNTED_S]:
+            del counts[old]
 
 
 def _net_out(counts: dict[int, int], count: int) -> None:
