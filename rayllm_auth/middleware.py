@@ -237,15 +237,14 @@ class ApiKeyMiddleware:
         slot is held until the app returns, after the last byte of a stream, or when the
         client has gone."""
         quota, key_id, released = self._quota, grant.key_id, False
+        send = _adding_headers(send, headers)
 
         def send_releasing(message):
             # The slot goes back before the last byte: a client that waits for the end of
             # one request before the next finds its slot free on any replica. A plain
             # function returning what to await (see _adding_headers).
             nonlocal released
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *headers]}
-            elif message["type"] == "http.response.body" and not message.get("more_body") \
+            if message["type"] == "http.response.body" and not message.get("more_body") \
                     and not released:
                 released = True
                 giving_back = quota.release_soon(key_id)  # quota.release, without a coroutine
