@@ -76,7 +76,7 @@ def middleware_table(mw: dict) -> list[str]:
                       "file, all keys in the same rounds, microseconds: added over the bare "
                       "app, and over the unlimited key (paired round by round):", "",
                   "| key | added | over the unlimited key |", "|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f}) | "
+        lines += [f"| {r['variant']} | {_figure(r)} | "
                   + (_figure(r["over_unlimited"]) if r.get("over_unlimited") else "-") + " |"
                   for r in limited]
     return lines
