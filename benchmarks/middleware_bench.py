@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import random
 import secrets
+import shutil
 import json
 import logging
 import statistics
@@ -88,7 +90,9 @@ def middleware_from_file(inner, lines: list[str], middleware=None, **environ):
     from rayllm_auth.middleware import ApiKeyMiddleware
 
     middleware = middleware or ApiKeyMiddleware
-    path = Path(tempfile.mkdtemp(prefix="rayllm-auth-bench-")) / "keys"
+    folder = tempfile.mkdtemp(prefix="rayllm-auth-bench-")
+    atexit.register(shutil.rmtree, folder, True)  # the middleware watches it until then
+    path = Path(folder) / "keys"
     path.write_text("\n".join(lines) + "\n")
     saved = os.environ.pop("RAY_LLM_API_KEYS", None)
     os.environ["RAY_LLM_API_KEYS_FILE"] = str(path)
