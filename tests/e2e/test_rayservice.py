@@ -820,18 +820,26 @@ def test_concurrency_holds_across_replicas_and_a_stream_holds_its_slot(cluster, 
 
 def test_openai_sdk_with_default_retries_completes_after_a_429(cluster, limits):
     async def scenario():
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 40, "stream": True}  # ~1 s of decode
         async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
-            stream = asyncio.create_task(limits_request(
-                client, LIMITED_KEYS["one-stream"], max_tokens=20, stream=True))
-            await asyncio.sleep(0.2)  # the stream holds the key's one slot for ~0.5 s
-            sdk = openai.AsyncOpenAI(base_url=f"{SERVE_URL}{LIMITS_APP}/v1",
-                                     api_key=LIMITED_KEYS["one-stream"])  # default retries
-            raw = await sdk.chat.completions.with_raw_response.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-            return await stream, raw
+            async with client.stream(
+                    "POST", f"{LIMITS_APP}/v1/chat/completions", json=body,
+                    headers={"authorization": f"Bearer {LIMITED_KEYS['one-stream']}"}) as stream:
+                # Its headers came: it was admitted and holds the key's one slot until it
+                # ends. (Sending the SDK's request after a fixed sleep instead raced: on a
+                # loaded machine the stream could arrive after the short request ended.)
+                sdk = openai.AsyncOpenAI(base_url=f"{SERVE_URL}{LIMITS_APP}/v1",
+                                         api_key=LIMITED_KEYS["one-stream"])  # default retries
+                refused_first = asyncio.create_task(
+                    sdk.chat.completions.with_raw_response.create(
+                        model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                        max_tokens=2))
+                await stream.aread()
+                return stream.status_code, await refused_first
 
-    stream, raw = asyncio.run(scenario())
-    assert stream[0] == 200
+    stream_status, raw = asyncio.run(scenario())
+    assert stream_status == 200
     assert raw.retries_taken >= 1 and raw.parse().choices[0].message.content
 
 
