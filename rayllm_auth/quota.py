@@ -15,8 +15,9 @@ keys other replicas wait for.
 
 When the ledger cannot be reached (its actor killed, its node lost, the head restarting),
 the replica keeps serving with **fallback limits**: each limit divided by the number of
-replicas last heard of, counted here alone. It says so once in the log and in
-``ray_rayllm_auth_quota_fallbacks_total``, tries the ledger again every ``RETRY_S``, and
+replicas last heard of (before the ledger's first answer: :meth:`ReplicaQuota.assume_replicas`),
+counted here alone. It says so once in the log and in
+``ray_rayllm_auth_limits_fallbacks_total``, tries the ledger again every ``RETRY_S``, and
 returns to cluster-wide limits as soon as it answers, restoring into a restarted ledger what
 this replica admitted in the last window. Limits are never dropped and traffic is never
 refused because the ledger is gone.

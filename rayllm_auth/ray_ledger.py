@@ -9,7 +9,11 @@ if it dies (``max_restarts=-1``); replicas then restore what they admitted in th
 
 Every call has a deadline (``CALL_TIMEOUT_S``): a ledger that does not answer in time is
 treated as gone (fallback limits), never waited for; the call stays in flight, and a lease
-the ledger grants after the deadline is given back (:mod:`rayllm_auth.quota`).
+the ledger grants after the deadline is given back (:mod:`rayllm_auth.quota`). The calls a
+replica makes before the ledger has first answered it have a longer one
+(``FIRST_CONTACT_TIMEOUT_S``): they may be creating the actor, which takes seconds on a busy
+node, and that is no outage (falling back then would let each replica admit a full share of
+the keys' limits while the ledger starts).
 
 Trust: the actor is reachable by any code that can reach the Ray cluster (as every Ray actor
 is), which could change its books; the limits are as strong as access to the cluster, which
@@ -35,6 +39,9 @@ logger = logging.getLogger("rayllm_auth")
 NAMESPACE = "rayllm_auth"
 #: A ledger call that takes longer than this counts as the ledger being gone.
 CALL_TIMEOUT_S = 1.0
+#: The same for the calls made before the ledger first answered this replica (the actor may
+#: be starting: a process, its runtime_env, on a node that may be loaded).
+FIRST_CONTACT_TIMEOUT_S = 10.0
 
 
 class LedgerActor(Ledger):
@@ -62,6 +69,7 @@ class RayLedger:
         self._name = actor_name(app_name)
         self._handle = None
         self._lookup: Optional[asyncio.Future] = None  # the one lookup in flight
+        self._first_contact = True  # until a call has answered, or missed the long deadline
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
@@ -70,14 +78,17 @@ class RayLedger:
         async def call(*args):
             answer = asyncio.ensure_future(self._call(method, args))
             answer.add_done_callback(_retrieve)
+            deadline = FIRST_CONTACT_TIMEOUT_S if self._first_contact else CALL_TIMEOUT_S
             try:  # one deadline for finding the actor and calling it
-                return await asyncio.wait_for(asyncio.shield(answer), CALL_TIMEOUT_S)
+                result = await asyncio.wait_for(asyncio.shield(answer), deadline)
             except asyncio.TimeoutError:  # the call stays in flight: the ledger may apply it
-                self._handle = None
+                self._handle, self._first_contact = None, False
                 raise LedgerUnavailable("TimeoutError", late_answer=answer) from None
             except Exception as exc:  # Ray's actor errors: "not now"
                 self._handle = None
                 raise LedgerUnavailable(type(exc).__name__) from None
+            self._first_contact = False
+            return result
 
         return call
 
@@ -115,5 +126,18 @@ def replica_quota() -> ReplicaQuota:
         return ReplicaQuota(InProcessLedger(Ledger(time.monotonic)), "local", time.monotonic)
     quota = ReplicaQuota(RayLedger(context.app_name), context.replica_tag, time.monotonic,
                          on_fallback=metrics.record_limits_fallback)
-    quota.assume_replicas(getattr(context, "world_size", 1) or 1)
+    quota.assume_replicas(expected_replicas(context))
     return quota
+
+
+def expected_replicas(context) -> int:
+    """How many replicas the deployment of the Serve replica ``context`` is meant to run:
+    the fallback shares' divisor until the ledger says how many it hears from. For an
+    autoscaled deployment (Ray then leaves ``num_replicas``, and ``world_size``, at 1) the
+    larger of its ``min_replicas`` and ``initial_replicas``."""
+    config = getattr(context, "_deployment_config", None)
+    autoscaling = getattr(config, "autoscaling_config", None)
+    if autoscaling is not None:
+        return max(1, getattr(autoscaling, "min_replicas", 0) or 0,
+                   getattr(autoscaling, "initial_replicas", 0) or 0)
+    return max(1, getattr(context, "world_size", 0) or getattr(config, "num_replicas", 0) or 0)

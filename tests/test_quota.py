@@ -422,7 +422,7 @@ def test_ray_ledger_waits_at_most_one_deadline_and_looks_up_once(monkeypatch):
         real_time.sleep(0.3)
         raise RuntimeError("no actor")
 
-    monkeypatch.setattr(ray_ledger, "CALL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ray_ledger, "FIRST_CONTACT_TIMEOUT_S", 0.2)
     monkeypatch.setattr(ray_ledger.RayLedger, "_get_or_create", slow_lookup)
     ledger = ray_ledger.RayLedger("app")
 
@@ -435,6 +435,93 @@ def test_ray_ledger_waits_at_most_one_deadline_and_looks_up_once(monkeypatch):
     took, results = run(scenario())
     assert all(isinstance(r, LedgerUnavailable) for r in results)
     assert took < 0.28 and len(lookups) == 1
+
+
+@pytest.mark.parametrize("deployment, expected", [
+    ({"num_replicas": 3}, 3),
+    ({}, 1),
+    # Found end to end: Ray leaves an autoscaled deployment's num_replicas (and its
+    # replicas' world_size) at 1, so each replica's fallback share was the whole limit.
+    ({"autoscaling_config": {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 2}}, 2),
+    ({"autoscaling_config": {"min_replicas": 0, "initial_replicas": 4, "max_replicas": 8}}, 4),
+    ({"autoscaling_config": {"min_replicas": 0, "max_replicas": 8}}, 1),
+])
+def test_fallback_shares_assume_the_replicas_the_deployment_is_meant_to_run(deployment,
+                                                                           expected):
+    from types import SimpleNamespace
+
+    from ray.serve._private.config import DeploymentConfig
+
+    from rayllm_auth.ray_ledger import expected_replicas
+
+    config = DeploymentConfig(**deployment)
+    # What Ray's replica puts in its context (serve/_private/replica.py, Ray 2.60).
+    context = SimpleNamespace(_deployment_config=config, world_size=config.num_replicas)
+    assert expected_replicas(context) == expected
+    assert expected_replicas(SimpleNamespace()) == 1  # an older Ray's context: unknown
+
+
+def test_a_ledger_still_starting_is_waited_for_not_taken_as_gone(monkeypatch):
+    # Found end to end: limits first appear in a reload; the first limited requests create
+    # the ledger actor, which took over a second on a loaded node: both replicas fell back
+    # (a full share each) and a concurrency=1 key had two streams in flight.
+    import time as real_time
+
+    from rayllm_auth import ray_ledger
+
+    clock = Clock()
+    shared = StartingHandle(Ledger(clock))
+
+    def starting_actor(self):
+        real_time.sleep(0.5)  # longer than a call's deadline, shorter than the first's
+        return shared
+
+    monkeypatch.setattr(ray_ledger, "CALL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ray_ledger, "FIRST_CONTACT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(ray_ledger.RayLedger, "_get_or_create", starting_actor)
+    fallbacks = []
+    replicas = [ReplicaQuota(ray_ledger.RayLedger("app"), name, clock, heartbeat=False,
+                             on_fallback=fallbacks.append) for name in ("r0", "r1")]
+    for quota in replicas:
+        quota.assume_replicas(2)
+
+    async def scenario():
+        verdicts = await asyncio.gather(*(replicas[n % 2].admit("k", None, 1)
+                                          for n in range(10)))
+        # A call after the first answer has the usual deadline again.
+        shared.delay = 0.5
+        try:
+            await replicas[0].upkeep()
+        finally:
+            shared.delay = 0.0
+        return verdicts
+
+    verdicts = run(scenario())
+    assert [v.refused for v in verdicts].count(None) == 1
+    assert fallbacks == [True]  # only the slow call after the first contact
+
+
+class StartingHandle:
+    """A ledger actor's handle whose answers come ``delay`` seconds (real time) late."""
+
+    def __init__(self, ledger):
+        self.ledger, self.delay = ledger, 0.0
+
+    def __getattr__(self, name):
+        handle = self
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                result = getattr(handle.ledger, name)(*args)
+
+                async def answer():
+                    await asyncio.sleep(handle.delay)
+                    return result
+
+                return answer()
+
+        return Method
 
 
 # -- found by the second review, and by the end-to-end test ---------------------------------
@@ -712,6 +799,7 @@ def late_cluster(monkeypatch):
     # Long enough for a call answered at once on a loaded machine (the first one looks the
     # actor up in a thread); a held answer always misses it.
     monkeypatch.setattr(ray_ledger, "CALL_TIMEOUT_S", 0.25)
+    monkeypatch.setattr(ray_ledger, "FIRST_CONTACT_TIMEOUT_S", 0.25)
     monkeypatch.setattr(ray_ledger.RayLedger, "_get_or_create", lambda self: handle)
     return clock, handle, ReplicaQuota(ray_ledger.RayLedger("app"), "r0", clock,
                                        heartbeat=False)
