@@ -142,6 +142,7 @@ class KeyStore:
     changed file has settled; ``wall_clock`` (Unix time) lets a starting replica take a file
     whose ctime is old at once; ``sleep`` waits for the file at start.
     ``watch=False`` reads the sources once and never reloads or publishes metrics.
+    ``on_reload`` is called with each key set a reload brings.
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class KeyStore:
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         watch: bool = True,
+        on_reload: Callable[[KeySet], None] = lambda keys: None,
     ):
         sources = configured_sources(environ)
         if not sources:
@@ -162,6 +164,7 @@ class KeyStore:
         self._sources = sources
         self._env_entries = environment_entries(environ)
         self._clock, self._wall_clock = clock, wall_clock
+        self._on_reload = on_reload
         self._path: Optional[str] = None
         self._file: Optional[KeyFile] = None
         self._failed_signature: Optional[object] = None
@@ -286,6 +289,7 @@ class KeyStore:
             "rayllm-auth: %s reloaded: %d key(s), ids %s",
             RAY_LLM_API_KEYS_FILE, len(keys), ", ".join(keys.key_ids[:10]),
         )
+        self._on_reload(keys)
 
     def _failed(self, signature: object, message: str) -> None:
         if signature == self._failed_signature:

@@ -93,7 +93,8 @@ class ApiKeyMiddleware:
     ):
         self.app = app
         try:
-            self._store = KeyStore(environ, clock, wall_clock=wall_clock)
+            self._store = KeyStore(environ, clock, wall_clock=wall_clock,
+                                   on_reload=self._reloaded)
             self._exempt = load_exempt_paths(environ)
             self._counts_tokens = usage_enabled(environ)
         except ConfigError:
@@ -101,7 +102,7 @@ class ApiKeyMiddleware:
             metrics.flush()  # the replica is about to fail: no request will flush it
             raise
         self._wall_clock = wall_clock
-        self._make_quota, self._quota = quota, None  # built at the first limited request
+        self._make_quota, self._quota = quota, None  # built when a key with limits arrives
         self._answers = Answers(cors)
         self._model_scope = ModelScope(served_model)
         self._denials = DenialLog(clock)
@@ -109,8 +110,7 @@ class ApiKeyMiddleware:
         self._reloading = self._store.watches_file
         self._keys = keys = self._store.current()  # used as is when there is no key file
         self._store.keep_looking()  # built in the replica's event loop: idle replicas reload
-        if any(grant.rate_limited for grant in keys.grants):
-            self._warm_up_limits()
+        self._reloaded(keys)
         ids = keys.key_ids
         logger.info(
             "rayllm-auth: API key required on every route; %d key(s) from %s, ids %s%s; "
@@ -175,14 +175,16 @@ class ApiKeyMiddleware:
             scope["state"] = state = {}
         state["user_id"] = grant.key_id
 
-    def _warm_up_limits(self) -> None:
-        """Reach the limits ledger now (its actor takes seconds to start the first time), so
-        the first limited requests find it answering instead of falling back."""
-        self._quota = self._make_quota()
-        try:
-            self._quota.reach_ledger_soon()
-        except RuntimeError:
-            pass  # built outside an event loop: the first limited request reaches it
+    def _reloaded(self, keys) -> None:
+        """When the first key with limits arrives (at start or in a reload), reach the
+        limits ledger at once: its actor takes seconds to start the first time, and the
+        first limited requests then find it answering instead of waiting for it."""
+        if self._quota is None and any(grant.rate_limited for grant in keys.grants):
+            self._quota = self._make_quota()
+            try:
+                self._quota.reach_ledger_soon()
+            except RuntimeError:
+                pass  # built outside an event loop: the first limited request reaches it
 
     async def _unchecked_scope(self, scope, receive, send):
         if scope["type"] != "lifespan":

@@ -322,3 +322,29 @@ async def test_a_key_set_with_limits_reaches_the_ledger_before_the_first_request
     ApiKeyMiddleware(Engine(), clock=clock, quota=lambda: quota)
     await asyncio.sleep(0)  # the warm-up's first heartbeat
     assert ledger.replicas() == 1 and quota._incarnation == ledger.incarnation
+
+
+async def test_limits_a_reload_brings_reach_the_ledger_before_the_first_limited_request(
+        key_file, clock, monkeypatch):
+    # Found end to end: the first limited request after the reload created the ledger actor
+    # itself, and waited the seconds it takes to start.
+    monkeypatch.setenv("RAY_LLM_AUTH_RELOAD_INTERVAL_S", "1")
+    limits = key_file.read_text()
+    key_file.write_text(f"free:{KEYS['free']}\n")
+    ledger = Ledger(clock)
+    quota = ReplicaQuota(InProcessLedger(ledger), "r", clock)
+    built = []
+    app = ApiKeyMiddleware(Engine(), clock=clock, quota=lambda: built.append(1) or quota)
+    await asyncio.sleep(0)
+    assert built == [] and quota._incarnation is None
+    key_file.write_text(limits)
+    for _ in range(3):  # the reload interval, then the file settles
+        clock.now += 1.1
+        assert (await call(app, headers=bearer(KEYS["free"]))).status == 200
+    await asyncio.sleep(0)  # the warm-up's first heartbeat
+    assert built == [1] and ledger.replicas() == 1 and quota._incarnation == ledger.incarnation
+    key_file.write_text(limits + "\n")  # another reload with limits builds nothing more
+    for _ in range(3):
+        clock.now += 1.1
+        assert (await call(app, headers=bearer(KEYS["free"]))).status == 200
+    assert built == [1]
