@@ -15,8 +15,8 @@ keys other replicas wait for.
 
 When the ledger cannot be reached (its actor killed, its node lost, the head restarting),
 the replica keeps serving with **fallback limits**: each limit divided by the number of
-replicas last heard of (before the ledger's first answer: :meth:`ReplicaQuota.assume_replicas`),
-counted here alone. It says so once in the log and in
+replicas last heard of (never fewer than :meth:`ReplicaQuota.assume_replicas`), counted
+here alone. It says so once in the log and in
 ``ray_rayllm_auth_limits_fallbacks_total``, tries the ledger again every ``RETRY_S``, and
 returns to cluster-wide limits as soon as it answers, restoring into a restarted ledger what
 this replica admitted in the last window. Limits are never dropped and traffic is never
@@ -221,7 +221,8 @@ class ReplicaQuota:
         self._heartbeat = heartbeat
         self._upkeep_task: Optional[asyncio.Task] = None
         self._keys: dict[str, _KeyState] = {}
-        self._replicas = 1
+        self._replicas = 1  # fallback shares' divisor
+        self._replicas_at_least = 1  # the replicas the deployment runs at least
         self._incarnation: Optional[str] = None  # the ledger's, once it has answered a sync
         #: Ledgers known to be gone (seen replaced, or found older than the live one): a late
         #: answer of one is stale (its books are gone), never another restart. At most one
@@ -242,8 +243,10 @@ class ReplicaQuota:
         self._tasks: set[asyncio.Task] = set()  # background calls, kept from the collector
 
     def assume_replicas(self, replicas: int) -> None:
-        """How many replicas share the limits until the ledger says (fallback shares)."""
-        self._replicas = max(1, replicas)
+        """How many replicas the deployment runs at least: the fallback shares' divisor
+        until the ledger says it hears from more (it counts replicas as they first reach
+        it, so its first answers say too few)."""
+        self._replicas = self._replicas_at_least = max(1, replicas)
 
     def reach_ledger_soon(self) -> None:
         """Start reaching the ledger now, in a task (its actor can take seconds to start the
@@ -825,7 +828,7 @@ class ReplicaQuota:
                 if state is not None:
                     state.slots_contended = True
                     await self._give_back_idle(key_id, state, 0)
-            self._replicas = max(1, int(reply["replicas"]))
+            self._replicas = max(self._replicas_at_least, int(reply["replicas"]))
         except LedgerUnavailable:
             self._enter_fallback(self._clock())
 

@@ -10,10 +10,11 @@ if it dies (``max_restarts=-1``); replicas then restore what they admitted in th
 Every call has a deadline (``CALL_TIMEOUT_S``): a ledger that does not answer in time is
 treated as gone (fallback limits), never waited for; the call stays in flight, and a lease
 the ledger grants after the deadline is given back (:mod:`rayllm_auth.quota`). The calls a
-replica makes before the ledger has first answered it have a longer one
+replica makes before its first call has ended (answered, or failed) have a longer one
 (``FIRST_CONTACT_TIMEOUT_S``): they may be creating the actor, which takes seconds on a busy
 node, and that is no outage (falling back then would let each replica admit a full share of
-the keys' limits while the ledger starts).
+the keys' limits while the ledger starts). Every later call, a fallback's retries included,
+has the short one.
 
 Trust: the actor is reachable by any code that can reach the Ray cluster (as every Ray actor
 is), which could change its books; the limits are as strong as access to the cluster, which
@@ -69,7 +70,7 @@ class RayLedger:
         self._name = actor_name(app_name)
         self._handle = None
         self._lookup: Optional[asyncio.Future] = None  # the one lookup in flight
-        self._first_contact = True  # until a call has answered, or missed the long deadline
+        self._first_contact = True  # until a call has ended, whichever way
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
@@ -85,7 +86,7 @@ class RayLedger:
                 self._handle, self._first_contact = None, False
                 raise LedgerUnavailable("TimeoutError", late_answer=answer) from None
             except Exception as exc:  # Ray's actor errors: "not now"
-                self._handle = None
+                self._handle, self._first_contact = None, False
                 raise LedgerUnavailable(type(exc).__name__) from None
             self._first_contact = False
             return result
@@ -131,8 +132,8 @@ def replica_quota() -> ReplicaQuota:
 
 
 def expected_replicas(context) -> int:
-    """How many replicas the deployment of the Serve replica ``context`` is meant to run:
-    the fallback shares' divisor until the ledger says how many it hears from. For an
+    """How many replicas the deployment of the Serve replica ``context`` runs at least: the
+    fallback shares' smallest divisor (the ledger may say it hears from more). For an
     autoscaled deployment (Ray then leaves ``num_replicas``, and ``world_size``, at 1) the
     larger of its ``min_replicas`` and ``initial_replicas``."""
     config = getattr(context, "_deployment_config", None)

@@ -180,6 +180,30 @@ def test_ledger_gone_falls_back_to_a_share_then_comes_back():
     assert events == [True, False] and not a.in_fallback
 
 
+def test_fallback_shares_never_divide_by_fewer_replicas_than_the_deployment_runs():
+    # Found by review: the ledger counts replicas as they first reach it, so the first to
+    # warm up heard "1 replica" and, the ledger gone, admitted a whole limit alone.
+    clock, remote, (a, b) = cluster()
+    for quota in (a, b):
+        quota.assume_replicas(2)
+    run(a.upkeep())  # the first replica the ledger hears of: it says 1
+    remote.down = True
+    admitted, _ = run(admit_many(a, "team", 100, rpm=40))
+    assert admitted == 20  # its share of 2 replicas
+    remote.down = False
+    clock.now += RETRY_S
+    run(b.upkeep())
+    run(a.upkeep())  # back; the ledger now hears of both
+    clock.now += 3 * WINDOW_S
+    for quota in (a, b):
+        quota.assume_replicas(1)  # a floor: the ledger saying more wins
+    run(b.upkeep())
+    run(a.upkeep())
+    remote.down = True
+    admitted, _ = run(admit_many(a, "other", 100, rpm=40))
+    assert admitted == 20
+
+
 def test_ledger_gone_never_refuses_everything():
     clock, remote, (a,) = cluster(1)
     remote.down = True
@@ -499,6 +523,39 @@ def test_a_ledger_still_starting_is_waited_for_not_taken_as_gone(monkeypatch):
     verdicts = run(scenario())
     assert [v.refused for v in verdicts].count(None) == 1
     assert fallbacks == [True]  # only the slow call after the first contact
+
+
+def test_a_first_contact_that_failed_leaves_every_later_call_the_short_deadline(monkeypatch):
+    # Found by review: only an answer or a timeout ended the first contact, so after a
+    # lookup that failed at once each fallback retry waited the long deadline.
+    import time as real_time
+
+    from rayllm_auth import ray_ledger
+
+    hanging = StartingHandle(Ledger(Clock()))
+    hanging.delay = 5.0
+    lookups = iter([RuntimeError("actor creation failed"), hanging])
+
+    def lookup(self):
+        found = next(lookups)
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    monkeypatch.setattr(ray_ledger, "CALL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ray_ledger, "FIRST_CONTACT_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(ray_ledger.RayLedger, "_get_or_create", lookup)
+    ledger = ray_ledger.RayLedger("app")
+
+    async def scenario():
+        with pytest.raises(LedgerUnavailable):
+            await ledger.sync("r", {})
+        started = real_time.monotonic()
+        with pytest.raises(LedgerUnavailable):
+            await ledger.sync("r", {})
+        return real_time.monotonic() - started
+
+    assert run(scenario()) < 1.0
 
 
 class StartingHandle:
