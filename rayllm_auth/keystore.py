@@ -289,7 +289,11 @@ class KeyStore:
             "rayllm-auth: %s reloaded: %d key(s), ids %s",
             RAY_LLM_API_KEYS_FILE, len(keys), ", ".join(keys.key_ids[:10]),
         )
-        self._on_reload(keys)
+        try:
+            self._on_reload(keys)
+        except Exception as exc:  # the keys are in force; the request must not fail for it
+            logger.error("rayllm-auth: acting on the reloaded key file failed (%s)",
+                         type(exc).__name__)
 
     def _failed(self, signature: object, message: str) -> None:
         if signature == self._failed_signature:

@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import time
+import weakref
 from typing import Any, Callable, Mapping, Optional
 
 from starlette._utils import get_route_path  # the router's own path logic, see _is_exempt
@@ -94,7 +95,7 @@ class ApiKeyMiddleware:
         self.app = app
         try:
             self._store = KeyStore(environ, clock, wall_clock=wall_clock,
-                                   on_reload=self._reloaded)
+                                   on_reload=_while_alive(self._reloaded))
             self._exempt = load_exempt_paths(environ)
             self._counts_tokens = usage_enabled(environ)
         except ConfigError:
@@ -334,3 +335,17 @@ async def _send_after(giving_back, send, message) -> None:
     (shielded: a client gone meanwhile must not keep them taken)."""
     await asyncio.shield(giving_back)
     await send(message)
+
+
+def _while_alive(method: Callable) -> Callable:
+    """``method`` (a bound method), called only while its object lives: the key store
+    must not keep a replaced middleware alive (its file timer would run on, and a reload
+    would build it a quota whose heartbeats erase the live one's slots)."""
+    method = weakref.WeakMethod(method)
+
+    def call(*args) -> None:
+        bound = method()
+        if bound is not None:
+            bound(*args)
+
+    return call

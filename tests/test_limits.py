@@ -348,3 +348,24 @@ async def test_limits_a_reload_brings_reach_the_ledger_before_the_first_limited_
         clock.now += 1.1
         assert (await call(app, headers=bearer(KEYS["free"]))).status == 200
     assert built == [1]
+
+
+async def test_a_failure_acting_on_a_reload_never_fails_the_request_that_found_it(
+        key_file, clock, monkeypatch, caplog):
+    # Found by review: the reload hook ran outside the reload's own guard, so an error
+    # building the quota escaped to whichever request found the file changed (a 500).
+    monkeypatch.setenv("RAY_LLM_AUTH_RELOAD_INTERVAL_S", "1")
+    limits = key_file.read_text()
+    key_file.write_text(f"free:{KEYS['free']}\n")
+
+    def broken_quota():
+        raise AttributeError("no such thing")
+
+    app = ApiKeyMiddleware(Engine(), clock=clock, quota=broken_quota)
+    key_file.write_text(limits)
+    statuses = []
+    for _ in range(3):  # the reload interval, then the file settles
+        clock.now += 1.1
+        statuses.append((await call(app, headers=bearer(KEYS["free"]))).status)
+    assert statuses == [200, 200, 200]
+    assert "acting on the reloaded key file failed (AttributeError)" in caplog.text
