@@ -142,7 +142,8 @@ class KeyStore:
     changed file has settled; ``wall_clock`` (Unix time) lets a starting replica take a file
     whose ctime is old at once; ``sleep`` waits for the file at start.
     ``watch=False`` reads the sources once and never reloads or publishes metrics.
-    ``on_reload`` is called with each key set a reload brings.
+    ``on_reload`` is called with each key set a reload brings; what it raises is logged (its
+    type only), never passed to the request that found the reload.
     """
 
     def __init__(

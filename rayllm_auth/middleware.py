@@ -340,7 +340,9 @@ async def _send_after(giving_back, send, message) -> None:
 def _while_alive(method: Callable) -> Callable:
     """``method`` (a bound method), called only while its object lives: the key store
     must not keep a replaced middleware alive (its file timer would run on, and a reload
-    would build it a quota whose heartbeats erase the live one's slots)."""
+    would build it a quota whose heartbeats erase the live one's slots). A replaced
+    middleware still serving a request lives, and acts on reloads, until that request ends:
+    Ray rebuilds a replica's middleware stack only while it starts."""
     method = weakref.WeakMethod(method)
 
     def call(*args) -> None:

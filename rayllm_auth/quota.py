@@ -246,7 +246,8 @@ class ReplicaQuota:
         """How many replicas the deployment runs at least: the fallback shares' divisor
         until the ledger says it hears from more (it counts replicas as they first reach
         it, so its first answers say too few)."""
-        self._replicas = self._replicas_at_least = max(1, replicas)
+        self._replicas_at_least = max(1, replicas)
+        self._replicas = max(self._replicas, self._replicas_at_least)
 
     def reach_ledger_soon(self) -> None:
         """Start reaching the ledger now, in a task (its actor can take seconds to start the

@@ -10,7 +10,7 @@ if it dies (``max_restarts=-1``); replicas then restore what they admitted in th
 Every call has a deadline (``CALL_TIMEOUT_S``): a ledger that does not answer in time is
 treated as gone (fallback limits), never waited for; the call stays in flight, and a lease
 the ledger grants after the deadline is given back (:mod:`rayllm_auth.quota`). The calls a
-replica makes before its first call has ended (answered, or failed) have a longer one
+replica makes before its first call has ended (answered, failed, or cancelled) have a longer one
 (``FIRST_CONTACT_TIMEOUT_S``): they may be creating the actor, which takes seconds on a busy
 node, and that is no outage (falling back then would let each replica admit a full share of
 the keys' limits while the ledger starts). Every later call, a fallback's retries included,
@@ -81,15 +81,15 @@ class RayLedger:
             answer.add_done_callback(_retrieve)
             deadline = FIRST_CONTACT_TIMEOUT_S if self._first_contact else CALL_TIMEOUT_S
             try:  # one deadline for finding the actor and calling it
-                result = await asyncio.wait_for(asyncio.shield(answer), deadline)
+                return await asyncio.wait_for(asyncio.shield(answer), deadline)
             except asyncio.TimeoutError:  # the call stays in flight: the ledger may apply it
-                self._handle, self._first_contact = None, False
+                self._handle = None
                 raise LedgerUnavailable("TimeoutError", late_answer=answer) from None
             except Exception as exc:  # Ray's actor errors: "not now"
-                self._handle, self._first_contact = None, False
+                self._handle = None
                 raise LedgerUnavailable(type(exc).__name__) from None
-            self._first_contact = False
-            return result
+            finally:
+                self._first_contact = False
 
         return call
 
@@ -134,11 +134,11 @@ def replica_quota() -> ReplicaQuota:
 def expected_replicas(context) -> int:
     """How many replicas the deployment of the Serve replica ``context`` runs at least: the
     fallback shares' smallest divisor (the ledger may say it hears from more). For an
-    autoscaled deployment (Ray then leaves ``num_replicas``, and ``world_size``, at 1) the
-    larger of its ``min_replicas`` and ``initial_replicas``."""
+    autoscaled deployment (Ray then leaves ``num_replicas``, and ``world_size``, at 1) its
+    ``min_replicas``. Read once, when the replica builds its quota: a deployment scaled down
+    in place since keeps the larger divisor (stricter fallback shares, never looser)."""
     config = getattr(context, "_deployment_config", None)
     autoscaling = getattr(config, "autoscaling_config", None)
     if autoscaling is not None:
-        return max(1, getattr(autoscaling, "min_replicas", 0) or 0,
-                   getattr(autoscaling, "initial_replicas", 0) or 0)
+        return max(1, getattr(autoscaling, "min_replicas", 0) or 0)
     return max(1, getattr(context, "world_size", 0) or getattr(config, "num_replicas", 0) or 0)
