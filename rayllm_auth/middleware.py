@@ -95,7 +95,7 @@ class ApiKeyMiddleware:
         self.app = app
         try:
             self._store = KeyStore(environ, clock, wall_clock=wall_clock,
-                                   on_reload=_while_alive(self._reloaded))
+                                   on_reload=_while_alive(self._new_keys))
             self._exempt = load_exempt_paths(environ)
             self._counts_tokens = usage_enabled(environ)
         except ConfigError:
@@ -111,7 +111,7 @@ class ApiKeyMiddleware:
         self._reloading = self._store.watches_file
         self._keys = keys = self._store.current()  # used as is when there is no key file
         self._store.keep_looking()  # built in the replica's event loop: idle replicas reload
-        self._reloaded(keys)
+        self._new_keys(keys)
         ids = keys.key_ids
         logger.info(
             "rayllm-auth: API key required on every route; %d key(s) from %s, ids %s%s; "
@@ -176,10 +176,11 @@ class ApiKeyMiddleware:
             scope["state"] = state = {}
         state["user_id"] = grant.key_id
 
-    def _reloaded(self, keys) -> None:
-        """When the first key with limits arrives (at start or in a reload), reach the
-        limits ledger at once: its actor takes seconds to start the first time, and the
-        first limited requests then find it answering instead of waiting for it."""
+    def _new_keys(self, keys) -> None:
+        """A key set now in force (at start, or from a reload). When the first key with
+        limits arrives, reach the limits ledger at once: its actor takes seconds to start
+        the first time, and the first limited requests then find it answering instead of
+        waiting for it."""
         if self._quota is None and any(grant.rate_limited for grant in keys.grants):
             self._quota = self._make_quota()
             try:

@@ -10,11 +10,11 @@ if it dies (``max_restarts=-1``); replicas then restore what they admitted in th
 Every call has a deadline (``CALL_TIMEOUT_S``): a ledger that does not answer in time is
 treated as gone (fallback limits), never waited for; the call stays in flight, and a lease
 the ledger grants after the deadline is given back (:mod:`rayllm_auth.quota`). The calls a
-replica makes before its first call has ended (answered, failed, or cancelled) have a longer one
-(``FIRST_CONTACT_TIMEOUT_S``): they may be creating the actor, which takes seconds on a busy
-node, and that is no outage (falling back then would let each replica admit a full share of
-the keys' limits while the ledger starts). Every later call, a fallback's retries included,
-has the short one.
+replica makes before its first call has ended (answered, failed or cancelled) have a longer
+one (``FIRST_CONTACT_TIMEOUT_S``): they may be creating the actor, which takes seconds on a
+busy node, and that is no outage (falling back then would let each replica admit a full
+share of the keys' limits while the ledger starts). Every later call, a fallback's retries
+included, has the short one.
 
 Trust: the actor is reachable by any code that can reach the Ray cluster (as every Ray actor
 is), which could change its books; the limits are as strong as access to the cluster, which
@@ -40,8 +40,8 @@ logger = logging.getLogger("rayllm_auth")
 NAMESPACE = "rayllm_auth"
 #: A ledger call that takes longer than this counts as the ledger being gone.
 CALL_TIMEOUT_S = 1.0
-#: The same for the calls made before the ledger first answered this replica (the actor may
-#: be starting: a process, its runtime_env, on a node that may be loaded).
+#: The same for the calls made before this replica's first call has ended (the actor may be
+#: starting: a process, its runtime_env, on a node that may be loaded).
 FIRST_CONTACT_TIMEOUT_S = 10.0
 
 
@@ -127,11 +127,11 @@ def replica_quota() -> ReplicaQuota:
         return ReplicaQuota(InProcessLedger(Ledger(time.monotonic)), "local", time.monotonic)
     quota = ReplicaQuota(RayLedger(context.app_name), context.replica_tag, time.monotonic,
                          on_fallback=metrics.record_limits_fallback)
-    quota.assume_replicas(expected_replicas(context))
+    quota.assume_replicas(replicas_at_least(context))
     return quota
 
 
-def expected_replicas(context) -> int:
+def replicas_at_least(context) -> int:
     """How many replicas the deployment of the Serve replica ``context`` runs at least: the
     fallback shares' smallest divisor (the ledger may say it hears from more). For an
     autoscaled deployment (Ray then leaves ``num_replicas``, and ``world_size``, at 1) its

@@ -477,13 +477,13 @@ def test_fallback_shares_assume_the_replicas_the_deployment_is_meant_to_run(depl
 
     from ray.serve._private.config import DeploymentConfig
 
-    from rayllm_auth.ray_ledger import expected_replicas
+    from rayllm_auth.ray_ledger import replicas_at_least
 
     config = DeploymentConfig(**deployment)
     # What Ray's replica puts in its context (serve/_private/replica.py, Ray 2.60).
     context = SimpleNamespace(_deployment_config=config, world_size=config.num_replicas)
-    assert expected_replicas(context) == expected
-    assert expected_replicas(SimpleNamespace()) == 1  # an older Ray's context: unknown
+    assert replicas_at_least(context) == expected
+    assert replicas_at_least(SimpleNamespace()) == 1  # an older Ray's context: unknown
 
 
 def test_a_ledger_still_starting_is_waited_for_not_taken_as_gone(monkeypatch):
