@@ -5,6 +5,7 @@ the ledger shared by replicas is tested in test_quota.py and end to end."""
 
 import asyncio
 import hashlib
+import logging
 
 import pytest
 
@@ -325,7 +326,7 @@ async def test_a_key_set_with_limits_reaches_the_ledger_before_the_first_request
 
 
 async def test_limits_a_reload_brings_reach_the_ledger_before_the_first_limited_request(
-        key_file, clock, monkeypatch):
+        key_file, clock, monkeypatch, caplog):
     # Found end to end: the first limited request after the reload created the ledger actor
     # itself, and waited the seconds it takes to start.
     monkeypatch.setenv("RAY_LLM_AUTH_RELOAD_INTERVAL_S", "1")
@@ -344,9 +345,11 @@ async def test_limits_a_reload_brings_reach_the_ledger_before_the_first_limited_
     await asyncio.sleep(0)  # the warm-up's first heartbeat
     assert built == [1] and ledger.replicas() == 1 and quota._incarnation == ledger.incarnation
     key_file.write_text(limits + "\n")  # another reload with limits builds nothing more
-    for _ in range(3):
-        clock.now += 1.1
-        assert (await call(app, headers=bearer(KEYS["free"]))).status == 200
+    with caplog.at_level(logging.INFO, logger="rayllm_auth"):
+        for _ in range(3):
+            clock.now += 1.1
+            assert (await call(app, headers=bearer(KEYS["free"]))).status == 200
+    assert sum("reloaded" in r.getMessage() for r in caplog.records) == 1
     assert built == [1]
 
 
