@@ -31,15 +31,20 @@ GENERATED = {"requests": 0, "websockets": 0}
 
 # -- building blocks ------------------------------------------------------------------------
 
+# Strategies are built once, here, not inside the composites: hypothesis validates each
+# strategy it is handed, and building them per draw made generation most of this module's
+# time (the cases drawn are the same).
 ows = st.sampled_from(["", " ", "  ", "\t", " \t"])
 bearer_scheme = st.sampled_from(["Bearer", "bearer", "BEARER", "bEaReR"])
+spaces_after_scheme = st.sampled_from(["", " ", "  "])
+any_key = st.sampled_from(KEYS)
 
 
 @st.composite
 def clean_credential(draw, key: str):
     """A header carrying ``key`` in an accepted form."""
     if draw(st.booleans()):
-        value = f"{draw(ows)}{draw(bearer_scheme)} {draw(st.sampled_from(['', ' ', '  ']))}{key}{draw(ows)}"
+        value = f"{draw(ows)}{draw(bearer_scheme)} {draw(spaces_after_scheme)}{key}{draw(ows)}"
         return (b"authorization", value.encode())
     return (b"x-api-key", f"{draw(ows)}{key}{draw(ows)}".encode())
 
@@ -73,14 +78,19 @@ hostile_bytes = st.one_of(
 )
 
 
+credential_names = st.sampled_from(["authorization", "x-api-key", "Authorization", "X-Api-Key",
+                                    "x_api_key", "api-key", "cookie", "proxy-authorization"])
+hostile_tokens = {key: st.one_of(near_miss(key).map(str.encode), hostile_bytes) for key in KEYS}
+credential_shapes = st.sampled_from(["bearer", "basic", "bare", "bearer-no-space", "quoted"])
+
+
 @st.composite
 def hostile_credential(draw):
     """A header that must never count as a valid credential."""
-    key = draw(st.sampled_from(KEYS))
-    name = draw(st.sampled_from(["authorization", "x-api-key", "Authorization", "X-Api-Key",
-                                 "x_api_key", "api-key", "cookie", "proxy-authorization"]))
-    token = draw(st.one_of(near_miss(key).map(str.encode), hostile_bytes))
-    shape = draw(st.sampled_from(["bearer", "basic", "bare", "bearer-no-space", "quoted"]))
+    key = draw(any_key)
+    name = draw(credential_names)
+    token = draw(hostile_tokens[key])
+    shape = draw(credential_shapes)
     value = {
         "bearer": b"Bearer " + token, "basic": b"Basic " + token, "bare": token,
         "bearer-no-space": b"Bearer" + token, "quoted": b'Bearer "' + token + b'"',
@@ -103,17 +113,23 @@ def route_paths():
     return paths + ["/sleep", "/wakeup", "/collective_rpc", "/reset_prefix_cache", "/"]
 
 
+route_bases = st.sampled_from(route_paths())
+path_games = st.sampled_from(["none", "double", "dot", "dotdot", "encoded", "case", "trailing",
+                              "junk"])
+path_junk = st.text(max_size=12)
+roots = {base: st.sampled_from(["", "", "/llm", "/v1", base]) for base in route_paths()}
+
+
 @st.composite
 def path_and_root(draw):
-    base = draw(st.sampled_from(route_paths()))
-    game = draw(st.sampled_from(["none", "double", "dot", "dotdot", "encoded", "case",
-                                 "trailing", "junk"]))
+    base = draw(route_bases)
+    game = draw(path_games)
     path = {
         "none": base, "double": "/" + base, "dot": "/." + base,
         "dotdot": "/x/.." + base, "encoded": base.replace("/", "%2F"), "case": base.upper(),
-        "trailing": base + "/", "junk": base + "/" + draw(st.text(max_size=12)),
+        "trailing": base + "/", "junk": base + "/" + draw(path_junk),
     }[game]
-    root = draw(st.sampled_from(["", "", "/llm", "/v1", base]))
+    root = draw(roots[base])
     if root and draw(st.booleans()):
         path = root + path
     return path, root
@@ -127,17 +143,23 @@ noise_headers = st.lists(st.tuples(
     hostile_bytes), max_size=3)
 
 
+paths_and_roots = path_and_root()
+clean_credentials = {key: st.lists(clean_credential(key), max_size=3) for key in KEYS}
+hostile_credentials = st.lists(hostile_credential(), max_size=2)
+randoms = st.randoms()
+
+
 @st.composite
 def request(draw):
     """(method, path, root_path, headers, expect_pass)."""
     method = draw(methods)
-    path, root = draw(path_and_root())
+    path, root = draw(paths_and_roots)
     headers = list(draw(noise_headers))
-    key = draw(st.sampled_from(KEYS))
-    clean = draw(st.lists(clean_credential(key), max_size=3))
-    hostile = draw(st.lists(hostile_credential(), max_size=2))
+    key = draw(any_key)
+    clean = draw(clean_credentials[key])
+    hostile = draw(hostile_credentials)
     credentials = clean + hostile
-    draw(st.randoms()).shuffle(credentials)
+    draw(randoms).shuffle(credentials)
     expect_pass = bool(clean) and not any(
         h[0].lower() in (b"authorization", b"x-api-key") for h in hostile)
     return method, path, root, headers + credentials, expect_pass
