@@ -678,22 +678,24 @@ def limits(cluster, wheel, mount):
     asyncio.run(accepted_in_a_row())
 
 
+def limits_chat(key, max_tokens, stream=False) -> dict:
+    """An httpx request's arguments: a chat completion on the limits app with ``key``."""
+    return {"url": f"{LIMITS_APP}/v1/chat/completions",
+            "json": {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                     "max_tokens": max_tokens, "stream": stream},
+            "headers": {"authorization": f"Bearer {key}"}}
+
+
 async def limits_request(client, key, max_tokens=2, stream=False):
     """(status, seconds since the epoch when the answer came, response headers)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": max_tokens, "stream": stream}
-    reply = await client.post(f"{LIMITS_APP}/v1/chat/completions", json=body,
-                              headers={"authorization": f"Bearer {key}"})
+    reply = await client.post(**limits_chat(key, max_tokens, stream))
     return reply.status_code, time.time(), reply.headers
 
 
 async def tokens_request(client, key, n):
     """The ``n``th request of a tokens load (1 to 5 completion tokens): (status, time,
     headers, the response's usage and model; None when refused)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 1 + n % 5}
-    reply = await client.post(f"{LIMITS_APP}/v1/chat/completions", json=body,
-                              headers={"authorization": f"Bearer {key}"})
+    reply = await client.post(**limits_chat(key, 1 + n % 5))
     served = reply.json() if reply.status_code == 200 else None
     return reply.status_code, time.time(), reply.headers, served and (served["usage"],
                                                                       served["model"])
@@ -820,12 +822,9 @@ def test_concurrency_holds_across_replicas_and_a_stream_holds_its_slot(cluster, 
 
 def test_openai_sdk_with_default_retries_completes_after_a_429(cluster, limits):
     async def scenario():
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": 40, "stream": True}  # ~1 s of decode
         async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
-            async with client.stream(
-                    "POST", f"{LIMITS_APP}/v1/chat/completions", json=body,
-                    headers={"authorization": f"Bearer {LIMITED_KEYS['one-stream']}"}) as stream:
+            async with client.stream("POST", **limits_chat(  # ~1 s of decode
+                    LIMITED_KEYS["one-stream"], max_tokens=40, stream=True)) as stream:
                 # Its headers came: it was admitted and holds the key's one slot until it
                 # ends. (Sending the SDK's request after a fixed sleep instead raced: on a
                 # loaded machine the stream could arrive after the short request ended.)
