@@ -185,7 +185,6 @@ def cluster(wheel, mount):
     # Ray 2.49's ingress (LLMRouter) starts two replicas per model, a logical CPU each.
     cluster = LocalCluster(env, num_cpus=32).start()
     try:
-        cluster.compile_runtime_env([str(wheel)])  # the four apps share it
         deploy_apps(cluster, wheel)
         yield cluster
     finally:

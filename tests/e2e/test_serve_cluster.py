@@ -45,7 +45,6 @@ def cluster(wheel, cluster_key_env, tmp_path_factory):
                             "RAY_LLM_API_KEYS_FILE": str(key_file)}).start()
     try:
         pip = {"pip": [str(wheel)]}
-        cluster.compile_runtime_env(pip["pip"])
         cluster.deploy([
             # What a RayService's serveConfigV2 holds: Ray's import path, the plugin in pip.
             # Token accounting on here: every test of this app also runs through it.

@@ -1,7 +1,8 @@
 """A real local Ray cluster for the demo, end-to-end tests and benchmarks, driven the way
 KubeRay drives a RayService.
 
-``ray start --head`` with a given environment (what a RayService pod's env would hold),
+``ray start --head`` with a given environment (what a RayService pod's env would hold) and
+an interpreter laid out like a Ray image's (``image_python``),
 ``serve deploy`` of a Serve config through the dashboard's REST API (the path KubeRay's
 operator uses), status read from ``/api/serve/applications/``. The Serve proxy listens on
 127.0.0.1:8000. The only stand-in is the engine, through Ray's own ``RAYLLM_VLLM_ENGINE_CLS``.
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +32,8 @@ SERVE_URL = "http://127.0.0.1:8000"
 MODEL = "stand-in-model"
 STANDIN_ENGINE = "rayllm_auth.testing.engine:StandInEngine"
 CHECKOUT = Path(__file__).resolve().parents[2]
-#: Not passed on to the cluster. PYTHONDONTWRITEBYTECODE (set machine-wide here): Ray copies
-#: this virtualenv for a runtime_env without its .pyc files, so with it every Serve replica
-#: and build task compiles Ray, vLLM and torch from source (an import of Ray Serve LLM costs
-#: 36 s of CPU instead of 14); a pod's image has its bytecode, so the cluster writes it once.
+#: Not passed on to the cluster: PYTHONDONTWRITEBYTECODE is set machine-wide here, and a
+#: pod writes the bytecode of what its runtime_env installs.
 WITHHELD_FROM_CLUSTER = {"PYTHONDONTWRITEBYTECODE"}
 
 
@@ -53,6 +53,30 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def image_python(root: Path) -> Path:
+    """An interpreter under ``root`` that is this one's, with this environment's packages as
+    its own site-packages, but is no virtualenv: what a Ray image's Python is (Ray installed
+    in it, no venv). Ray builds a runtime_env's ``pip`` from the interpreter it runs on: from a
+    virtualenv it copies the whole virtualenv (here 6 GB, without its bytecode, so every
+    cluster compiled Ray, vLLM and torch again: about 80 s per cluster on this machine); from
+    an image's Python it makes a small ``virtualenv --system-site-packages``, as on a pod.
+    Made of links (the standard library and site-packages) and a copy of the executable,
+    which finds its prefix from its own location."""
+    if sys.prefix == sys.base_prefix:
+        return Path(sys.executable)  # already an image's interpreter
+    stdlib = Path(os.__file__).parent
+    lib = root / "lib" / stdlib.name
+    lib.mkdir(parents=True)
+    for entry in stdlib.iterdir():
+        if entry.name != "site-packages":
+            (lib / entry.name).symlink_to(entry)
+    (lib / "site-packages").symlink_to(sysconfig.get_paths()["purelib"])
+    executable = root / "bin" / Path(sys._base_executable).name
+    executable.parent.mkdir()
+    shutil.copy2(os.path.realpath(sys._base_executable), executable)
+    return executable
 
 
 def build_wheel(out_dir: Path) -> Path:
@@ -139,18 +163,22 @@ class LocalCluster:
         }
         self.num_cpus = num_cpus
         self.metrics_port = _free_port()
+        self.python = image_python(self.root / "python")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "LocalCluster":
-        self._run("ray", "start", "--head", f"--num-cpus={self.num_cpus}",
-                  f"--temp-dir={self.root / 'ray'}", "--dashboard-host=127.0.0.1",
-                  f"--metrics-export-port={self.metrics_port}", "--disable-usage-stats")
+        # Every Ray process, and so every worker without a runtime_env, runs on the
+        # interpreter `ray start` ran on: the image's.
+        self._run(self.python, "-m", "ray.scripts.scripts", "start", "--head",
+                  f"--num-cpus={self.num_cpus}", f"--temp-dir={self.root / 'ray'}",
+                  "--dashboard-host=127.0.0.1", f"--metrics-export-port={self.metrics_port}",
+                  "--disable-usage-stats")
         return self
 
     def stop(self, *, remove_dir: bool = True) -> None:
         """Stop the cluster, then (unless ``remove_dir`` is False, e.g. for a restart) delete
-        its directory: it holds the runtime_env virtualenv, a 6 GB clone of this one.
+        its directory: Ray's logs, the runtime_env virtualenvs, the image's interpreter.
         RAYLLM_AUTH_KEEP_CLUSTER_DIR=1 keeps it for debugging."""
         # `ray stop` ends every Ray process, but not the HAProxy Serve started (direct
         # streaming), which would keep port 8000: those are killed by the pids Serve logged,
@@ -172,16 +200,18 @@ class LocalCluster:
         return {int(pid) for log in logs for pid in re.findall(
             rb"Starting HAProxy \(spawn #\d+, pid=(\d+)", log.read_bytes())}
 
-    def _run(self, *cmd, check=True, env=None, timeout=600):
+    def _run(self, program, *args, check=True, env=None, timeout=600):
+        """``program`` (a path, or a name in this environment's bin) with ``args``."""
         # cwd: Ray puts the starting directory on every worker's sys.path; a checkout of
         # this repository there would let workers import rayllm_auth without the wheel.
         result = subprocess.run(
-            [str(BIN / cmd[0]), *cmd[1:]], env={**self.env, **(env or {})},
+            [str(program if isinstance(program, Path) else BIN / program), *map(str, args)],
+            env={**self.env, **(env or {})},
             capture_output=True, text=True, timeout=timeout, cwd=self.root,
         )
         if check and result.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n"
-                               f"{result.stderr[-4000:]}")
+            raise RuntimeError(f"{program} {' '.join(map(str, args))} failed:\n"
+                               f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
         return result
 
     @property
@@ -197,16 +227,6 @@ class LocalCluster:
         path = self.root / "serve-config.yaml"
         path.write_text(yaml.safe_dump(config))
         self._run("serve", "deploy", str(path), "-a", DASHBOARD)
-
-    def compile_runtime_env(self, pip: list[str]) -> None:
-        """Create the virtualenv of runtime_env ``{"pip": pip}`` and write its bytecode for
-        what Serve LLM's build tasks and replicas import, in one process, before applications
-        sharing it are deployed. Ray's copy of this virtualenv leaves out every .pyc, so
-        applications deployed together would each compile Ray, vLLM and torch at the same
-        time (about 22 s of CPU each on this machine); afterwards each loads the bytecode."""
-        result = self.run_python(_COMPILE_RUNTIME_ENV.format(pip=pip))
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling the runtime_env failed:\n{result.stderr[-4000:]}")
 
     def run_python(self, code: str, env: dict | None = None, timeout=600):
         """A Python driver connected to this cluster (e.g. one calling serve.run)."""
@@ -271,21 +291,6 @@ class LocalCluster:
         }
         places += [name for name, text in outputs.items() if any(s in text for s in secrets)]
         return places
-
-
-_COMPILE_RUNTIME_ENV = """
-import ray
-ray.init(address="auto", runtime_env={{"pip": {pip!r}}})
-
-
-@ray.remote(num_cpus=0)
-def load_what_serve_llm_loads():
-    import ray.serve.llm  # the builder, the ingress, the LLM server
-    import rayllm_auth.testing.engine  # the stand-in engine, which the LLM server loads
-
-
-ray.get(load_what_serve_llm_loads.remote())
-"""
 
 
 def token_totals(usage_lines: list[str]) -> dict:
