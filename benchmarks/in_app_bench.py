@@ -11,6 +11,9 @@ run:
 * ``strip``: removes the ``authorization`` header from the scope, nothing else;
 * ``hash-lookup``: SHA-256 of the bearer token and a dict lookup, nothing else;
 * ``minimal``: both (strip the header, SHA-256, dict lookup): the least a key check does;
+* ``minimal + user id``: ``minimal``, also telling the app whose key it was as rayllm-auth
+  does (``request.state.user_id``, the ``user_id`` tag of Ray's HTTP metrics): the least a
+  check with rayllm-auth's output does;
 * ``rayllm-auth``: :class:`rayllm_auth.middleware.ApiKeyMiddleware`, as ``protect_app`` adds it;
 * ``rayllm-auth (previous)``, with ``--compare CHECKOUT``: another checkout's, the same way.
 
@@ -84,6 +87,8 @@ class HashLookup:
 class Minimal:
     """Strip the header, SHA-256, dict lookup: the least a key check that hides the key does."""
 
+    sets_user_id = False
+
     def __init__(self, app):
         self.app = app
         self.digests = {hashlib.sha256(KEY.encode()).digest(): "bench"}
@@ -95,10 +100,19 @@ class Minimal:
                 token = header[1][7:]
             else:
                 others.append(header)
-        if token is None or hashlib.sha256(token).digest() not in self.digests:
+        key_id = self.digests.get(hashlib.sha256(token).digest()) if token else None
+        if key_id is None:
             raise RuntimeError("the benchmark sends a valid key")
         scope["headers"] = others
+        if self.sets_user_id:
+            scope.setdefault("state", {})["user_id"] = key_id
         await self.app(scope, receive, send)
+
+
+class MinimalWithUserId(Minimal):
+    """``minimal``, and the key's id in the request's state, where rayllm-auth puts it."""
+
+    sets_user_id = True
 
 
 PREVIOUS = None  # another checkout's rayllm_auth (--compare), loaded by main()
@@ -167,7 +181,8 @@ async def measure(rounds: int, batch: int) -> dict:
     os.environ["RAY_LLM_API_KEYS"] = f"bench:{KEY}"
     variants = {"stock": ray_app(), "pass-through": ray_app(PassThrough),
                 "strip": ray_app(Strip), "hash-lookup": ray_app(HashLookup),
-                "minimal": ray_app(Minimal), "rayllm-auth": ray_app("rayllm-auth")}
+                "minimal": ray_app(Minimal), "minimal + user id": ray_app(MinimalWithUserId),
+                "rayllm-auth": ray_app("rayllm-auth")}
     if PREVIOUS is not None:
         variants["rayllm-auth (previous)"] = ray_app("rayllm-auth (previous)")
     names = list(variants)
