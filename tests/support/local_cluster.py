@@ -240,7 +240,7 @@ class LocalCluster:
 
     def wait_for(self, expected: dict[str, set[str]], timeout: float = 900) -> dict:
         """Wait until each app's status is in its expected set; return all applications.
-        Fails at once when an app settles in a final status it was not expected to reach."""
+        Fails at once when an app settles (running, or failed) where it was not expected to."""
         deadline = time.monotonic() + timeout
         while True:
             apps = self.applications()
@@ -248,7 +248,7 @@ class LocalCluster:
             if all(status[name] in ok for name, ok in expected.items()):
                 return apps
             stuck = [n for n, s in status.items()
-                     if s == "DEPLOY_FAILED" and s not in expected[n]]
+                     if s in ("RUNNING", "DEPLOY_FAILED") and s not in expected[n]]
             if stuck or time.monotonic() > deadline:
                 summary = {n: (a.get("status"), a.get("message", "")[-1500:])
                            for n, a in apps.items() if n in stuck or not stuck}
