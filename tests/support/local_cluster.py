@@ -62,8 +62,9 @@ def image_python(root: Path) -> Path:
     virtualenv it copies the whole virtualenv (here 6 GB, without its bytecode, so every
     cluster compiled Ray, vLLM and torch again: about 80 s per cluster on this machine); from
     an image's Python it makes a small ``virtualenv --system-site-packages``, as on a pod.
-    Made of links (the standard library and site-packages) and a copy of the executable,
-    which finds its prefix from its own location."""
+    Made of links (the standard library, site-packages, libpython) and a copy of the
+    executable, which finds its prefix from its own location (a link would find the real
+    one's)."""
     if sys.prefix == sys.base_prefix:
         return Path(sys.executable)  # already an image's interpreter
     stdlib = Path(os.__file__).parent
@@ -73,6 +74,8 @@ def image_python(root: Path) -> Path:
         if entry.name != "site-packages":
             (lib / entry.name).symlink_to(entry)
     (lib / "site-packages").symlink_to(sysconfig.get_paths()["purelib"])
+    for library in (Path(sys.base_prefix) / "lib").glob("libpython*"):
+        (root / "lib" / library.name).symlink_to(library)  # for a `$ORIGIN/../lib` runpath
     executable = root / "bin" / Path(sys._base_executable).name
     executable.parent.mkdir()
     shutil.copy2(os.path.realpath(sys._base_executable), executable)
