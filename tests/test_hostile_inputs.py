@@ -113,11 +113,12 @@ def route_paths():
     return paths + ["/sleep", "/wakeup", "/collective_rpc", "/reset_prefix_cache", "/"]
 
 
-route_bases = st.sampled_from(route_paths())
+ROUTE_PATHS = route_paths()
+route_bases = st.sampled_from(ROUTE_PATHS)
 path_games = st.sampled_from(["none", "double", "dot", "dotdot", "encoded", "case", "trailing",
                               "junk"])
 path_junk = st.text(max_size=12)
-roots = {base: st.sampled_from(["", "", "/llm", "/v1", base]) for base in route_paths()}
+roots = {base: st.sampled_from(["", "", "/llm", "/v1", base]) for base in ROUTE_PATHS}
 
 
 @st.composite

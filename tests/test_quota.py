@@ -471,8 +471,8 @@ def test_ray_ledger_waits_at_most_one_deadline_and_looks_up_once(monkeypatch):
     ({"autoscaling_config": {"min_replicas": 1, "initial_replicas": 4, "max_replicas": 8}}, 1),
     ({"autoscaling_config": {"min_replicas": 0, "max_replicas": 8}}, 1),
 ])
-def test_fallback_shares_assume_the_replicas_the_deployment_runs_at_least(deployment,
-                                                                           expected):
+def test_fallback_shares_assume_the_replicas_the_deployment_runs_at_least(
+        deployment, expected):
     from types import SimpleNamespace
 
     from ray.serve._private.config import DeploymentConfig
