@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from rayllm_auth._bootstrap import autopatch_disabled
 from rayllm_auth.activation import install
-from rayllm_auth.errors import ConfigError
-from rayllm_auth.keystore import load_keys
+from rayllm_auth.patching import load_keys_where_built
 
 __all__ = ["build_openai_app"]
 
@@ -18,14 +17,17 @@ def build_openai_app(builder_config: dict):
 
     Raises ConfigError if a key variable is set but unusable, or if direct streaming is on
     while auto-activation is switched off: that app is built inside the replicas, where only
-    the activated plugin can protect it. Raises AuthUnavailableError on an unsupported Ray.
+    the activated plugin can protect it (both as :class:`~rayllm_auth.build_error.BuildConfigError`,
+    which Serve does not retry). Raises AuthUnavailableError on an unsupported Ray.
     """
-    load_keys()
+    load_keys_where_built()
     install()
     from ray.serve.llm import build_openai_app as ray_build_openai_app
 
     if _direct_streaming_enabled() and autopatch_disabled():
-        raise ConfigError(
+        from rayllm_auth.build_error import BuildConfigError
+
+        raise BuildConfigError(
             "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING builds the app inside each replica; "
             "unset RAY_LLM_AUTH_DISABLE_AUTOPATCH so rayllm-auth can protect it there"
         )

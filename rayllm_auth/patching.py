@@ -78,8 +78,20 @@ def _protect_where_built(app):
     """``protect_app(app)`` in the process that builds it. A key variable that is set but
     unusable fails the build here, with its message, instead of later in every replica. No
     keys in this process is fine: replicas read their own."""
-    load_keys()
+    load_keys_where_built()
     return protect_app(app)
+
+
+def load_keys_where_built():
+    """:func:`~rayllm_auth.keystore.load_keys` in a process that builds a Serve app. Raises
+    :class:`~rayllm_auth.build_error.BuildConfigError` (a ConfigError) for an unusable key
+    source: Serve then fails the deploy at once instead of building it three more times."""
+    try:
+        return load_keys()
+    except ConfigError as error:
+        from rayllm_auth.build_error import BuildConfigError  # imports Ray Serve: only here
+
+        raise BuildConfigError(*error.args) from None
 
 
 def _protect_returned_app(wrapped, instance, args, kwargs):

@@ -11,6 +11,7 @@ import types
 
 import pytest
 from fastapi import FastAPI
+from ray.serve.exceptions import RayServeException
 
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.patches import (core_ingress_init_layout, router_module_app_layout,
@@ -109,8 +110,11 @@ def test_router_layout_refuses_an_unusable_key_variable(monkeypatch):
     monkeypatch.setenv("RAY_LLM_API_KEYS", " , ")
     router = fake_module(monkeypatch, router_module_layout.ROUTER_MODULE,
                          fastapi_router_app=FastAPI(), LLMRouter=object)
-    with pytest.raises(ConfigError, match="RAY_LLM_API_KEYS is set but holds no key"):
+    with pytest.raises(ConfigError, match="RAY_LLM_API_KEYS is set but holds no key") as raised:
         apply(ROUTER, router, builder_side=True)
+    # Serve's own exception type too: its build task reports that one at once, without the
+    # three retries it gives any other exception (tests/e2e/test_serve_cluster.py counts them).
+    assert isinstance(raised.value, RayServeException)
 
 
 @pytest.mark.parametrize("layout", [ROUTER, router_module_init_layout.LAYOUT,

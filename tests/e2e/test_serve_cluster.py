@@ -275,6 +275,11 @@ def test_bad_key_variable_fails_the_deploy_naming_it(cluster):
     app = failed_deploy(cluster, "badkeys")
     assert "RAY_LLM_API_KEYS is set but holds no key" in app["message"]
     assert get("/badkeys/v1/models").status_code == 401  # falls through to "/", which refuses
+    # Built once: Serve retries a failed build three times, each in a new process, except
+    # for its own RayServeException, which a build-time ConfigError also is. Each try logs
+    # to its own file (serve/controller_build_<app>_<pid>.log).
+    tries = [p.name for p in cluster.log_files() if p.name.startswith("controller_build_badkeys_")]
+    assert len(tries) == 1, tries
 
 
 def test_replica_with_bad_keys_refuses_to_start_naming_it(cluster):
