@@ -700,14 +700,17 @@ async def tokens_request(client, key, n):
                                                                       served["model"])
 
 
-async def paced(key, per_second, seconds, tokens=False):
-    """Requests with ``key`` at a fixed rate for ``seconds``; their (status, time, headers),
-    or with ``tokens`` what :func:`tokens_request` returns."""
+async def paced(key, per_second, seconds, tokens=False, stop=None):
+    """Requests with ``key`` at a fixed rate for ``seconds`` (or until the event ``stop`` is
+    set, if sooner); their (status, time, headers), or with ``tokens`` what
+    :func:`tokens_request` returns."""
     async with httpx.AsyncClient(base_url=SERVE_URL, timeout=60) as client:
         started = time.monotonic()
         tasks = []
         for n in range(int(per_second * seconds)):
             await asyncio.sleep(max(0.0, started + n / per_second - time.monotonic()))
+            if stop is not None and stop.is_set():
+                break
             tasks.append(asyncio.create_task(
                 tokens_request(client, key, n) if tokens else limits_request(client, key)))
         return await asyncio.gather(*tasks)
@@ -885,10 +888,13 @@ ray.kill(ray.get_actor({actor_name("limits")!r}, namespace={NAMESPACE!r}), no_re
 
 def test_ledger_killed_under_load_no_request_fails_and_limits_return(cluster, limits):
     async def scenario():
-        load = asyncio.create_task(paced(LIMITED_KEYS["survivor"], 2, 30))  # under its limits
-        await asyncio.sleep(5)
+        stop = asyncio.Event()
+        load = asyncio.create_task(paced(LIMITED_KEYS["survivor"], 2, 120, stop=stop))  # under
+        await asyncio.sleep(3)  # its limits; and the driver below takes seconds to connect
         killed = await asyncio.to_thread(cluster.run_python, KILL_LEDGER)
         assert killed.returncode == 0, killed.stderr[-2000:]
+        await asyncio.sleep(8)  # on with the load while the replicas find the ledger gone
+        stop.set()
         return await load
 
     results = asyncio.run(scenario())
