@@ -9,6 +9,7 @@ import logging
 
 import pytest
 
+from rayllm_auth import metrics
 from rayllm_auth.errors import ConfigError
 from rayllm_auth.keyfile import parse_key_file, read_key_file
 from rayllm_auth.keys import KeySet
@@ -373,3 +374,21 @@ async def test_a_failure_acting_on_a_reload_never_fails_the_request_that_found_i
         statuses.append((await call(app, headers=bearer(KEYS["free"]))).status)
     assert statuses == [200, 200, 200]
     assert "acting on the reloaded key file failed (AttributeError)" in caplog.text
+
+
+def test_a_limited_keys_counts_left_by_an_ended_event_loop_reach_ray(key_file, clock,
+                                                                    monkeypatch, fresh_metrics):
+    # A limited key's ok counts schedule their own flush (metrics.record_ok), unlike the
+    # unlimited path's bare dict update: counts a loop left pending when it ended are
+    # flushed by the next loop's. Found by a review (a faster count had dropped this).
+    monkeypatch.setattr(metrics, "FLUSH_INTERVAL_S", 0.05)
+    app, _ = limited_app(clock)
+
+    async def serve(requests: int, wait: float) -> int:
+        for _ in range(requests):
+            assert (await call(app, headers=bearer(KEYS["one-at-a-time"]))).status == 200
+        await asyncio.sleep(wait)
+        return metrics.pending().get(("rayllm_auth_requests", ("ok", "one-at-a-time")), 0)
+
+    assert asyncio.run(serve(1, 0)) == 1  # this loop ends before its flush is due
+    assert asyncio.run(serve(5, 0.3)) == 0  # the next loop's flush takes all six
