@@ -35,12 +35,10 @@ def take_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Union[bytes, Refus
     found = None
     others = []
     for header in headers:
-        name = header[0]
+        name = header[0].lower()  # any case: see the module's docstring
         if name != _AUTHORIZATION and name != _X_API_KEY:
-            name = name.lower()  # only for names that are not already the lower-case ones
-            if name != _AUTHORIZATION and name != _X_API_KEY:
-                others.append(header)
-                continue
+            others.append(header)
+            continue
         key = _bearer_token(header[1]) if name == _AUTHORIZATION else header[1].strip(_OWS)
         if key is None or not is_sendable_key(key):
             return Refusal.MALFORMED, others
