@@ -77,7 +77,7 @@ async def call(app, method="GET", path="/v1/models", headers=(), *, root_path=""
     path, _, query = path.partition("?")
     raw_headers = [
         (k if isinstance(k, bytes) else k.lower().encode(),
-         v if isinstance(v, bytes) else v.encode("latin-1"))
+         v if isinstance(v, (bytes, bytearray)) else v.encode("latin-1"))
         for k, v in headers
     ]
     scope = {

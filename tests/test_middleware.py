@@ -132,6 +132,14 @@ async def test_malformed_credentials_get_401_never_500(app, reached, headers):
     assert_refused(reply, reached)
 
 
+async def test_a_header_value_of_a_type_asgi_does_not_allow_gets_401_never_500(
+        app, key_env, reached):
+    # ASGI's header values are bytes; a server that handed on a bytearray made the key a
+    # bytearray, which the refusal path took for a Refusal (a 500). Found by a review.
+    reply = await call(app, headers=[("x-api-key", bytearray(key_env["team-a"].encode()))])
+    assert_refused(reply, reached)
+
+
 async def test_a_key_in_another_case_is_another_key(app, key_env, reached):
     # Peer mistake 6 (TGI matched keys case-insensitively, shrinking the key space).
     key = key_env["team-a"]
