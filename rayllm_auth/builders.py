@@ -17,8 +17,9 @@ def build_openai_app(builder_config: dict):
 
     Raises ConfigError if a key variable is set but unusable, or if direct streaming is on
     while auto-activation is switched off: that app is built inside the replicas, where only
-    the activated plugin can protect it (both as :class:`~rayllm_auth.build_error.BuildConfigError`,
-    which Serve does not retry). Raises AuthUnavailableError on an unsupported Ray.
+    the activated plugin can protect it (both a
+    :class:`~rayllm_auth.build_error.BuildConfigError`, which Serve does not retry). Raises
+    AuthUnavailableError on an unsupported Ray.
     """
     load_keys_where_built()
     install()

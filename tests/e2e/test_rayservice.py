@@ -888,12 +888,14 @@ ray.kill(ray.get_actor({actor_name("limits")!r}, namespace={NAMESPACE!r}), no_re
 
 def test_ledger_killed_under_load_no_request_fails_and_limits_return(cluster, limits):
     async def scenario():
+        # A load under the key's limits from before the kill (the driver that kills takes
+        # seconds to connect) until 8 s after it, while the replicas find the ledger gone.
         stop = asyncio.Event()
-        load = asyncio.create_task(paced(LIMITED_KEYS["survivor"], 2, 120, stop=stop))  # under
-        await asyncio.sleep(3)  # its limits; and the driver below takes seconds to connect
+        load = asyncio.create_task(paced(LIMITED_KEYS["survivor"], 2, 120, stop=stop))
+        await asyncio.sleep(3)
         killed = await asyncio.to_thread(cluster.run_python, KILL_LEDGER)
         assert killed.returncode == 0, killed.stderr[-2000:]
-        await asyncio.sleep(8)  # on with the load while the replicas find the ledger gone
+        await asyncio.sleep(8)
         stop.set()
         return await load
 

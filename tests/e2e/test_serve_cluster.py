@@ -278,7 +278,8 @@ def test_bad_key_variable_fails_the_deploy_naming_it(cluster):
     # Built once: Serve retries a failed build three times, each in a new process, except
     # for its own RayServeException, which a build-time ConfigError also is. Each try logs
     # to its own file (serve/controller_build_<app>_<pid>.log).
-    tries = [p.name for p in cluster.log_files() if p.name.startswith("controller_build_badkeys_")]
+    tries = [p.name for p in cluster.log_files()
+             if p.name.startswith("controller_build_badkeys_")]
     assert len(tries) == 1, tries
 
 
