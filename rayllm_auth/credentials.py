@@ -3,7 +3,7 @@
 Accepted: ``Authorization: Bearer <key>`` (scheme in any case) and ``x-api-key: <key>``.
 Several such headers are fine if they all carry the same key. Anything else is a
 :class:`~rayllm_auth.refusals.Refusal`: no credential, a malformed one (other scheme, empty,
-non-ASCII, too long, inner whitespace), or conflicting ones. Cookies and query strings are
+non-ASCII, too long, inner whitespace, not bytes), or conflicting ones. Cookies and query strings are
 never read: a key is never ambient, so a browser cannot be made to send it by another site.
 
 Header names are matched in any case. ASGI servers must lower-case them (uvicorn, which Ray
@@ -40,7 +40,8 @@ def take_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Union[bytes, Refus
             others.append(header)
             continue
         key = _bearer_token(header[1]) if name == _AUTHORIZATION else header[1].strip(_OWS)
-        if key is None or not is_sendable_key(key):
+        # Not bytes: a value ASGI does not allow (a bytearray), whose key would be one too.
+        if key is None or key.__class__ is not bytes or not is_sendable_key(key):
             return Refusal.MALFORMED, others
         if found is None:
             found = key

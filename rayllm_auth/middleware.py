@@ -145,10 +145,7 @@ class ApiKeyMiddleware:
         what to await (this and the functions it hands over to are plain functions where
         they can be: a coroutine less per step, on the path of every limited key)."""
         if grant is None:
-            # A key that is not bytes can only come from a server breaking ASGI's types (a
-            # bytearray header value): refused as malformed, never a 500.
-            refusal = (Refusal.INVALID if key.__class__ is bytes
-                       else key if key.__class__ is Refusal else Refusal.MALFORMED)
+            refusal = Refusal.INVALID if key.__class__ is bytes else key
         elif grant.expires is not None and self._wall_clock() >= grant.expires:
             refusal = Refusal.EXPIRED
         else:
