@@ -24,9 +24,10 @@ Each request carries the 17 headers the ``openai`` SDK sends (since 2026-11-30; 
 which understated every variant's header scan). Method: rounds of ``--batch`` requests per
 variant, interleaved request by request in a new random order each time, each request timed
 on its own; a round's sample for a variant is its median request minus ``stock``'s median
-request in the same round (medians: a GC pause hits one request, not the figure). Reported: the median of the rounds' samples and their 25th-75th
-percentile. Batches of requests timed as a whole drift by +-20 us here and swing +-50 us
-between rounds; interleaving single requests is what makes a few microseconds repeatable.
+request in the same round (medians: a GC pause hits one request, not the figure).
+Reported: the median of the rounds' samples and their 25th-75th percentile. Batches of
+requests timed as a whole drift by +-20 us here and swing +-50 us between rounds;
+interleaving single requests is what makes a few microseconds repeatable.
 
     python benchmarks/in_app_bench.py            # 120 rounds x 250 requests, 6 processes (~5 min)
     python benchmarks/in_app_bench.py --quick    # smoke run (seconds, no thresholds)

@@ -76,9 +76,10 @@ def cluster(wheel, cluster_key_env, tmp_path_factory):
 
 
 def failed_deploy(cluster, name: str) -> dict:
-    """App ``name`` once its deploy has failed. Not waited for by the fixture: Serve tries a
-    failing build four times (its build task retries exceptions), which took half a minute
-    after every other app ran; the tests before these need not wait for it."""
+    """App ``name`` once its deploy has failed. Not waited for by the fixture: these apps
+    fail after the others run (a replica that refuses to start; Serve's build task retried
+    a failed build three times, before a build-time ConfigError became a RayServeException),
+    and the tests before these need not wait for them."""
     return cluster.wait_for({name: {"DEPLOY_FAILED"}})[name]
 
 
