@@ -22,7 +22,11 @@ __all__ = ["take_key", "without_credentials"]
 
 _AUTHORIZATION = b"authorization"
 _X_API_KEY = b"x-api-key"
+_BEARER = b"bearer "  # the scheme and the one space that must follow it
 _OWS = b" \t"
+# Only a name this long can be a credential header's: the others (nearly all) pass on one
+# length check, without a lower-cased copy of their name.
+_CREDENTIAL_NAME_LENGTHS = frozenset((len(_AUTHORIZATION), len(_X_API_KEY)))
 
 
 def take_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Union[bytes, Refusal], list]:
@@ -35,7 +39,11 @@ def take_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Union[bytes, Refus
     found = None
     others = []
     for header in headers:
-        name = header[0].lower()  # any case: see the module's docstring
+        name = header[0]
+        if len(name) not in _CREDENTIAL_NAME_LENGTHS:
+            others.append(header)
+            continue
+        name = name.lower()  # any case: see the module's docstring
         if name != _AUTHORIZATION and name != _X_API_KEY:
             others.append(header)
             continue
@@ -51,10 +59,11 @@ def take_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Union[bytes, Refus
 
 
 def _bearer_token(value: bytes):
-    scheme, space, token = value.strip(_OWS).partition(b" ")
-    if not space or scheme.lower() != b"bearer":
+    """The token of ``Bearer <token>`` (scheme in any case, spaces after it), else None."""
+    value = value.strip(_OWS)
+    if value[:len(_BEARER)].lower() != _BEARER:
         return None
-    return token.lstrip(b" ")
+    return value[len(_BEARER):].lstrip(b" ")
 
 
 def without_credentials(headers: Iterable[tuple[bytes, bytes]]) -> list:
