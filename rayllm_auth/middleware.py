@@ -241,14 +241,17 @@ class ApiKeyMiddleware:
         slot is held until the app returns, after the last byte of a stream, or when the
         client has gone."""
         quota, key_id, released = self._quota, grant.key_id, False
-        send = _adding_headers(send, headers)
 
         def send_releasing(message):
-            # The slot goes back before the last byte: a client that waits for the end of
-            # one request before the next finds its slot free on any replica. A plain
-            # function returning what to await (see _adding_headers).
+            # _adding_headers' work and the slot's, in one wrapper: a stream's every chunk
+            # passes here. The slot goes back before the last byte: a client that waits for
+            # the end of one request before the next finds its slot free on any replica.
             nonlocal released
-            if message["type"] == "http.response.body" and not message.get("more_body") \
+            kind = message["type"]
+            if kind == "http.response.start":
+                if headers:  # none for a key limited by concurrency= alone
+                    message = _with_headers(message, headers)
+            elif kind == "http.response.body" and not message.get("more_body") \
                     and not released:
                 released = True
                 giving_back = quota.release_soon(key_id)  # quota.release, without a coroutine
@@ -322,13 +325,18 @@ def _adding_headers(send, headers: list[tuple[bytes, bytes]]):
 
     def send_with_headers(message):
         # A plain function returning send's awaitable: no coroutine of its own per message
-        # (a stream's every chunk passes here). The app's message is copied, never changed:
-        # it may be reused.
+        # (a stream's every chunk passes here).
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+            message = _with_headers(message, headers)
         return send(message)
 
     return send_with_headers
+
+
+def _with_headers(start: dict, headers: list[tuple[bytes, bytes]]) -> dict:
+    """A copy of the response's ``start`` message with ``headers`` after its own (the app's
+    message is never changed: it may be reused)."""
+    return {**start, "headers": [*start.get("headers", ()), *headers]}
 
 
 async def _send_after(giving_back, send, message) -> None:

@@ -145,15 +145,11 @@ def rate_limit_headers(verdict) -> list[tuple[bytes, bytes]]:
     limits, what is left of each and when its window frees some; on a refusal,
     ``Retry-After`` (whole seconds, as the ``openai`` SDK and HTTP read it) and
     ``retry-after-ms``."""
-    headers = []
-    if verdict.limit is not None:
-        limit, reset = _limit_and_reset(b"requests", verdict.limit, verdict.reset_s)
-        headers += [limit, (b"x-ratelimit-remaining-requests", str(verdict.remaining).encode()),
-                    reset]
+    headers = [] if verdict.limit is None else _window_headers(
+        b"requests", verdict.limit, verdict.remaining, verdict.reset_s)
     if verdict.token_limit is not None:
-        limit, reset = _limit_and_reset(b"tokens", verdict.token_limit, verdict.token_reset_s)
-        headers += [limit, (b"x-ratelimit-remaining-tokens",
-                            str(verdict.token_remaining).encode()), reset]
+        headers += _window_headers(b"tokens", verdict.token_limit, verdict.token_remaining,
+                                   verdict.token_reset_s)
     if verdict.refused is not None:
         wait = max(verdict.retry_after_s, 0.001)
         headers += [(b"retry-after", str(math.ceil(wait)).encode()),
@@ -161,11 +157,17 @@ def rate_limit_headers(verdict) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def _window_headers(unit: bytes, limit: int, remaining: int, reset_s: float) -> list:
+    """The limit, remaining and reset headers of one window (``unit``: requests or tokens)."""
+    limit_header, reset_header = _limit_and_reset(unit, limit, reset_s)
+    return [limit_header, (b"x-ratelimit-remaining-" + unit, b"%d" % remaining), reset_header]
+
+
 # Cached: a limited key's every response carries these, and between two leases the limit
 # and the reset time do not change (what remains does: not cached).
 @functools.lru_cache(maxsize=1024)
 def _limit_and_reset(unit: bytes, limit: int, reset_s: float) -> tuple[tuple, tuple]:
-    return ((b"x-ratelimit-limit-" + unit, str(limit).encode()),
+    return ((b"x-ratelimit-limit-" + unit, b"%d" % limit),
             (b"x-ratelimit-reset-" + unit, _duration(reset_s)))
 
 
