@@ -5,6 +5,7 @@ the ledger shared by replicas is tested in test_quota.py and end to end."""
 
 import asyncio
 import hashlib
+import json
 import logging
 
 import pytest
@@ -176,6 +177,28 @@ async def test_exempt_paths_spend_none_of_a_keys_limits(key_file, clock, monkeyp
         assert reply.status == 200 and "x-ratelimit-limit-requests" not in reply.headers
     statuses = [(await call(app, headers=bearer(KEYS["slow"]))).status for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
+
+
+async def test_a_request_refused_for_its_model_spends_nothing_and_carries_no_limits(
+        key_file, clock):
+    # The model check comes first (README, "What counts"): its 404 is given before the
+    # limits are asked, so it says nothing of them.
+    key = new_key()
+    key_file.write_text(f"one-model:{key} models=a rpm=2\n")
+    app, engine = limited_app(clock)
+
+    def chat(model):
+        return call(app, "POST", "/v1/chat/completions", bearer(key),
+                    body=json.dumps({"model": model, "messages": []}).encode())
+
+    for _ in range(3):
+        refused = await chat("b")
+        assert refused.status == 404 and refused.json()["error"]["code"] == "model_not_found"
+        assert not [h for h in refused.headers if h.startswith("x-ratelimit")]
+    replies = [await chat("a") for _ in range(3)]
+    assert [r.status for r in replies] == [200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in replies] == ["1", "0", "0"]
+    assert len(engine.reached) == 2
 
 
 async def next_request_at_last_byte(app, next_app) -> int:
