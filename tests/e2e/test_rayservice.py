@@ -43,6 +43,7 @@ from hypothesis import given
 from tests.support.local_cluster import (
     MODEL,
     OPENAI_ROUTES,
+    POLL_S,
     SERVE_URL,
     LocalCluster,
     application,
@@ -453,7 +454,7 @@ def test_counters_are_exported_through_rays_metrics_endpoint(cluster, every_outc
         if not missing:
             break
         assert time.monotonic() < deadline, f"not exported: {missing}"
-        time.sleep(3)
+        time.sleep(POLL_S)
 
 
 def test_grafana_dashboard_and_alert_rules_use_only_exported_metric_names(cluster, every_outcome):
@@ -467,7 +468,7 @@ def test_grafana_dashboard_and_alert_rules_use_only_exported_metric_names(cluste
     while not referenced <= (exported := set(re.findall(
             r"^(ray_rayllm_auth_[a-z_]+)[{ ]", cluster.metrics(), re.M))):
         assert time.monotonic() < deadline, referenced - exported
-        time.sleep(3)
+        time.sleep(POLL_S)
 
 
 # -- load, hostile sample, faults ---------------------------------------------------------
@@ -905,7 +906,7 @@ def test_ledger_killed_under_load_no_request_fails_and_limits_return(cluster, li
     deadline = time.monotonic() + 60
     while not (counts := fallback_counts(cluster)).get("left"):
         assert time.monotonic() < deadline, counts
-        time.sleep(3)
+        time.sleep(POLL_S)
     assert counts.get("entered", 0) >= 1  # said, counted, and back to cluster-wide limits
 
 

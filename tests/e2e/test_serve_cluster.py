@@ -16,6 +16,7 @@ import pytest
 from tests.support.local_cluster import (
     MODEL,
     OPENAI_ROUTES,
+    POLL_S,
     SERVE_URL,
     LocalCluster,
     application,
@@ -315,7 +316,7 @@ def test_key_id_reaches_ray_http_metrics_as_user_id(cluster, keys):
     deadline = time.monotonic() + 60
     while models_requests_by("team-a", cluster.metrics()) < before + 3:
         assert time.monotonic() < deadline, "user_id=team-a not counted in ray_http_requests_total"
-        time.sleep(3)
+        time.sleep(POLL_S)
 
 
 def test_token_metrics_equal_what_the_engine_reported(cluster):

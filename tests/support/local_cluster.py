@@ -29,6 +29,9 @@ import yaml
 BIN = Path(sys.executable).parent
 DASHBOARD = "http://127.0.0.1:8265"
 SERVE_URL = "http://127.0.0.1:8000"
+#: Between two looks at what the cluster reports (an app's status, its metrics). Each look
+#: costs the dashboard or the metrics agent little; a longer pause is waited out for nothing.
+POLL_S = 1.0
 MODEL = "stand-in-model"
 STANDIN_ENGINE = "rayllm_auth.testing.engine:StandInEngine"
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -256,7 +259,7 @@ class LocalCluster:
                 summary = {n: (a.get("status"), a.get("message", "")[-1500:])
                            for n, a in apps.items() if n in stuck or not stuck}
                 raise RuntimeError(f"applications not ready: {json.dumps(summary, indent=1)}")
-            time.sleep(3)
+            time.sleep(POLL_S)
 
     def engine_calls(self) -> list[str]:
         return self.calls_file.read_text().splitlines() if self.calls_file.exists() else []
@@ -273,7 +276,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"tokens counted for {key_id}: {counted}, "
                                      f"the engine reported {expected}")
-            time.sleep(2)
+            time.sleep(POLL_S)
 
     def metrics(self) -> str:
         """Ray's Prometheus endpoint (the node's metrics agent)."""
