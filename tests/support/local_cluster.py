@@ -29,6 +29,8 @@ import yaml
 BIN = Path(sys.executable).parent
 DASHBOARD = "http://127.0.0.1:8265"
 SERVE_URL = "http://127.0.0.1:8000"
+#: In the environment of every process of a LocalCluster: its directory (see LocalCluster.stop).
+CLUSTER_MARKER = "RAYLLM_AUTH_TEST_CLUSTER"
 #: Between two looks at what the cluster reports (an app's status, its metrics). Each look
 #: costs the dashboard or the metrics agent little; a longer pause is waited out for nothing.
 POLL_S = 1.0
@@ -159,6 +161,7 @@ class LocalCluster:
             # the compatibility runner's canary sets it for a release in no row
             **{k: v for k, v in os.environ.items() if k == "RAY_LLM_AUTH_ALLOW_UNTESTED_RAY"},
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            CLUSTER_MARKER: str(self.root),  # how stop() finds the cluster's processes
             "RAY_AUTH_MODE": "disabled",  # Ray's cluster token auth; Serve HTTP is ours to guard
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAYLLM_VLLM_ENGINE_CLS": STANDIN_ENGINE,
@@ -183,28 +186,42 @@ class LocalCluster:
         return self
 
     def stop(self, *, remove_dir: bool = True) -> None:
-        """Stop the cluster, then (unless ``remove_dir`` is False, e.g. for a restart) delete
-        its directory: Ray's logs, the runtime_env virtualenvs, the image's interpreter.
-        RAYLLM_AUTH_KEEP_CLUSTER_DIR=1 keeps it for debugging."""
-        # `ray stop` ends every Ray process, but not the HAProxy Serve started (direct
-        # streaming), which would keep port 8000: those are killed by the pids Serve logged,
-        # as Serve's own shutdown kills them (a graceful `serve shutdown` took 60 s).
-        haproxies = self._haproxy_pids()
-        self._run("ray", "stop", "--force", check=False)
-        for pid in haproxies:
-            try:
-                if b"haproxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        """Stop the cluster: every process it started, by pid; then (unless ``remove_dir`` is
+        False, e.g. for a restart) delete its directory: Ray's logs, the runtime_env
+        virtualenvs, the image's interpreter. RAYLLM_AUTH_KEEP_CLUSTER_DIR=1 keeps it for
+        debugging. Raises RuntimeError if a process of the cluster outlives 60 s of SIGKILLs."""
+        # Not `ray stop`: it ends every Ray process on the machine, whichever cluster it
+        # belongs to, and waits about 2 s for each of its three groups of processes to be
+        # reaped (7 s a cluster here). Every process of this cluster (Ray's own, workers,
+        # the HAProxy Serve starts for direct streaming) inherits CLUSTER_MARKER.
+        deadline = time.monotonic() + 60
+        while pids := self._pids():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes of the cluster in {self.root} outlived "
+                                   f"SIGKILL: {pids}")
+            for pid in pids:
+                try:
                     os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass  # already gone
+                except OSError:
+                    pass  # already gone
+            time.sleep(0.05)  # a killed raylet may have started a worker meanwhile: look again
         if remove_dir and os.environ.get("RAYLLM_AUTH_KEEP_CLUSTER_DIR") != "1":
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def _haproxy_pids(self) -> set[int]:
-        """The HAProxy processes this cluster's Serve started, from its log lines."""
-        logs = self.root.glob("ray/session_*/logs/serve/*.log")
-        return {int(pid) for log in logs for pid in re.findall(
-            rb"Starting HAProxy \(spawn #\d+, pid=(\d+)", log.read_bytes())}
+    def _pids(self) -> list[int]:
+        """This cluster's live processes: those whose environment holds its CLUSTER_MARKER
+        (a process that has exited, a zombie included, has none)."""
+        marker = f"{CLUSTER_MARKER}={self.root}\0".encode()
+        pids = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/environ", "rb") as environ:
+                        if marker in environ.read():
+                            pids.append(int(entry.name))
+                except OSError:
+                    pass  # gone, or not ours to read
+        return pids
 
     def _run(self, program, *args, check=True, env=None, timeout=600):
         """``program`` (a path, or a name in this environment's bin) with ``args``."""
