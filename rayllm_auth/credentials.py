@@ -3,8 +3,9 @@
 Accepted: ``Authorization: Bearer <key>`` (scheme in any case) and ``x-api-key: <key>``.
 Several such headers are fine if they all carry the same key. Anything else is a
 :class:`~rayllm_auth.refusals.Refusal`: no credential, a malformed one (other scheme, empty,
-non-ASCII, too long, inner whitespace, not bytes), or conflicting ones. Cookies and query strings are
-never read: a key is never ambient, so a browser cannot be made to send it by another site.
+non-ASCII, too long, inner whitespace, not bytes), or conflicting ones. Cookies and query
+strings are never read: a key is never ambient, so a browser cannot be made to send it by
+another site.
 
 Header names are matched in any case. ASGI servers must lower-case them (uvicorn, which Ray
 Serve's proxy runs, does); one that did not would otherwise let a second ``Authorization``
